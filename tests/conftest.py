@@ -1,0 +1,24 @@
+"""Test session setup: four host CPU devices so data-parallel code paths are exercised.
+
+Must run before jax is imported anywhere.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(
+    os.environ.get("ABD_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data_dir():
+    """Folder with the offline archives (../shared/data or $ABD_SHARED_DATA); skips if absent."""
+    if not (SHARED_DATA / "cifar-10-binary.tar.gz").exists():
+        pytest.skip(f"offline CIFAR-10 archive not found in {SHARED_DATA}; "
+                    "set ABD_SHARED_DATA to the folder holding cifar-10-binary.tar.gz")
+    return SHARED_DATA
