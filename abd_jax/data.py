@@ -1,0 +1,188 @@
+"""Datasets, class-incremental splits and on-device augmentation. Knows nothing of models."""
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A TFDS image-classification dataset; mean/std are per channel in [0, 1] units."""
+    tfds_name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    label_key: str = "label"
+
+
+# Tiny-ImageNet is left out: TFDS has no builder for it.
+DATASETS = {
+    "cifar10": DatasetSpec("cifar10", 10, (32, 32, 3),
+                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetSpec("cifar100", 100, (32, 32, 3),
+                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # Pixel mean/std of the sklearn_digits train split (1442 images) after uint8 -> [0, 1].
+    "digits": DatasetSpec("sklearn_digits", 10, (8, 8, 1), (0.3052,), (0.3760,)),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The registered DatasetSpec called `name`."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def _not_prepared_message(spec: DatasetSpec, data_dir) -> str:
+    archive = {"cifar10": "cifar-10-binary.tar.gz", "cifar100": "cifar-100-binary.tar.gz"}.get(
+        spec.tfds_name, "the dataset files")
+    return (f"TFDS dataset {spec.tfds_name!r} is not prepared in data_dir={data_dir} "
+            f"(default: ~/tensorflow_datasets). Prepare it offline with:\n"
+            f"  python -m abd_jax.prepare_data --dataset={spec.tfds_name} "
+            f"--manual_dir=<folder with {archive}> --data_dir={data_dir or '<data_dir>'}")
+
+
+def load_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = False,
+               chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a whole split in stored order: (images uint8 [N, H, W, C], labels int32 [N]).
+
+    `sklearn_digits` is prepared into data_dir on first use (no network needed). Other
+    datasets must be prepared already (or downloadable when `download`); otherwise a
+    FileNotFoundError says how to prepare them offline.
+    """
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (keeps TFDS out of model-only uses)
+
+    from abd_jax import datasets  # noqa: PLC0415
+    if spec.tfds_name == "sklearn_digits":
+        datasets.download_and_prepare(spec.tfds_name, data_dir)
+    try:
+        source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir,
+                                  download=download)
+    except Exception as err:  # An unprepared dataset fails in various ways (or the download).
+        if tfds.builder(spec.tfds_name, data_dir=data_dir).is_prepared():
+            raise
+        raise FileNotFoundError(_not_prepared_message(spec, data_dir)) from err
+    n = len(source)
+    images = np.empty((n, *spec.image_shape), np.uint8)
+    labels = np.empty((n,), np.int32)
+    for start in range(0, n, chunk_size):
+        examples = source.__getitems__(list(range(start, min(start + chunk_size, n))))
+        images[start:start + len(examples)] = [ex["image"] for ex in examples]
+        labels[start:start + len(examples)] = [ex[spec.label_key] for ex in examples]
+    return images, labels
+
+
+def class_order(num_classes: int, mode="shuffle", seed: int = 0) -> np.ndarray:
+    """Class order int32 [C]: "shuffle" (seeded permutation), "identity", or explicit ids
+    (a sequence, or a comma-separated string such as "3,0,2,1")."""
+    if isinstance(mode, str) and "," in mode:
+        try:
+            mode = [int(v) for v in mode.split(",")]
+        except ValueError:
+            raise ValueError(f"explicit class order {mode!r} must be comma-separated "
+                             "integers") from None
+    if isinstance(mode, str):
+        if mode == "shuffle":
+            return np.random.RandomState(seed).permutation(num_classes).astype(np.int32)
+        if mode == "identity":
+            return np.arange(num_classes, dtype=np.int32)
+        raise ValueError(f"class order mode {mode!r}: use 'shuffle', 'identity' or a list of "
+                         "class ids")
+    order = np.asarray(mode)
+    if order.shape != (num_classes,) or not np.array_equal(np.sort(order),
+                                                            np.arange(num_classes)):
+        raise ValueError(f"explicit class order must be a permutation of range({num_classes}); "
+                         f"got {list(order.ravel())}")
+    return order.astype(np.int32)
+
+
+def remap_labels(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Maps original class `order[i]` to new label `i`; int32, same shape as `labels`."""
+    inverse = np.empty(len(order), np.int32)
+    inverse[np.asarray(order)] = np.arange(len(order), dtype=np.int32)
+    return inverse[labels]
+
+
+def task_boundaries(num_classes: int, num_tasks: int) -> list[tuple[int, int]]:
+    """[(start, end)] label range of each of `num_tasks` equal tasks."""
+    if num_tasks < 1 or num_classes % num_tasks:
+        valid = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
+        raise ValueError(f"num_tasks={num_tasks} does not split {num_classes} classes into equal "
+                         f"tasks; valid task counts: {valid}")
+    size = num_classes // num_tasks
+    return [(t * size, (t + 1) * size) for t in range(num_tasks)]
+
+
+def class_indices(labels: np.ndarray, lo: int, hi: int, per_class_limit: int = 0) -> np.ndarray:
+    """Indices (int64, increasing) of examples with (remapped) label in [lo, hi).
+
+    With per_class_limit > 0 only the first `per_class_limit` examples of each class are kept.
+    """
+    keep = (labels >= lo) & (labels < hi)
+    if per_class_limit > 0:
+        keep = np.zeros_like(keep)
+        for c in range(lo, hi):
+            keep[np.flatnonzero(labels == c)[:per_class_limit]] = True
+    return np.flatnonzero(keep)
+
+
+def select_classes(images: np.ndarray, labels: np.ndarray, lo: int, hi: int,
+                   per_class_limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of `class_indices(labels, lo, hi, per_class_limit)`."""
+    keep = class_indices(labels, lo, hi, per_class_limit)
+    return images[keep], labels[keep]
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation; a stage is off when its parameter is 0 / False."""
+    brightness: float = 63 / 255
+    contrast: float = 0.8
+    flip: bool = True
+    crop_padding: int = 4
+
+
+def _standardize(x: jax.Array, mean, std) -> jax.Array:
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+@jax.jit
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+    """uint8 [..., C] -> float32 [..., C], (x / 255 - mean) / std."""
+    return _standardize(images.astype(jnp.float32) / 255.0, mean, std)
+
+
+def _augment_one(key: jax.Array, x: jax.Array, aug: AugmentConfig) -> jax.Array:
+    """One image in [0, 1], float32 [H, W, C] -> augmented [H, W, C] in [0, 1]."""
+    k_bright, k_contrast, k_flip, k_crop = jax.random.split(key, 4)
+    if aug.brightness:
+        factor = jax.random.uniform(k_bright, (), minval=max(0.0, 1 - aug.brightness),
+                                    maxval=1 + aug.brightness)
+        x = jnp.clip(x * factor, 0.0, 1.0)
+    if aug.contrast:
+        factor = jax.random.uniform(k_contrast, (), minval=max(0.0, 1 - aug.contrast),
+                                    maxval=1 + aug.contrast)
+        gray = x[..., 0] if x.shape[-1] == 1 else x @ jnp.array([0.299, 0.587, 0.114])
+        x = jnp.clip(factor * x + (1 - factor) * gray.mean(), 0.0, 1.0)
+    if aug.flip:
+        x = jnp.where(jax.random.bernoulli(k_flip), x[:, ::-1], x)
+    if aug.crop_padding:
+        p = aug.crop_padding
+        padded = jnp.pad(x, ((p, p), (p, p), (0, 0)))
+        top, left = jax.random.randint(k_crop, (2,), 0, 2 * p + 1)
+        x = jax.lax.dynamic_slice(padded, (top, left, 0), x.shape)
+    return x
+
+
+@functools.partial(jax.jit, static_argnames="aug")
+def augment_batch(rng: jax.Array, images: jax.Array, aug: AugmentConfig, mean,
+                  std) -> jax.Array:
+    """uint8 [B, H, W, C] -> augmented, normalised float32 [B, H, W, C]; one key per sample."""
+    x = images.astype(jnp.float32) / 255.0
+    keys = jax.random.split(rng, images.shape[0])
+    x = jax.vmap(functools.partial(_augment_one, aug=aug))(keys, x)
+    return _standardize(x, mean, std)

@@ -1,0 +1,166 @@
+"""Every loss of SPEC.md, once, as pure jnp functions (no Flax, no state, no data).
+
+Conventions: `B` batch, `K` logit columns. Each function returns a 0-d array, the mean over
+the batch unless stated. Functions that take "already sliced" logits (e.g. `[B, K_new]`) also
+accept full-width logits whose invalid columns were pushed to `NEG_INF` by `mask_logits`
+(the softmax-based losses are then identical); where a loss is not softmax-based, an optional
+keyword gives the column count instead, so one compiled step serves every task.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e9  # finite, so 0 * log_softmax stays 0 (a true -inf would give NaN)
+
+
+def column_mask(num_columns: int, lo, hi) -> jax.Array:
+    """Boolean `[num_columns]`, True for columns in `[lo, hi)` (lo, hi may be traced)."""
+    cols = jnp.arange(num_columns)
+    return (cols >= lo) & (cols < hi)
+
+
+def mask_logits(logits: jax.Array, lo, hi) -> jax.Array:
+    """`[B, K]` logits with every column outside `[lo, hi)` set to `NEG_INF`."""
+    return jnp.where(column_mask(logits.shape[-1], lo, hi), logits, NEG_INF)
+
+
+def _per_sample_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """`[B]`: -log softmax(logits)_label."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def weighted_ce_loss(logits: jax.Array, labels: jax.Array, weights=None) -> jax.Array:
+    """mean_i w_i * CE(logits_i, y_i); logits `[B, K]`, labels `[B]`, weights `[B]` or None."""
+    ce = _per_sample_ce(logits, labels)
+    return jnp.mean(ce if weights is None else ce * weights)
+
+
+def local_ce_loss(logits: jax.Array, labels: jax.Array, num_old, weights=None) -> jax.Array:
+    """ABD's local CE: mean_i w_i * CE(z_i[K_old:], y_i - K_old) over `[B, K_new]` logits.
+
+    Columns `[0, num_old)` are masked out, so the old-class head rows get exactly zero gradient.
+    """
+    return weighted_ce_loss(mask_logits(logits, num_old, logits.shape[-1]), labels, weights)
+
+
+def task_balancing_weights(labels: jax.Array, num_old, num_new) -> jax.Array:
+    """`[B]`: r = K_old / K_new for past-class labels (y < K_old), 1 - r for new classes."""
+    r = jnp.asarray(num_old, jnp.float32) / jnp.asarray(num_new, jnp.float32)
+    return jnp.where(labels < num_old, r, 1.0 - r)
+
+
+def soft_kd_loss(student_logits: jax.Array, target_probs: jax.Array, temperature) -> jax.Array:
+    """mean_i -sum_k p_ik log_softmax(s_i / T)_k; student `[B, K]`, targets `[B, K]`."""
+    log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return jnp.mean(-jnp.sum(target_probs * log_probs, axis=-1))
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature) -> jax.Array:
+    """KD(s, t, T) = mean_i -sum_k softmax(t_i/T)_k log_softmax(s_i/T)_k (no T^2 factor).
+
+    Both `[B, K]` over the same columns (callers slice or mask). No gradient reaches the teacher.
+    """
+    target = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
+                            / temperature, axis=-1)
+    return soft_kd_loss(student_logits, target, temperature)
+
+
+def lwf_mc_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array, *,
+                num_old=None, num_valid=None) -> jax.Array:
+    """LwF.MC (iCaRL without exemplars): sum over valid columns of BCE(sigmoid(z), target) / B.
+
+    target = one_hot(y) over `[0, K_new)` with columns `[0, K_old)` replaced by
+    sigmoid(teacher logits). Sliced form: logits `[B, K_new]`, teacher `[B, K_old]`. Masked
+    form: both full width with `num_old` / `num_valid` given.
+    """
+    batch, width = logits.shape
+    num_valid = width if num_valid is None else num_valid
+    num_old = teacher_logits.shape[-1] if num_old is None else num_old
+    teacher = jnp.zeros((batch, width), jnp.float32).at[:, :teacher_logits.shape[-1]].set(
+        jax.lax.stop_gradient(teacher_logits).astype(jnp.float32))
+    cols = jnp.arange(width)
+    target = jnp.where(cols < num_old, jax.nn.sigmoid(teacher),
+                       jax.nn.one_hot(labels, width, dtype=jnp.float32))
+    z = logits.astype(jnp.float32)
+    # BCE(sigmoid(z), t) = softplus(z) - t * z, numerically stable.
+    bce = jax.nn.softplus(z) - target * z
+    return jnp.sum(jnp.where(cols < num_valid, bce, 0.0)) / batch
+
+
+def feature_kd_loss(student_features: jax.Array, teacher_features: jax.Array,
+                    head_kernel: jax.Array, *, num_old=None) -> jax.Array:
+    """ABD's importance-weighted feature KD: mean_i sum_k ((f_s - f_t) @ W)_ik^2 / K_old.
+
+    Features `[B, D]`; `head_kernel` `[D, K_old]` (a Dense kernel sliced to the old classes),
+    or full width with `num_old` given (other columns are ignored). No gradient reaches the
+    teacher features or the kernel.
+    """
+    kernel = jax.lax.stop_gradient(head_kernel).astype(jnp.float32)
+    num_old = kernel.shape[-1] if num_old is None else num_old
+    kernel = jnp.where(jnp.arange(kernel.shape[-1]) < num_old, kernel, 0.0)
+    diff = student_features.astype(jnp.float32) - jax.lax.stop_gradient(teacher_features)
+    proj = diff @ kernel
+    return jnp.mean(jnp.sum(jnp.square(proj), axis=-1)) / num_old
+
+
+# ----------------------------------------------------------------------------- synthesis
+
+
+def bn_stat_kl(batch_mean, batch_var, running_mean, running_var) -> jax.Array:
+    """Channel-mean of KL(N(mu_run, var_run) || N(mu_b, var_b)) for one BN layer, inputs `[C]`.
+
+    KL = log(sd_b / sd_run) - 0.5 * (1 - (var_run + (mu_run - mu_b)^2) / var_b),
+    with 1e-8 added to both variances.
+    """
+    var_b = batch_var + 1e-8
+    var_r = running_var + 1e-8
+    kl = 0.5 * (jnp.log(var_b) - jnp.log(var_r)) - 0.5 * (
+        1.0 - (var_r + jnp.square(running_mean - batch_mean)) / var_b)
+    return jnp.mean(kl)
+
+
+def _blur_kernel(sigma: float = 1.0) -> jax.Array:
+    """5x5 kernel of the release: exp(-((i - 2) / (2 sigma))^2) per axis, normalised to 1."""
+    i = jnp.arange(5, dtype=jnp.float32)
+    g = jnp.exp(-jnp.square((i - 2.0) / (2.0 * sigma)))
+    k = jnp.outer(g, g)
+    return k / jnp.sum(k)
+
+
+def smoothness_loss(images: jax.Array) -> jax.Array:
+    """mean((x - blur(x))^2), images `[N, H, W, C]`; depthwise 5x5 blur on reflect-padded x."""
+    x = images.astype(jnp.float32)
+    channels = x.shape[-1]
+    padded = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+    kernel = jnp.tile(_blur_kernel()[:, :, None, None], (1, 1, 1, channels))
+    blurred = jax.lax.conv_general_dilated(
+        padded, kernel, window_strides=(1, 1), padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    return jnp.mean(jnp.square(x - blurred))
+
+
+def diversity_loss(logits: jax.Array, *, num_valid=None) -> jax.Array:
+    """1 + sum_k p_bar_k log p_bar_k / log K, p_bar = batch-mean softmax of `[B, K]` logits.
+
+    0 when the mean prediction is uniform, 1 when every sample predicts the same class. With
+    full-width masked logits pass `num_valid` (= K).
+    """
+    k = logits.shape[-1] if num_valid is None else num_valid
+    p_bar = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=0)
+    neg_entropy = jnp.sum(jnp.where(p_bar > 0, p_bar * jnp.log(jnp.maximum(p_bar, 1e-30)), 0.0))
+    return 1.0 + neg_entropy / jnp.log(jnp.asarray(k, jnp.float32))
+
+
+def content_loss(logits: jax.Array, temperature) -> jax.Array:
+    """CE(logits / T, argmax logits), logits `[B, K]` (T = 1e3 in ABD)."""
+    labels = jnp.argmax(logits, axis=-1)
+    return weighted_ce_loss(logits / temperature, jax.lax.stop_gradient(labels))
+
+
+__all__ = [
+    "NEG_INF", "column_mask", "mask_logits", "weighted_ce_loss", "local_ce_loss",
+    "task_balancing_weights", "soft_kd_loss", "kd_loss", "lwf_mc_loss", "feature_kd_loss",
+    "bn_stat_kl", "smoothness_loss", "diversity_loss", "content_loss",
+]

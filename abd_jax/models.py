@@ -1,0 +1,146 @@
+"""Flax linen models: CIFAR ResNets (6n+2), ImageNet ResNet-18, and their BatchNorm.
+
+Every classifier maps images `[B, H, W, C]` (normalised float) to `(logits [B, num_classes],
+features [B, D])`, `features` being the penultimate (globally pooled) activations.
+
+BatchNorm running statistics live in the `batch_stats` collection. When the caller makes the
+`bn_inputs` collection mutable, every BatchNorm layer also sows the mean and biased variance
+over (N, H, W) of its *input* for the current batch under the same module path, which is what
+the stat-alignment loss of model inversion compares with `batch_stats` (SPEC section 3).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+BN_INPUTS = "bn_inputs"
+
+# PyTorch kaiming_normal_(mode="fan_in", nonlinearity="relu"): N(0, 2 / fan_in), untruncated.
+kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` (PyTorch defaults: eps 1e-5, momentum 0.1 == Flax 0.9) that can sow the
+    batch mean/variance of its input into the `bn_inputs` collection."""
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None, **kwargs):
+        if self.is_mutable_collection(BN_INPUTS):
+            axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32), axis=axes) - jnp.square(mean)
+            self.sow(BN_INPUTS, "input_stats", (mean, jnp.maximum(var, 0.0)))
+        return super().__call__(x, use_running_average=use_running_average, **kwargs)
+
+
+class CifarBlock(nn.Module):
+    """Basic residual block with an "option A" shortcut (stride-2 subsample + zero channels)."""
+
+    filters: int
+    strides: int
+    norm: Callable[..., Any]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        conv = lambda f, s, name: nn.Conv(f, (3, 3), (s, s), padding=1, use_bias=False,
+                                          kernel_init=kaiming_normal, dtype=self.dtype, name=name)
+        y = nn.relu(self.norm(name="bn1")(conv(self.filters, self.strides, "conv1")(x)))
+        y = self.norm(name="bn2")(conv(self.filters, 1, "conv2")(y))
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.filters:
+            shortcut = x[:, ::self.strides, ::self.strides, :]
+            extra = self.filters - x.shape[-1]
+            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        return nn.relu(y + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """ResNet of depth 6n+2 for 32x32 inputs (He et al. 2016): 3 stages of n blocks,
+    `width`, 2*width, 4*width channels; 64-d features for width 16."""
+
+    depth: int = 32
+    num_classes: int = 100
+    width: int = 16
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if (self.depth - 2) % 6 or self.depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, ...), "
+                             f"got {self.depth}")
+        n = (self.depth - 2) // 6
+        norm = lambda name: BatchNorm(use_running_average=not train, dtype=self.dtype, name=name)
+        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, kernel_init=kaiming_normal,
+                    dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
+        x = nn.relu(norm("stem_bn")(x))
+        for stage in range(3):
+            for block in range(n):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = CifarBlock(self.width * 2**stage, strides, norm=norm,
+                               dtype=self.dtype, name=f"stage{stage + 1}_block{block}")(x)
+        features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+        logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal, name="head")(features)
+        return logits, features
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 basic block with a 1x1 projection shortcut when the shape changes."""
+
+    filters: int
+    strides: int
+    norm: Callable[..., Any]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=k // 2, use_bias=False,
+                                             kernel_init=kaiming_normal, dtype=self.dtype,
+                                             name=name)
+        y = nn.relu(self.norm(name="bn1")(conv(self.filters, 3, self.strides, "conv1")(x)))
+        y = self.norm(name="bn2")(conv(self.filters, 3, 1, "conv2")(y))
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.filters:
+            shortcut = self.norm(name="proj_bn")(conv(self.filters, 1, self.strides, "proj_conv")(x))
+        return nn.relu(y + shortcut)
+
+
+class ResNet18(nn.Module):
+    """ImageNet ResNet-18: 7x7/2 stem, 3x3/2 max-pool, 4 stages of 2 blocks (64..512)."""
+
+    num_classes: int = 1000
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = lambda name: BatchNorm(use_running_average=not train, dtype=self.dtype, name=name)
+        x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=kaiming_normal,
+                    dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
+        x = nn.relu(norm("stem_bn")(x))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        for stage, blocks in enumerate(self.stage_sizes):
+            for block in range(blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = BasicBlock(64 * 2**stage, strides, norm=norm,
+                                        dtype=self.dtype, name=f"stage{stage + 1}_block{block}")(x)
+        features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+        logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal, name="head")(features)
+        return logits, features
+
+
+def create_classifier(name: str, num_classes: int, dtype: str = "float32") -> nn.Module:
+    """`name`: "resnet<6n+2>" (CIFAR family, e.g. resnet32) or "resnet18" (ImageNet)."""
+    jdtype = jnp.dtype(dtype)
+    if name == "resnet18":
+        return ResNet18(num_classes=num_classes, dtype=jdtype)
+    if name.startswith("resnet") and name[6:].isdigit():
+        return CifarResNet(depth=int(name[6:]), num_classes=num_classes, dtype=jdtype)
+    raise ValueError(f"unknown model {name!r}: use 'resnet18' (ImageNet) or 'resnet<6n+2>' "
+                     "(CIFAR: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56)")

@@ -1,0 +1,287 @@
+"""The one training step shared by every method, its TrainState, and evaluation.
+
+A method only supplies a loss function `loss_fn(ctx: LossContext) -> (loss, new_batch_stats,
+metrics)`; batching, augmentation, the learning-rate schedule, the optimiser update and data
+parallelism live here, once.
+
+Data parallelism: jit over a 1-D device mesh (`("data",)`), the recommended form in the
+installed JAX. State and data are replicated; the per-step batch is sharded along the batch
+axis, so XLA computes BatchNorm batch statistics and gradients over the *global* batch (the
+cross-device means are inserted by the compiler). One and several devices therefore give the
+same numbers up to float reassociation.
+
+Every quantity that changes between tasks (which examples belong to the task, K_old, K_new,
+steps per epoch) is a traced array in `TaskInfo`, so each step compiles once per run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from abd_jax import data as data_lib
+from abd_jax import losses
+
+
+class TrainState(train_state.TrainState):
+    """params + optimiser state + the `batch_stats` collection; `step` counts steps in a task."""
+
+    batch_stats: Any = None
+
+
+@struct.dataclass
+class Teacher:
+    """The frozen model captured at the end of a task (eval mode only)."""
+
+    params: Any
+    batch_stats: Any
+
+
+@struct.dataclass
+class Frozen:
+    """What a method carries from one task to the next: the teacher, plus anything else the
+    method needs at every step (e.g. ABD's generator variables in `extra`)."""
+
+    teacher: Teacher
+    extra: Any = None
+
+
+@struct.dataclass
+class TaskInfo:
+    """Per-task dynamic inputs of the step (arrays, so no recompilation between tasks).
+
+    index: `[M]` int32 indices into the training arrays, the first `count` valid.
+    """
+
+    index: jax.Array
+    count: jax.Array
+    num_old: jax.Array
+    num_seen: jax.Array
+    steps_per_epoch: jax.Array
+    total_steps: jax.Array
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static hyper-parameters of the step (hashable)."""
+
+    batch_size: int
+    base_lr: float
+    lr_milestones: tuple  # epochs after which lr *= lr_decay
+    lr_decay: float
+    augment: data_lib.AugmentConfig
+    mean: tuple
+    std: tuple
+
+
+@struct.dataclass
+class LossContext:
+    """What a method's loss sees for one step.
+
+    forward(x) -> (logits [n, C], features [n, D], new_batch_stats): the student in train mode.
+    teacher_forward(x) -> (logits, features) or None before the first task ends.
+    frozen: the `Frozen` pytree (or None); params: the student's, for head-only terms.
+    images `[B, H, W, C]` augmented and normalised, labels `[B]` remapped.
+    """
+
+    forward: Callable = struct.field(pytree_node=False)
+    teacher_forward: Optional[Callable] = struct.field(pytree_node=False)
+    params: Any
+    frozen: Any
+    images: jax.Array
+    labels: jax.Array
+    num_old: jax.Array
+    num_seen: jax.Array
+    rng: jax.Array
+
+
+LossFn = Callable[[LossContext], tuple]
+
+
+def sgd_with_weight_decay(learning_rate, momentum, weight_decay):
+    """PyTorch SGD: g + wd * p, heavy-ball momentum, then -lr."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum))
+
+
+def _strongly_typed(tree):
+    """Drop JAX weak types (e.g. from Python scalars in optimiser hyper-parameters) so that the
+    state's types are the same before and after a step: no retracing on the second call."""
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.asarray(a).dtype), tree)
+
+
+def create_train_state(model: nn.Module, rng, image_shape, lr, momentum, weight_decay):
+    """Fresh parameters (from `rng`) and a fresh optimiser state."""
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    tx = optax.inject_hyperparams(sgd_with_weight_decay)(
+        learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                              batch_stats=variables["batch_stats"], tx=tx)
+    return state.replace(step=_strongly_typed(state.step),
+                         opt_state=_strongly_typed(state.opt_state))
+
+
+def reset_optimizer(state: TrainState) -> TrainState:
+    """Same weights, step 0, fresh optimiser state (SPEC: reset at the start of every task)."""
+    return state.replace(step=jnp.zeros_like(state.step),
+                         opt_state=_strongly_typed(state.tx.init(state.params)))
+
+
+def teacher_of(state: TrainState) -> Teacher:
+    return Teacher(params=state.params, batch_stats=state.batch_stats)
+
+
+def teacher_apply(model: nn.Module, teacher: Teacher, images):
+    """Eval-mode forward of the frozen model: (logits, features)."""
+    return model.apply({"params": teacher.params, "batch_stats": teacher.batch_stats},
+                       images, train=False)
+
+
+def learning_rate(step, steps_per_epoch, cfg: StepConfig):
+    epoch = step // steps_per_epoch
+    decays = sum((epoch >= m).astype(jnp.float32) for m in cfg.lr_milestones) if \
+        cfg.lr_milestones else 0.0
+    return cfg.base_lr * jnp.power(cfg.lr_decay, decays)
+
+
+def sample_batch(images, labels, task: TaskInfo, step, batch_size):
+    """The `step`-th batch of the task's epoch-wise shuffled examples (last partial batch
+    dropped). The permutation is a function of (task.key, epoch) only."""
+    epoch = step // task.steps_per_epoch
+    position = step % task.steps_per_epoch
+    m = task.index.shape[0]
+    keys = jax.random.uniform(jax.random.fold_in(task.key, 2 * epoch + 1), (m,))
+    order = jnp.argsort(jnp.where(jnp.arange(m) < task.count, keys, 2.0))
+    chosen = task.index[jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,))]
+    return images[chosen], labels[chosen]
+
+
+def make_train_step(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh):
+    """Pure `(state, frozen, images, labels, task) -> (state, metrics)`: one SGD step on the
+    `state.step`-th batch of the task (sampled, augmented and sharded on device)."""
+    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+
+    def one_step(state: TrainState, frozen, images, labels, task: TaskInfo):
+        step = state.step
+        rng = jax.random.fold_in(task.key, 2 * step)
+        aug_rng, loss_rng = jax.random.split(rng)
+        x_uint8, y = sample_batch(images, labels, task, step, cfg.batch_size)
+        x_uint8 = jax.lax.with_sharding_constraint(x_uint8, batch_sharding)
+        x = data_lib.augment_batch(aug_rng, x_uint8, cfg.augment, cfg.mean, cfg.std)
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
+
+        def loss_of(params):
+            def forward(inputs):
+                (logits, feats), updates = state.apply_fn(
+                    {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
+                    mutable=["batch_stats"])
+                return logits, feats, updates["batch_stats"]
+
+            teacher_forward = None
+            if frozen is not None:
+                teacher_forward = functools.partial(teacher_apply, model, frozen.teacher)
+            ctx = LossContext(forward=forward, teacher_forward=teacher_forward, params=params,
+                              frozen=frozen, images=x, labels=y, num_old=task.num_old,
+                              num_seen=task.num_seen, rng=loss_rng)
+            loss, new_bs, metrics = loss_fn(ctx)
+            return loss, (new_bs, metrics)
+
+        (loss, (new_bs, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state.params)
+        lr = learning_rate(step, task.steps_per_epoch, cfg)
+        opt_state = state.opt_state._replace(
+            hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+        state = state.replace(opt_state=opt_state).apply_gradients(grads=grads,
+                                                                   batch_stats=new_bs)
+        state = jax.lax.with_sharding_constraint(state, replicated)
+        return state, {"loss": loss, "lr": lr, **metrics}
+
+    return one_step
+
+
+def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh,
+                     chunk: int):
+    """Pure `(state, frozen, images, labels, task) -> (state, metrics)` running `chunk` steps
+    (wrap it in `jax.jit`); `metrics[name]` is `[chunk]`.
+
+    With chunk > 1 the steps run in a `lax.scan` (one dispatch for many steps, for GPU/TPU);
+    steps at or beyond `task.total_steps` are skipped (metrics `active` = 0), so the host can
+    always call with the same chunk length. With chunk == 1 there is no loop and the caller
+    must not step past `total_steps` (XLA:CPU runs convolutions inside loops several times
+    slower, so CPU runs use chunk 1).
+    """
+    one_step = make_train_step(model, loss_fn, cfg, mesh)
+
+    if chunk == 1:
+        def single(state, frozen, images, labels, task):
+            state, metrics = one_step(state, frozen, images, labels, task)
+            metrics = {**metrics, "active": jnp.ones((), jnp.float32)}
+            return state, jax.tree.map(lambda m: m[None], metrics)
+
+        return single
+
+    def chunk_fn(state, frozen, images, labels, task):
+        def body(state, _):
+            active = state.step < task.total_steps
+            run = lambda s: one_step(s, frozen, images, labels, task)
+            shapes = jax.eval_shape(run, state)[1]
+            skip = lambda s: (s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
+            state, metrics = jax.lax.cond(active, run, skip, state)
+            return state, {**metrics, "active": active.astype(jnp.float32)}
+
+        return jax.lax.scan(body, state, None, length=chunk)
+
+    return chunk_fn
+
+
+def default_steps_per_call() -> int:
+    """Steps fused into one jitted call: 1 on CPU (see `make_train_chunk`), 50 elsewhere."""
+    return 1 if jax.default_backend() == "cpu" else 50
+
+
+def make_predict(model: nn.Module, mean, std, mesh: Mesh):
+    """Jitted `(params, batch_stats, images_uint8 [B,H,W,C]) -> logits [B, C]` (eval mode)."""
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    @jax.jit
+    def predict(params, batch_stats, images):
+        images = jax.lax.with_sharding_constraint(images, batch_sharding)
+        x = data_lib.normalize(images, mean, std)
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+        return logits
+
+    return predict
+
+
+def predict_logits(predict, state_like, images: np.ndarray, batch_size: int, num_devices: int):
+    """Host loop: logits `[N, C]` (numpy) for uint8 images `[N, H, W, C]`, fixed-size batches
+    (the last one padded) so a single compilation serves every test set."""
+    batch_size = -(-batch_size // num_devices) * num_devices
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        n = len(batch)
+        if n < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]),
+                                                    batch.dtype)])
+        logits = predict(state_like.params, state_like.batch_stats, batch)
+        outputs.append(np.asarray(logits)[:n])
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def cross_entropy_loss(ctx: LossContext):
+    """Plain CE over the valid logits `[0, K_new)` (Base, Upper bound, every method's task 1)."""
+    logits, _, new_bs = ctx.forward(ctx.images)
+    loss = losses.weighted_ce_loss(losses.mask_logits(logits, 0, ctx.num_seen), ctx.labels)
+    return loss, new_bs, {"ce": loss}

@@ -1,0 +1,45 @@
+"""CIFAR-100 class-incremental learning with the paper's settings (SPEC sections 1-2, 6).
+
+    python -m abd_jax.main --config=configs/cifar100.py --workdir=runs/c100 \
+        --config.num_tasks=5 --config.method=lwf
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Data.
+    c.dataset = "cifar100"
+    c.data_dir = ""            # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
+    c.download = True          # let TFDS download when the dataset is not prepared
+    c.train_per_class = 0      # keep only the first N training images per class (0 = all)
+    c.augment = ml_collections.ConfigDict(
+        dict(brightness=63 / 255, contrast=0.8, flip=True, crop_padding=4))
+    # Protocol.
+    c.num_tasks = 10           # 5 / 10 / 20 tasks of 20 / 10 / 5 classes
+    c.class_order = "shuffle"  # "shuffle" (by seed), "identity", or "3,17,42,..." explicit
+    c.seed = 0                 # repeat r uses seed + r (its own class order)
+    c.repeats = 1
+    c.method = "base"          # base | upper_bound | lwf | lwf_mc
+    c.upper_bound_results = ""  # results.json of an upper_bound run, for Omega
+    # Model.
+    c.model = "resnet32"
+    c.dtype = "float32"        # compute dtype ("bfloat16" on GPU/TPU for speed)
+    # Optimisation (per task; the optimiser is reset at every task).
+    c.batch_size = 128
+    c.epochs = 250
+    c.lr = 0.1
+    c.lr_milestones = (100, 150, 200)
+    c.lr_decay = 0.1
+    c.momentum = 0.9
+    c.weight_decay = 2e-4
+    # Losses.
+    c.kd_temperature = 2.0
+    c.lwf_mu = 1.0
+    # Execution.
+    c.num_devices = 0          # data-parallel over this many local devices (0 = all)
+    c.eval_batch_size = 1000
+    c.log_every_steps = 100
+    c.steps_per_call = 0       # steps fused into one jitted call (0 = auto: 1 on CPU, 50 else)
+    c.checkpoint_every_steps = 2000
+    return c

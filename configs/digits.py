@@ -1,0 +1,20 @@
+"""Offline quick look (about a minute on a laptop CPU): scikit-learn's 8x8 digits as a TFDS
+dataset, 5 tasks of 2 classes, a ResNet-8. Nothing to download."""
+from configs import cifar100
+
+
+def get_config():
+    c = cifar100.get_config()
+    c.dataset = "digits"
+    c.num_tasks = 5
+    c.model = "resnet8"
+    c.augment.flip = False      # digits are not mirror-symmetric
+    c.augment.crop_padding = 1
+    c.batch_size = 32
+    c.epochs = 30
+    c.lr = 0.05
+    c.lr_milestones = (20, 25)
+    c.eval_batch_size = 256
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 100
+    return c

@@ -1,0 +1,198 @@
+"""Tests for abd_jax.data, abd_jax.datasets and abd_jax.prepare_data."""
+import io
+import shutil
+import tarfile
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+
+from abd_jax import data
+from abd_jax.prepare_data import prepare
+
+
+def test_task_boundaries():
+    assert data.task_boundaries(100, 5) == [(0, 20), (20, 40), (40, 60), (60, 80), (80, 100)]
+    assert data.task_boundaries(10, 1) == [(0, 10)]
+    with pytest.raises(ValueError, match=r"valid task counts: \[1, 2, 5, 10\]"):
+        data.task_boundaries(10, 3)
+    with pytest.raises(ValueError, match="valid task counts"):
+        data.task_boundaries(10, 0)
+
+
+def test_class_order_shuffle_and_identity():
+    a = data.class_order(100, "shuffle", seed=0)
+    assert a.dtype == np.int32 and sorted(a) == list(range(100))
+    np.testing.assert_array_equal(a, data.class_order(100, "shuffle", seed=0))
+    assert not np.array_equal(a, data.class_order(100, "shuffle", seed=1))
+    np.testing.assert_array_equal(data.class_order(5, "identity", seed=3), np.arange(5))
+
+
+def test_class_order_explicit():
+    np.testing.assert_array_equal(data.class_order(4, [2, 0, 3, 1]), [2, 0, 3, 1])
+    for bad in ([0, 1, 2], [0, 1, 1, 2], [0, 1, 2, 4]):
+        with pytest.raises(ValueError, match=r"permutation of range\(4\)"):
+            data.class_order(4, bad)
+    with pytest.raises(ValueError, match="shuffle"):
+        data.class_order(4, "random")
+
+
+def test_remap_labels_tasks_and_bijection():
+    order = data.class_order(20, "shuffle", seed=2)
+    new = data.remap_labels(np.arange(20), order)
+    assert sorted(new) == list(range(20))
+    np.testing.assert_array_equal(order[new], np.arange(20))
+    labels = np.repeat(np.arange(20), 3)
+    remapped = data.remap_labels(labels, order)
+    for start, end in data.task_boundaries(20, 4):
+        task_classes = order[start:end]
+        got = remapped[np.isin(labels, task_classes)]
+        assert got.min() >= start and got.max() < end
+        assert set(got) == set(range(start, end))
+
+
+def test_select_classes_and_limit():
+    labels = np.array([0, 3, 1, 2, 1, 3, 1, 0, 2])
+    images = np.arange(len(labels))[:, None, None, None].astype(np.uint8)
+    x, y = data.select_classes(images, labels, 1, 3)
+    np.testing.assert_array_equal(y, [1, 2, 1, 1, 2])
+    np.testing.assert_array_equal(x[:, 0, 0, 0], [2, 3, 4, 6, 8])
+    x, y = data.select_classes(images, labels, 1, 3, per_class_limit=1)
+    np.testing.assert_array_equal(y, [1, 2])
+    np.testing.assert_array_equal(x[:, 0, 0, 0], [2, 3])
+
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def _images(c=3, b=8, size=16):
+    return np.random.RandomState(0).randint(0, 256, (b, size, size, c)).astype(np.uint8)
+
+
+def test_augment_shape_determinism_and_key():
+    images = _images()
+    aug = data.AugmentConfig()
+    out = data.augment_batch(jax.random.key(0), images, aug, MEAN, STD)
+    assert out.shape == images.shape and out.dtype == np.float32
+    np.testing.assert_array_equal(out, data.augment_batch(jax.random.key(0), images, aug, MEAN, STD))
+    assert not np.allclose(out, data.augment_batch(jax.random.key(1), images, aug, MEAN, STD))
+    unit = np.asarray(out) * np.array(STD) + np.array(MEAN)
+    assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5
+    gray = data.augment_batch(jax.random.key(0), _images(c=1), aug, (0.3,), (0.4,))
+    assert gray.shape == (8, 16, 16, 1)
+
+
+def test_augment_disabled_equals_normalize():
+    images = _images()
+    off = data.AugmentConfig(brightness=0, contrast=0, flip=False, crop_padding=0)
+    out = data.augment_batch(jax.random.key(3), images, off, MEAN, STD)
+    np.testing.assert_allclose(out, data.normalize(images, MEAN, STD), atol=1e-6)
+
+
+def test_augment_each_stage_changes_images():
+    images = _images()
+    for aug in (data.AugmentConfig(0.5, 0, False, 0), data.AugmentConfig(0, 0.8, False, 0),
+                data.AugmentConfig(0, 0, True, 0), data.AugmentConfig(0, 0, False, 4)):
+        out = data.augment_batch(jax.random.key(0), images, aug, MEAN, STD)
+        assert not np.allclose(out, data.normalize(images, MEAN, STD)), aug
+
+
+def test_get_spec():
+    assert data.get_spec("cifar100").num_classes == 100
+    with pytest.raises(ValueError, match="cifar10"):
+        data.get_spec("imagenet")
+
+
+def _mock_getitems(keys, generator):
+    return [generator[k] for k in keys]
+
+
+def test_load_split_with_mock_data():
+    # TFDS 4.9.10's mock sets `__getitems__` on a MagicMock without `self`; patch its helper.
+    with tfds.testing.mock_data(num_examples=37), mock.patch(
+            "tensorflow_datasets.testing.mocking._getitems", _mock_getitems):
+        images, labels = data.load_split(data.get_spec("cifar100"), "train", chunk_size=10)
+    assert images.shape == (37, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.shape == (37,) and labels.dtype == np.int32
+    assert labels.min() >= 0 and labels.max() < 100
+
+
+def test_digits(tmp_path):
+    spec = data.get_spec("digits")
+    train_x, train_y = data.load_split(spec, "train", data_dir=tmp_path)
+    test_x, test_y = data.load_split(spec, "test", data_dir=tmp_path)
+    assert train_x.shape[1:] == (8, 8, 1) and train_x.dtype == np.uint8
+    assert len(train_y) + len(test_y) == 1797
+    counts = np.bincount(load_digits().target)
+    np.testing.assert_array_equal(np.bincount(test_y, minlength=10), counts // 5)
+    np.testing.assert_array_equal(np.bincount(train_y, minlength=10), counts - counts // 5)
+    np.testing.assert_allclose(train_x.mean() / 255, spec.mean[0], atol=1e-4)
+    np.testing.assert_allclose((train_x / 255).std(), spec.std[0], atol=1e-4)
+
+
+def test_prepare_cifar10_offline(shared_data_dir, tmp_path):
+    assert prepare("cifar10", tmp_path, shared_data_dir) == {"train": 50000, "test": 10000}
+    spec = data.get_spec("cifar10")
+    for split, per_class in (("train", 5000), ("test", 1000)):
+        images, labels = data.load_split(spec, split, data_dir=tmp_path)
+        assert images.shape == (10 * per_class, 32, 32, 3) and images.dtype == np.uint8
+        np.testing.assert_array_equal(np.bincount(labels, minlength=10), [per_class] * 10)
+
+
+def _assert_no_partial_output(data_dir):
+    assert not list(data_dir.glob("cifar10/*")), list(data_dir.glob("cifar10/*"))
+
+
+def test_corrupt_archive(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "cifar-10-binary.tar.gz").write_bytes(b"not a gzip file" * 100)
+    with pytest.raises(ValueError, match=r"cifar-10-binary.tar.gz is corrupt.*re-copy"):
+        prepare("cifar10", tmp_path / "out", manual)
+    _assert_no_partial_output(tmp_path / "out")
+
+
+def test_truncated_archive(shared_data_dir, tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    with open(shared_data_dir / "cifar-10-binary.tar.gz", "rb") as f:
+        (manual / "cifar-10-binary.tar.gz").write_bytes(f.read(1 << 20))
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        prepare("cifar10", tmp_path / "out", manual)
+    _assert_no_partial_output(tmp_path / "out")
+
+
+def test_bad_record_size(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    files = {"batches.meta.txt": b"\n".join(b"c%d" % i for i in range(10))}
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        files[name] = bytes(3073 * 2 + (5 if name == "data_batch_3.bin" else 0))
+    with tarfile.open(manual / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    with pytest.raises(ValueError, match="data_batch_3.bin .* not a multiple of the 3073-byte"):
+        prepare("cifar10", tmp_path / "out", manual)
+    _assert_no_partial_output(tmp_path / "out")
+
+
+def test_missing_archive(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "other.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="cifar-10-binary.tar.gz not found"):
+        prepare("cifar10", tmp_path / "out", manual)
+    shutil.rmtree(manual)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare("cifar10", tmp_path / "out", manual)
+
+
+def test_unprepared_dataset_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python -m abd_jax.prepare_data "
+                                                r"--dataset=cifar10 --manual_dir="):
+        data.load_split(data.get_spec("cifar10"), "train", data_dir=tmp_path)

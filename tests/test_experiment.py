@@ -1,0 +1,160 @@
+"""End to end: the task loop on the real digits TFDS dataset, results, resume, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from abd_jax import data as data_lib
+from abd_jax import experiment
+from configs import digits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+    """A TFDS data dir holding the prepared sklearn_digits dataset (built offline once)."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    data_lib.load_split(data_lib.get_spec("digits"), "test", str(data_dir))
+    return str(data_dir)
+
+
+def tiny_config(data_dir, **overrides):
+    c = digits.get_config()
+    c.data_dir = data_dir
+    c.epochs = 2
+    c.log_every_steps = 4
+    c.checkpoint_every_steps = 4
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+@pytest.mark.parametrize("method", ["base", "lwf"])
+def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, method):
+    results = experiment.run(tiny_config(digits_data_dir, method=method), tmp_path)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["num_tasks"] == 5
+    rep = stored["repeats"][0]
+    R = np.array(rep["R_global"], dtype=float)
+    assert R.shape == (5, 5) and not np.isnan(np.tril(R)).any()
+    assert np.isnan(np.triu(R, 1)[np.triu_indices(5, 1)]).all()
+    assert 0 <= rep["final_accuracy"] <= 100
+    # The newest task is always learned; two epochs on 2 digit classes is enough for > 80%.
+    assert R[0, 0] > 80 and R[4, 4] > 80
+    assert rep["train_seconds_per_batch"] > 0 and len(rep["task_wall_seconds"]) == 5
+    assert results["aggregate"]["final_accuracy"]["mean"] == pytest.approx(
+        rep["final_accuracy"])
+    assert "Final accuracy A_N" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in line for line in lines)
+    if method == "lwf":
+        assert any("kd" in line for line in lines)
+
+
+def test_repeats_and_omega(digits_data_dir, tmp_path):
+    upper = experiment.run(tiny_config(digits_data_dir, method="upper_bound", epochs=1,
+                                       repeats=2), tmp_path / "ub")
+    assert upper["aggregate"]["final_accuracy"]["n"] == 2
+    orders = [tuple(r["class_order"]) for r in upper["repeats"]]
+    assert orders[0] != orders[1]  # one class order per seed
+    base = experiment.run(tiny_config(digits_data_dir, epochs=1, upper_bound_results=str(
+        tmp_path / "ub" / "results.json")), tmp_path / "base")
+    a, a_ub = np.array(base["repeats"][0]["A_global"]), np.array(upper["A_mean"])
+    assert base["repeats"][0]["omega"] == pytest.approx(np.mean(a / a_ub))
+    assert "Omega" in (tmp_path / "base" / "summary.md").read_text()
+
+
+def _matrices(results):
+    return [(r["R_global"], r["R_local"]) for r in results["repeats"]]
+
+
+def test_interrupt_and_resume_gives_identical_results(digits_data_dir, tmp_path, monkeypatch):
+    config = tiny_config(digits_data_dir, method="lwf", epochs=3, checkpoint_every_steps=8)
+    reference = experiment.run(config, tmp_path / "straight")
+
+    # Interrupt in the middle of task 3 (as Ctrl-C / SIGTERM would), then rerun.
+    real = experiment.RepeatRunner._log
+    calls = {"n": 0}
+
+    def interrupting_log(self, t, *args):
+        real(self, t, *args)
+        calls["n"] += 1
+        if t == 2 and calls["n"] > 12:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment.RepeatRunner, "_log", interrupting_log)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(config, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    monkeypatch.setattr(experiment.RepeatRunner, "_log", real)
+    resumed = experiment.run(config, tmp_path / "resumed")
+    assert _matrices(resumed) == _matrices(reference)
+
+
+def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_path):
+    """SIGKILL (no chance to save) mid-run; the rerun resumes from the last periodic
+    checkpoint and matches an uninterrupted in-process run."""
+    args = [sys.executable, "-m", "abd_jax.main", "--config=configs/digits.py",
+            f"--workdir={tmp_path / 'killed'}", f"--config.data_dir={digits_data_dir}",
+            "--config.epochs=3", "--config.checkpoint_every_steps=8",
+            "--config.log_every_steps=4", "--config.num_devices=1"]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt_dir = tmp_path / "killed" / "checkpoints" / "repeat_0"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
+        if any(int(p.name) >= 20_000_000 for p in done):  # task 2 finished
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "results.json").exists()
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming repeat 0" in rerun.stderr
+    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    config = tiny_config(digits_data_dir, epochs=3, checkpoint_every_steps=8, num_devices=1)
+    reference = experiment.run(config, tmp_path / "reference")
+    assert _matrices(resumed) == _matrices(reference)
+
+
+def test_workdir_with_another_config_is_refused(digits_data_dir, tmp_path):
+    experiment.run(tiny_config(digits_data_dir, epochs=1), tmp_path)
+    with pytest.raises(ValueError, match="different configuration.*epochs"):
+        experiment.run(tiny_config(digits_data_dir, epochs=2), tmp_path)
+
+
+def test_nan_loss_stops_with_the_step(digits_data_dir, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"task 1 step \d+"):
+        experiment.run(tiny_config(digits_data_dir, lr=1e30), tmp_path)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"method": "nope"}, "choose one of"),
+    ({"dataset": "mnist"}, "known datasets"),
+    ({"num_tasks": 3}, "valid task counts"),
+    ({"model": "resnet7"}, "6n\\+2"),
+    ({"batch_size": 30}, "divisible by the 4 devices"),
+    ({"class_order": "1,2"}, "permutation"),
+])
+def test_bad_configs_name_the_fix(digits_data_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        experiment.run(tiny_config(digits_data_dir, **overrides), tmp_path)
+
+
+def test_missing_prepared_dataset_says_how_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError, match="abd_jax.prepare_data --dataset=cifar10"):
+        experiment.run(tiny_config(str(tmp_path / "empty"), dataset="cifar10", download=False,
+                                   model="resnet8"), tmp_path / "run")

@@ -1,0 +1,127 @@
+"""Tests for abd_jax.metrics on hand-made accuracy matrices."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from abd_jax import metrics
+
+nan = float("nan")
+
+
+def _run(seed, Rg, Rl, spb=0.05, peak=3 * 2**20):
+    return {"seed": seed, "class_order": list(range(4)), "R_global": Rg, "R_local": Rl,
+            "train_seconds_per_batch": spb, "task_wall_seconds": [10.0, 20.0],
+            "peak_memory_bytes": peak}
+
+
+def test_average_and_final_accuracy():
+    R = [[90, nan], [40, 80]]
+    np.testing.assert_allclose(metrics.average_accuracy(R), [90, 60])
+    assert metrics.final_accuracy(R) == pytest.approx(60)
+    # Upper triangle ignored, None accepted; 3 tasks: A_3 = (30 + 60 + 90) / 3.
+    R3 = [[50, 99, None], [20, 70, 99], [30, 60, 90]]
+    np.testing.assert_allclose(metrics.average_accuracy(R3), [50, 45, 60])
+
+
+def test_average_accuracy_unmeasured_row_is_nan_and_shape_checked():
+    A = metrics.average_accuracy([[90, nan], [nan, nan]])
+    assert A[0] == 90 and math.isnan(A[1])
+    with pytest.raises(ValueError, match="square"):
+        metrics.average_accuracy([[1, 2, 3], [4, 5, 6]])
+
+
+def test_omega():
+    # (90/100 + 60/80) / 2 = (0.9 + 0.75) / 2
+    assert metrics.omega([90, 60], [100, 80]) == pytest.approx(0.825)
+    with pytest.raises(ValueError, match="equal length"):
+        metrics.omega([90, 60], [100, 80, 70])
+
+
+def test_summarize_repeats():
+    s = metrics.summarize_repeats([1.0, 2.0, 3.0, 4.0])
+    assert s["mean"] == pytest.approx(2.5)
+    assert s["std"] == pytest.approx(math.sqrt(1.25))  # population std, ddof=0
+    assert s["n"] == 4
+    assert metrics.summarize_repeats([7.0]) == {"mean": 7.0, "std": 0.0, "n": 1}
+    with pytest.raises(ValueError):
+        metrics.summarize_repeats([])
+
+
+def test_accuracy_matrix_round_trip():
+    m = metrics.AccuracyMatrix(3)
+    m.record(0, 0, 95.0, 95.0)
+    m.record(1, 0, 40.0, 85.0)
+    m.record(1, 1, 80.0, 90.0)
+    d = m.to_dict()
+    assert d["R_global"][0] == [95.0, None, None]
+    json.dumps(d, allow_nan=False)  # strict JSON
+    back = metrics.AccuracyMatrix.from_dict(json.loads(json.dumps(d)))
+    np.testing.assert_array_equal(back.global_acc, m.global_acc)  # NaN == NaN here
+    np.testing.assert_array_equal(back.local_acc, m.local_acc)
+    with pytest.raises(ValueError):
+        m.record(0, 1, 1.0, 1.0)  # above the diagonal
+
+
+def test_build_results_values():
+    runs = [_run(0, [[90, None], [40, 80]], [[90, None], [85, 95]], spb=0.04),
+            _run(1, [[80, None], [50, 70]], [[80, None], [75, 85]], spb=0.06, peak=None)]
+    ub = metrics.build_results([_run(9, [[100, None], [80, 80]], [[100, None], [90, 90]])])
+    assert ub["A_mean"] == [100.0, 80.0]
+    res = metrics.build_results(runs, upper_bound=ub)
+
+    assert res["num_tasks"] == 2 and res["num_repeats"] == 2
+    r0 = res["repeats"][0]
+    assert r0["A_global"] == [90.0, 60.0] and r0["final_accuracy"] == 60.0
+    assert r0["final_local_accuracy"] == 90.0
+    assert r0["omega"] == pytest.approx(0.825)
+    assert res["repeats"][1]["omega"] == pytest.approx((80 / 100 + 60 / 80) / 2)
+    agg = res["aggregate"]
+    assert agg["final_accuracy"] == {"mean": 60.0, "std": 0.0, "n": 2}
+    assert agg["A_global"]["mean"] == [85.0, 60.0]
+    assert agg["A_global"]["std"] == [5.0, 0.0]
+    assert agg["train_seconds_per_batch"]["mean"] == pytest.approx(0.05)
+    assert agg["peak_memory_bytes"] == 3 * 2**20
+    assert agg["omega"]["n"] == 2
+    assert res["A_mean"] == [85.0, 60.0]
+    assert "omega" not in metrics.build_results(runs)["aggregate"]
+    with pytest.raises(ValueError):
+        metrics.build_results(runs, upper_bound={"A_mean": [1.0, 2.0, 3.0]})
+
+
+def test_write_results(tmp_path):
+    runs = [_run(0, [[90, None], [40, 80]], [[90, None], [85, 95]]),
+            _run(1, [[80, None], [50, 70]], [[80, None], [75, 85]])]
+    res = metrics.build_results(runs, upper_bound={"A_mean": [100.0, 80.0]})
+    cfg = {"method": "abd", "dataset": "cifar100", "num_tasks": 2}
+    out = tmp_path / "run"
+    metrics.write_results(out, res, cfg, title="ABD test")
+
+    loaded = json.loads((out / "results.json").read_text())
+    for key in ("repeats", "aggregate", "A_mean", "config", "title", "num_tasks"):
+        assert key in loaded
+    assert loaded["config"]["method"] == "abd"
+    assert loaded["repeats"][0]["R_global"][0][1] is None
+    assert metrics.build_results(runs, upper_bound=loaded)["aggregate"]["omega"]["n"] == 2
+
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    assert "# ABD test" in md and "cifar100" in md
+    assert "A_N: 60.00 ± 0.00" in md
+    assert "Omega" in md and "MiB" in md
+    assert "seed 1" in md and "| 2 | 50.00 | 70.00 |" in md  # last repeat's R_global
+    png = (out / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_metric_writer_appends(tmp_path):
+    path = tmp_path / "logs" / "metrics.jsonl"
+    w = metrics.MetricWriter(path)
+    w.write(1, {"loss": np.float32(0.5), "acc": 3}, task=0, phase="train")
+    w.close()
+    with metrics.MetricWriter(path) as w:  # resumed run keeps earlier lines
+        w.write(2, {"loss": float("nan")}, task=1)
+    lines = [json.loads(s) for s in path.read_text().splitlines()]
+    assert lines[0] == {"step": 1, "task": 0, "phase": "train", "loss": 0.5, "acc": 3.0}
+    assert lines[1] == {"step": 2, "task": 1, "loss": None}

@@ -1,0 +1,87 @@
+"""The shared training step: data parallelism, jit equivalence, schedule, batching."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from abd_jax import data as data_lib
+from abd_jax import experiment, methods, models, train
+from abd_jax.methods import lwf
+
+NUM_CLASSES = 6
+IMAGE_SHAPE = (8, 8, 3)
+
+
+def _setup(loss_fn=train.cross_entropy_loss, batch_size=8, chunk=2, mesh_devices=1,
+           with_teacher=False):
+    model = models.CifarResNet(depth=8, num_classes=NUM_CLASSES, width=4)
+    cfg = train.StepConfig(batch_size=batch_size, base_lr=0.1, lr_milestones=(1,), lr_decay=0.1,
+                           augment=data_lib.AugmentConfig(), mean=(0.5,) * 3, std=(0.25,) * 3)
+    mesh = experiment.make_mesh(mesh_devices)
+    state = train.create_train_state(model, jax.random.PRNGKey(0), IMAGE_SHAPE, 0.1, 0.9, 2e-4)
+    rng = np.random.RandomState(0)
+    images = jnp.asarray(rng.randint(0, 256, (40, *IMAGE_SHAPE)), jnp.uint8)
+    labels = jnp.asarray(np.repeat(np.arange(NUM_CLASSES), 7)[:40], jnp.int32)
+    index = jnp.asarray(np.r_[np.arange(20, 40), np.zeros(10)], jnp.int32)
+    task = train.TaskInfo(index=index, count=jnp.int32(20), num_old=jnp.int32(3),
+                          num_seen=jnp.int32(6), steps_per_epoch=jnp.int32(20 // batch_size),
+                          total_steps=jnp.int32(3), key=jax.random.PRNGKey(1))
+    frozen = train.Frozen(train.teacher_of(state)) if with_teacher else None
+    fn = train.make_train_chunk(model, loss_fn, cfg, mesh, chunk)
+    return fn, state, frozen, images, labels, task
+
+
+@pytest.mark.parametrize("loss_name", ["base", "lwf"])
+def test_one_and_four_devices_agree(loss_name):
+    assert jax.device_count() >= 4, "tests/conftest.py should provide 4 host devices"
+    loss_fn = train.cross_entropy_loss if loss_name == "base" else lwf.make_lwf_loss(1.0, 2.0)
+    outs = []
+    for n in (1, 4):
+        fn, state, frozen, images, labels, task = _setup(loss_fn, mesh_devices=n,
+                                                         with_teacher=loss_name == "lwf")
+        outs.append(jax.jit(fn)(state, frozen, images, labels, task))
+    (s1, m1), (s4, m4) = outs
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(s1.params, s4.params, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(s1.batch_stats, s4.batch_stats, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(jax.tree.leaves(s1.params)[0],
+                           jax.tree.leaves(_setup()[1].params)[0]), "params did not change"
+
+
+class JitEquivalenceTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_train_chunk(self):
+        fn, state, frozen, images, labels, task = _setup()
+        new_state, metrics = self.variant(fn)(state, frozen, images, labels, task)
+        ref_state, ref_metrics = jax.jit(fn)(state, frozen, images, labels, task)
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+        chex.assert_trees_all_close(new_state.params, ref_state.params, rtol=1e-4, atol=1e-6)
+
+
+def test_chunk_stops_at_total_steps_and_schedule_decays():
+    fn, state, frozen, images, labels, task = _setup(chunk=5)  # total_steps=3
+    new_state, metrics = jax.jit(fn)(state, frozen, images, labels, task)
+    assert int(new_state.step) == 3
+    np.testing.assert_array_equal(metrics["active"], [1, 1, 1, 0, 0])
+    # 2 steps per epoch, milestone after epoch 1: steps 0,1 at 0.1, step 2 at 0.01.
+    np.testing.assert_allclose(metrics["lr"][:3], [0.1, 0.1, 0.01], rtol=1e-6)
+
+
+def test_batches_cover_the_task_once_per_epoch():
+    _, _, _, images, labels, task = _setup(batch_size=5)
+    task = task.replace(steps_per_epoch=jnp.int32(4))
+    seen = []
+    for step in range(4):
+        _, y = train.sample_batch(jnp.arange(40), jnp.arange(40), task, step, 5)
+        seen.extend(np.asarray(y).tolist())
+    assert sorted(seen) == list(range(20, 40))  # every task example exactly once, no padding
+    _, y_next = train.sample_batch(jnp.arange(40), jnp.arange(40), task, 4, 5)
+    assert sorted(np.asarray(y_next)) != sorted(seen[:5])  # new epoch, new order
+
+
+def test_unknown_method_names_the_choices():
+    import ml_collections
+    with pytest.raises(ValueError, match="choose one of"):
+        methods.get_method(ml_collections.ConfigDict({"method": "nope"}))
