@@ -29,6 +29,7 @@ from abd_jax import data as data_lib
 from abd_jax import methods as methods_lib
 from abd_jax import metrics as metrics_lib
 from abd_jax import models
+from abd_jax import synthesis
 from abd_jax import train
 
 
@@ -46,7 +47,7 @@ class Splits:
 def validate_config(config, num_devices: int) -> None:
     """Raise ValueError naming the fix for any setting the run cannot honour."""
     spec = data_lib.get_spec(config.dataset)
-    methods_lib.get_method(config)
+    methods_lib.get_method(config, spec.image_shape)
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
     models.create_classifier(config.model, spec.num_classes, config.dtype)
     if config.batch_size % num_devices:
@@ -95,10 +96,11 @@ class RepeatRunner:
     def __init__(self, config, workdir: pathlib.Path, splits: Splits, mesh: Mesh,
                  writer: metrics_lib.MetricWriter, repeat: int):
         self.config, self.splits, self.mesh, self.writer = config, splits, mesh, writer
+        self.workdir = workdir
         self.repeat = repeat
         self.seed = config.seed + repeat
-        self.method = methods_lib.get_method(config)
         spec = splits.spec
+        self.method = methods_lib.get_method(config, spec.image_shape)
         self.num_classes = spec.num_classes
         self.order = data_lib.class_order(spec.num_classes, config.class_order, self.seed)
         self.train_labels = data_lib.remap_labels(splits.train_labels, self.order)
@@ -108,7 +110,7 @@ class RepeatRunner:
         self.model = models.create_classifier(config.model, spec.num_classes, config.dtype)
         self.replicated = NamedSharding(mesh, P())
         key = jax.random.PRNGKey(self.seed)
-        self.init_key, self.run_key = jax.random.split(key)
+        self.init_key, self.run_key, self.generator_key = jax.random.split(key, 3)
         self.step_config = train.StepConfig(
             batch_size=config.batch_size, base_lr=config.lr,
             lr_milestones=tuple(config.lr_milestones), lr_decay=config.lr_decay,
@@ -121,6 +123,10 @@ class RepeatRunner:
         self.images = jax.device_put(splits.train_images, self.replicated)
         self.labels = jax.device_put(self.train_labels.astype(np.int32), self.replicated)
         self.predict = train.make_predict(self.model, tuple(spec.mean), tuple(spec.std), mesh)
+        self.synthesizer = None
+        if self.method.synthesis is not None:
+            self.synthesizer = synthesis.Synthesizer(self.method.synthesis, self.method.generator,
+                                                     self.model, mesh, self.steps_per_call)
 
     # ------------------------------------------------------------------ setup helpers
     def _task_indices(self) -> list[np.ndarray]:
@@ -166,17 +172,31 @@ class RepeatRunner:
                 self.model, loss, self.step_config, self.mesh, self.steps_per_call))
         return self._chunk_fns[with_teacher]
 
-    def _tree(self, state, teacher) -> dict:
-        return {"state": state} if teacher is None else {"state": state, "teacher": teacher}
+    def _tree(self, state, teacher, generator) -> dict:
+        tree = {"state": state}
+        if teacher is not None:
+            tree["teacher"] = teacher
+        if generator is not None:
+            tree["generator"] = generator
+        return tree
 
     def _save(self, task, step, state, teacher, meta) -> None:
-        self.checkpointer.save(task, step, self._tree(state, teacher), meta)
+        self.checkpointer.save(task, step, self._tree(state, teacher, self.gen_state), meta)
+
+    def _frozen(self, teacher) -> Optional[train.Frozen]:
+        if teacher is None:
+            return None
+        extra = None if self.synthesizer is None else self.synthesizer.variables(self.gen_state)
+        return train.Frozen(teacher=teacher, extra=extra)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         c = self.config
         state = self._fresh_state(self.init_key)
         teacher: Optional[train.Teacher] = None
+        self.gen_state = None
+        if self.synthesizer is not None:
+            self.gen_state = self.synthesizer.init(jax.random.fold_in(self.generator_key, 0))
         acc = metrics_lib.AccuracyMatrix(c.num_tasks)
         timing = {"train_seconds": 0.0, "train_steps": 0, "task_wall_seconds": []}
         start_task, start_step = 0, 0
@@ -189,9 +209,10 @@ class RepeatRunner:
                 return meta["result"]
             start_task, start_step = position
             has_teacher = start_task > 0 and self.method.uses_teacher
-            restored = self.checkpointer.restore(
-                self._tree(state, train.teacher_of(state) if has_teacher else None))
+            restored = self.checkpointer.restore(self._tree(
+                state, train.teacher_of(state) if has_teacher else None, self.gen_state))
             state, teacher = restored["state"], restored.get("teacher")
+            self.gen_state = restored.get("generator")
             acc = metrics_lib.AccuracyMatrix.from_dict(meta["accuracy"])
             timing = meta["timing"]
             logging.info("resuming repeat %d at task %d step %d", self.repeat, start_task + 1,
@@ -206,9 +227,14 @@ class RepeatRunner:
                 else:
                     state = jax.device_put(train.reset_optimizer(state), self.replicated)
             state, step = self._train_task(t, step, state, teacher, acc, timing)
+            if self.synthesizer is not None:  # synthesis is long: don't redo training after it
+                self._save(t, step, state, teacher,
+                           {"accuracy": acc.to_dict(), "timing": timing, "result": None})
             self._evaluate(t, state, acc)
             if self.method.uses_teacher:
                 teacher = train.teacher_of(state)
+            if self.synthesizer is not None and t < c.num_tasks - 1:
+                self._synthesize(t, teacher)
             timing["task_wall_seconds"].append(time.time() - task_start)
             result = self._result(acc, timing) if t == c.num_tasks - 1 else None
             self._save(t + 1, 0, state, teacher,
@@ -219,7 +245,7 @@ class RepeatRunner:
         c = self.config
         info = self._task_info(t)
         total = int(info.total_steps)
-        frozen = train.Frozen(teacher=teacher) if teacher is not None else None
+        frozen = self._frozen(teacher)
         chunk_fn = self._chunk_fn(frozen is not None)
         lo, hi = self.bounds[t]
         logging.info("repeat %d task %d/%d: classes [%d, %d), %d images, %d steps (%d epochs)",
@@ -261,6 +287,25 @@ class RepeatRunner:
                        {"accuracy": acc.to_dict(), "timing": timing, "result": None})
             raise
         return state, step
+
+    def _synthesize(self, t: int, teacher: train.Teacher) -> None:
+        """Invert the new teacher into the generator; save a labelled sample grid."""
+        num_seen = self.bounds[t][1]
+        logging.info("repeat %d task %d: training the generator for %d iterations",
+                     self.repeat, t + 1, self.synthesizer.cfg.iterations)
+        log = lambda it, terms: self.writer.write(it, terms, repeat=self.repeat, task=t + 1,
+                                                  phase="generator")
+        self.gen_state = self.synthesizer.train(
+            self.gen_state, teacher, num_seen, jax.random.fold_in(self.generator_key, t + 1),
+            log=log, log_every=self.config.synthesis_log_every)
+        images, predicted = self.synthesizer.labelled_samples(
+            self.gen_state, teacher, num_seen, jax.random.fold_in(self.generator_key, 1000 + t),
+            self.config.sample_grid_size)
+        spec = self.splits.spec
+        path = self.workdir / f"samples_repeat{self.repeat}_task{t + 1}.png"
+        metrics_lib.save_sample_grid(path, images, predicted, spec.mean, spec.std,
+                                     title=f"synthetic samples after task {t + 1} "
+                                           "(teacher's predicted class)")
 
     def _log(self, t, step, total, metrics, active, steps_per_second) -> None:
         means = {k: float(np.mean(v[active])) for k, v in metrics.items() if k != "active"}

@@ -290,6 +290,35 @@ def write_results(workdir, results: dict, config_dict: dict, title: str) -> None
     _atomic_write_bytes(workdir / "accuracy.png", _accuracy_png(results, title))
 
 
+def save_sample_grid(path, images: np.ndarray, labels: np.ndarray, mean, std,
+                     title: str = "") -> None:
+    """PNG grid of normalised images `[N, H, W, C]` (denormalised: x * std + mean, clipped to
+    [0, 1]) with `labels[i]` written under image i."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    images = np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
+    n = len(images)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig = Figure(figsize=(1.1 * cols, 1.25 * rows + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for i in range(n):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        image = images[i]
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
+                  cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(str(int(labels[i])), fontsize=8, labelpad=1)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _atomic_write_bytes(pathlib.Path(path), buf.getvalue())
+
+
 class MetricWriter:
     """Append-only JSON-lines scalar log: one ``{"step", **tags, **scalars}`` object per line.
 

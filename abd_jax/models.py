@@ -144,3 +144,61 @@ def create_classifier(name: str, num_classes: int, dtype: str = "float32") -> nn
         return CifarResNet(depth=int(name[6:]), num_classes=num_classes, dtype=jdtype)
     raise ValueError(f"unknown model {name!r}: use 'resnet18' (ImageNet) or 'resnet<6n+2>' "
                      "(CIFAR: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56)")
+
+
+class Generator(nn.Module):
+    """DFAD generator (SPEC section 2): z [B, z_dim] -> images [B, S, S, C], already normalised.
+
+    Linear -> 128 x (S/2^k)^2 -> BN -> k x (nearest upsample x2 -> conv3x3 -> BN -> LeakyReLU)
+    -> conv3x3 C -> tanh -> BN without scale/offset. Inner BNs use `inner_bn_eps` (0.8 in the
+    release, a PyTorch positional-argument quirk kept for fidelity). Train mode normalises with
+    batch statistics; eval mode (sampling) with running averages.
+    `stage_channels` gives each upsampling stage's conv width (32x32: (128, 64); 64x64:
+    (128, 128, 64); 224x224 with base 64 and 7x7 start: (64,) * 5).
+    """
+
+    image_size: int = 32
+    channels: int = 3
+    z_dim: int = 1000
+    base_channels: int = 128
+    stage_channels: Sequence[int] = (128, 64)
+    inner_bn_eps: float = 0.8
+
+    @nn.compact
+    def __call__(self, z, train: bool = True):
+        start = self.image_size // 2 ** len(self.stage_channels)
+        if start * 2 ** len(self.stage_channels) != self.image_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by "
+                             f"2^{len(self.stage_channels)} upsampling stages")
+        bn = lambda eps, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                            epsilon=eps, **kw)
+        x = nn.Dense(self.base_channels * start * start, name="fc")(z)
+        x = x.reshape(z.shape[0], start, start, self.base_channels)
+        x = bn(1e-5, name="bn0")(x)
+        for i, width in enumerate(self.stage_channels):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest upsample x2
+            x = nn.Conv(width, (3, 3), padding=1, name=f"conv{i + 1}")(x)
+            x = nn.leaky_relu(bn(self.inner_bn_eps, name=f"bn{i + 1}")(x), 0.2)
+        x = nn.Conv(self.channels, (3, 3), padding=1, name="conv_out")(x)
+        x = jnp.tanh(x)
+        return bn(1e-5, use_scale=False, use_bias=False, name="bn_out")(x)
+
+
+GENERATOR_PRESETS = {
+    32: dict(base_channels=128, stage_channels=(128, 64)),
+    64: dict(base_channels=128, stage_channels=(128, 128, 64)),
+    224: dict(base_channels=64, stage_channels=(64,) * 5),
+}
+
+
+def create_generator(image_size: int, channels: int, z_dim: int = 1000,
+                     inner_bn_eps: float = 0.8) -> Generator:
+    """The SPEC generator for 32x32 (CIFAR), 64x64 (Tiny-ImageNet) or 224x224 (ImageNet);
+    other sizes (e.g. 8x8 digits) use the 32x32 layout with as many x2 stages as fit (<= 2)."""
+    if image_size in GENERATOR_PRESETS:
+        preset = GENERATOR_PRESETS[image_size]
+    else:
+        stages = 2 if image_size % 4 == 0 else 1
+        preset = dict(base_channels=128, stage_channels=(128, 64)[:stages])
+    return Generator(image_size=image_size, channels=channels, z_dim=z_dim,
+                     inner_bn_eps=inner_bn_eps, **preset)

@@ -114,7 +114,7 @@ def sgd_with_weight_decay(learning_rate, momentum, weight_decay):
                        optax.sgd(learning_rate, momentum=momentum))
 
 
-def _strongly_typed(tree):
+def strongly_typed(tree):
     """Drop JAX weak types (e.g. from Python scalars in optimiser hyper-parameters) so that the
     state's types are the same before and after a step: no retracing on the second call."""
     return jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.asarray(a).dtype), tree)
@@ -127,14 +127,14 @@ def create_train_state(model: nn.Module, rng, image_shape, lr, momentum, weight_
         learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], tx=tx)
-    return state.replace(step=_strongly_typed(state.step),
-                         opt_state=_strongly_typed(state.opt_state))
+    return state.replace(step=strongly_typed(state.step),
+                         opt_state=strongly_typed(state.opt_state))
 
 
 def reset_optimizer(state: TrainState) -> TrainState:
     """Same weights, step 0, fresh optimiser state (SPEC: reset at the start of every task)."""
     return state.replace(step=jnp.zeros_like(state.step),
-                         opt_state=_strongly_typed(state.tx.init(state.params)))
+                         opt_state=strongly_typed(state.tx.init(state.params)))
 
 
 def teacher_of(state: TrainState) -> Teacher:
@@ -210,31 +210,29 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Me
     return one_step
 
 
-def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh,
-                     chunk: int):
-    """Pure `(state, frozen, images, labels, task) -> (state, metrics)` running `chunk` steps
-    (wrap it in `jax.jit`); `metrics[name]` is `[chunk]`.
+def fuse_steps(step_fn: Callable, chunk: int) -> Callable:
+    """`(state, limit, *args) -> (state, metrics)` running `chunk` calls of
+    `step_fn(state, *args) -> (state, metrics)`; `metrics[name]` gets a leading `[chunk]` axis
+    plus `active` (1 for steps taken). `state.step` must count the steps.
 
     With chunk > 1 the steps run in a `lax.scan` (one dispatch for many steps, for GPU/TPU);
-    steps at or beyond `task.total_steps` are skipped (metrics `active` = 0), so the host can
-    always call with the same chunk length. With chunk == 1 there is no loop and the caller
-    must not step past `total_steps` (XLA:CPU runs convolutions inside loops several times
-    slower, so CPU runs use chunk 1).
+    steps with `state.step >= limit` are skipped, so the host can always use the same chunk.
+    With chunk == 1 there is no loop and the caller must not step past `limit` (XLA:CPU runs
+    convolutions inside loops several times slower, so CPU runs use chunk 1).
     """
-    one_step = make_train_step(model, loss_fn, cfg, mesh)
-
     if chunk == 1:
-        def single(state, frozen, images, labels, task):
-            state, metrics = one_step(state, frozen, images, labels, task)
+        def single(state, limit, *args):
+            del limit
+            state, metrics = step_fn(state, *args)
             metrics = {**metrics, "active": jnp.ones((), jnp.float32)}
             return state, jax.tree.map(lambda m: m[None], metrics)
 
         return single
 
-    def chunk_fn(state, frozen, images, labels, task):
+    def fused(state, limit, *args):
         def body(state, _):
-            active = state.step < task.total_steps
-            run = lambda s: one_step(s, frozen, images, labels, task)
+            active = state.step < limit
+            run = lambda s: step_fn(s, *args)
             shapes = jax.eval_shape(run, state)[1]
             skip = lambda s: (s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
             state, metrics = jax.lax.cond(active, run, skip, state)
@@ -242,7 +240,16 @@ def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: M
 
         return jax.lax.scan(body, state, None, length=chunk)
 
-    return chunk_fn
+    return fused
+
+
+def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh,
+                     chunk: int):
+    """Pure `(state, frozen, images, labels, task) -> (state, metrics [chunk])`: `chunk` train
+    steps, stopping at `task.total_steps` (see `fuse_steps`); wrap it in `jax.jit`."""
+    fused = fuse_steps(make_train_step(model, loss_fn, cfg, mesh), chunk)
+    return lambda state, frozen, images, labels, task: fused(
+        state, task.total_steps, frozen, images, labels, task)
 
 
 def default_steps_per_call() -> int:

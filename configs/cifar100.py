@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.class_order = "shuffle"  # "shuffle" (by seed), "identity", or "3,17,42,..." explicit
     c.seed = 0                 # repeat r uses seed + r (its own class order)
     c.repeats = 1
-    c.method = "base"          # base | upper_bound | lwf | lwf_mc
+    c.method = "abd"           # abd | deepinversion | lwf_synthetic | base | upper_bound |
+    #                            lwf | lwf_mc
     c.upper_bound_results = ""  # results.json of an upper_bound run, for Omega
     # Model.
     c.model = "resnet32"
@@ -36,7 +37,19 @@ def get_config() -> ml_collections.ConfigDict:
     # Losses.
     c.kd_temperature = 2.0
     c.lwf_mu = 1.0
-    # Execution.
+    c.lwf_synthetic_mu = 0.1
+    c.deepinversion_mu = 1.0
+    # ABD learner (SPEC section 5); the switches are the Table 3 ablations.
+    c.abd = ml_collections.ConfigDict(dict(
+        mu=0.1, task_balancing=True, local_ce=True, kd_on_real=True, kd_on_synthetic=True,
+        ft_ce=True))
+    # Model inversion (SPEC section 3), shared by abd, deepinversion and lwf_synthetic.
+    c.synthesis = ml_collections.ConfigDict(dict(
+        iterations=10_000, batch_size=0,  # 0 = the learner's batch_size
+        lr=1e-3, z_dim=1000, content_temperature=1e3, w_content=1.0, w_diversity=1.0,
+        w_stat=50.0, w_smooth=1e-3, inner_bn_eps=0.8))
+    c.synthesis_log_every = 500
+    c.sample_grid_size = 64    # synthetic samples drawn into samples_task<t>.png    # Execution.
     c.num_devices = 0          # data-parallel over this many local devices (0 = all)
     c.eval_batch_size = 1000
     c.log_every_steps = 100

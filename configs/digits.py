@@ -14,6 +14,9 @@ def get_config():
     c.epochs = 30
     c.lr = 0.05
     c.lr_milestones = (20, 25)
+    c.synthesis.iterations = 300
+    c.synthesis.z_dim = 100
+    c.synthesis_log_every = 100
     c.eval_batch_size = 256
     c.log_every_steps = 50
     c.checkpoint_every_steps = 100

@@ -1,0 +1,194 @@
+"""Model-inversion synthesis (SPEC section 3) and synthetic replay (section 4).
+
+After each task the frozen teacher is inverted: a generator G is trained so that its images
+x = G(z) are confidently classified (content), cover the seen classes (diversity), reproduce
+the teacher's BatchNorm statistics (stat alignment) and are smooth. During the next task, the
+learner draws a synthetic batch from G (eval mode) inside its jitted step.
+
+The stat-alignment KL reads the teacher's running statistics from its `batch_stats`
+collection and the batch statistics of every BN layer's input from the `bn_inputs`
+collection that the same (eval-mode) forward pass sows; with data parallelism the latter are
+over the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from abd_jax import losses, models, train
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+    """Generator training hyper-parameters (SPEC section 3 defaults)."""
+
+    iterations: int = 10_000
+    batch_size: int = 128
+    lr: float = 1e-3
+    z_dim: int = 1000
+    content_temperature: float = 1e3
+    w_content: float = 1.0
+    w_diversity: float = 1.0
+    w_stat: float = 50.0
+    w_smooth: float = 1e-3
+    inner_bn_eps: float = 0.8
+
+
+def bn_alignment_loss(bn_inputs, batch_stats) -> jax.Array:
+    """(1/L) sum_l bn_stat_kl over the L BN layers that sowed `input_stats` in `bn_inputs`,
+    each paired with the running `mean`/`var` at the same module path in `batch_stats`."""
+    running = traverse_util.flatten_dict(batch_stats)
+    kls = []
+    for path, ((mean, var),) in traverse_util.flatten_dict(bn_inputs).items():
+        layer = path[:-1]
+        kls.append(losses.bn_stat_kl(mean, var, running[layer + ("mean",)],
+                                     running[layer + ("var",)]))
+    if not kls:
+        raise ValueError("the teacher sowed no BatchNorm input statistics; build it from "
+                         "abd_jax.models.BatchNorm")
+    return jnp.mean(jnp.stack(kls))
+
+
+def generator_loss(gen_params, gen_batch_stats, generator: nn.Module, model: nn.Module,
+                   teacher: train.Teacher, z, num_seen, cfg: SynthesisConfig):
+    """L_gen = w_c L_content + w_d L_div + w_s L_stat + w_sm L_smooth for x = G(z) (train mode).
+
+    z `[B, z_dim]`; the teacher runs in eval mode on its first `num_seen` logits.
+    Returns (loss, (new generator batch_stats, {term: value})).
+    """
+    x, updates = generator.apply({"params": gen_params, "batch_stats": gen_batch_stats}, z,
+                                 train=True, mutable=["batch_stats"])
+    (logits, _), sown = model.apply(
+        {"params": teacher.params, "batch_stats": teacher.batch_stats}, x, train=False,
+        mutable=[models.BN_INPUTS])
+    logits = losses.mask_logits(logits, 0, num_seen)
+    terms = {
+        "content": losses.content_loss(logits, cfg.content_temperature),
+        "diversity": losses.diversity_loss(logits, num_valid=num_seen),
+        "stat_alignment": bn_alignment_loss(sown[models.BN_INPUTS], teacher.batch_stats),
+        "smoothness": losses.smoothness_loss(x),
+    }
+    loss = (cfg.w_content * terms["content"] + cfg.w_diversity * terms["diversity"]
+            + cfg.w_stat * terms["stat_alignment"] + cfg.w_smooth * terms["smoothness"])
+    return loss, (updates["batch_stats"], terms)
+
+
+def make_generator_step(generator: nn.Module, model: nn.Module, cfg: SynthesisConfig,
+                        mesh: Mesh) -> Callable:
+    """Pure `(gen_state, teacher, num_seen, key) -> (gen_state, metrics)`: one Adam step on a
+    fresh z ~ N(0, I) drawn from `fold_in(key, gen_state.step)`, sharded over the batch."""
+    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+
+    def step(gen_state: train.TrainState, teacher, num_seen, key):
+        z = jax.random.normal(jax.random.fold_in(key, gen_state.step),
+                              (cfg.batch_size, cfg.z_dim))
+        z = jax.lax.with_sharding_constraint(z, batch_sharding)
+        (loss, (new_bs, terms)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+            gen_state.params, gen_state.batch_stats, generator, model, teacher, z, num_seen,
+            cfg)
+        gen_state = gen_state.apply_gradients(grads=grads, batch_stats=new_bs)
+        gen_state = jax.lax.with_sharding_constraint(gen_state, replicated)
+        return gen_state, {"loss": loss, **terms}
+
+    return step
+
+
+def sample_images(generator: nn.Module, gen_variables, key, batch_size: int, z_dim: int):
+    """`[batch_size, H, W, C]` normalised synthetic images from G in eval mode."""
+    z = jax.random.normal(key, (batch_size, z_dim))
+    return generator.apply(gen_variables, z, train=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Replay:
+    """A real + synthetic batch with the teacher's view of it (all `[2B, ...]`, real first)."""
+
+    images: jax.Array
+    labels: jax.Array        # real labels, then argmax teacher(x_syn)[:, :K_old]
+    teacher_logits: jax.Array
+    teacher_features: jax.Array
+    num_real: int
+
+
+def replay_batch(ctx: train.LossContext, generator: nn.Module, z_dim: int) -> Replay:
+    """Draw B synthetic images from the frozen generator (`ctx.frozen.extra`), label them with
+    the teacher among the past classes, and run the teacher once over [x_real; x_syn]."""
+    num_real = ctx.images.shape[0]
+    x_syn = sample_images(generator, ctx.frozen.extra, ctx.rng, num_real, z_dim)
+    x = jnp.concatenate([ctx.images, jax.lax.stop_gradient(x_syn).astype(ctx.images.dtype)])
+    teacher_logits, teacher_features = jax.tree.map(jax.lax.stop_gradient,
+                                                    ctx.teacher_forward(x))
+    y_syn = jnp.argmax(losses.mask_logits(teacher_logits[num_real:], 0, ctx.num_old), axis=-1)
+    labels = jnp.concatenate([ctx.labels, y_syn.astype(ctx.labels.dtype)])
+    return Replay(x, labels, teacher_logits, teacher_features, num_real)
+
+
+class Synthesizer:
+    """The persistent generator (and its Adam state) of a synthetic-replay method: created once
+    per run, trained against each new teacher, sampled inside the learner step."""
+
+    def __init__(self, cfg: SynthesisConfig, generator: nn.Module, model: nn.Module, mesh: Mesh,
+                 steps_per_call: int):
+        self.cfg, self.generator, self.model, self.mesh = cfg, generator, model, mesh
+        self.replicated = NamedSharding(mesh, P())
+        self.steps_per_call = steps_per_call
+        self._fused = jax.jit(train.fuse_steps(
+            make_generator_step(self.generator, model, cfg, mesh), steps_per_call))
+
+    def init(self, rng) -> train.TrainState:
+        variables = self.generator.init(rng, jnp.zeros((2, self.cfg.z_dim)), train=False)
+        state = train.TrainState.create(
+            apply_fn=self.generator.apply, params=variables["params"],
+            batch_stats=variables["batch_stats"], tx=optax.adam(self.cfg.lr))
+        return jax.device_put(train.strongly_typed(state), self.replicated)
+
+    @staticmethod
+    def variables(gen_state: train.TrainState) -> dict:
+        return {"params": gen_state.params, "batch_stats": gen_state.batch_stats}
+
+    def train(self, gen_state: train.TrainState, teacher: train.Teacher, num_seen: int, key,
+              log: Optional[Callable[[int, dict], Any]] = None,
+              log_every: int = 500) -> train.TrainState:
+        """`cfg.iterations` generator steps against `teacher`; `log(iteration, mean terms)`."""
+        limit = int(gen_state.step) + self.cfg.iterations
+        num_seen = jnp.int32(num_seen)
+        done, tic = 0, time.time()
+        while done < self.cfg.iterations:
+            todo = min(log_every, self.cfg.iterations - done)
+            outputs = []
+            for _ in range(-(-todo // self.steps_per_call)):
+                gen_state, out = self._fused(gen_state, limit, teacher, num_seen, key)
+                outputs.append(out)
+            metrics = {k: np.concatenate([np.asarray(o[k]) for o in outputs])
+                       for k in outputs[0]}
+            active = metrics.pop("active") > 0
+            if not np.isfinite(metrics["loss"][active]).all():
+                raise FloatingPointError(f"non-finite generator loss near iteration {done}; "
+                                         "lower --config.synthesis.lr")
+            done += int(active.sum())
+            means = {k: float(np.mean(v[active])) for k, v in metrics.items()}
+            if log is not None:
+                log(done, means)
+            logging.info("generator %d/%d %s (%.1f it/s)", done, self.cfg.iterations,
+                         " ".join(f"{k} {v:.4f}" for k, v in means.items()),
+                         done / max(time.time() - tic, 1e-9))
+        return gen_state
+
+    def labelled_samples(self, gen_state, teacher: train.Teacher, num_seen: int, key,
+                         count: int):
+        """(images `[count, H, W, C]` normalised, teacher's predicted class `[count]`)."""
+        x = sample_images(self.generator, self.variables(gen_state), key, count, self.cfg.z_dim)
+        logits, _ = train.teacher_apply(self.model, teacher, x)
+        pred = jnp.argmax(losses.mask_logits(logits, 0, num_seen), axis=-1)
+        return np.asarray(x), np.asarray(pred)
