@@ -303,9 +303,9 @@ class RepeatRunner:
             self.config.sample_grid_size)
         spec = self.splits.spec
         path = self.workdir / f"samples_repeat{self.repeat}_task{t + 1}.png"
-        metrics_lib.save_sample_grid(path, images, predicted, spec.mean, spec.std,
+        metrics_lib.save_sample_grid(path, images, self.order[predicted], spec.mean, spec.std,
                                      title=f"synthetic samples after task {t + 1} "
-                                           "(teacher's predicted class)")
+                                           "(teacher's predicted class, original class id)")
 
     def _log(self, t, step, total, metrics, active, steps_per_second) -> None:
         means = {k: float(np.mean(v[active])) for k, v in metrics.items() if k != "active"}

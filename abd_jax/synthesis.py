@@ -143,7 +143,7 @@ class Synthesizer:
         self.cfg, self.generator, self.model, self.mesh = cfg, generator, model, mesh
         self.replicated = NamedSharding(mesh, P())
         self.steps_per_call = steps_per_call
-        self._fused = jax.jit(train.fuse_steps(
+        self.fused_step = jax.jit(train.fuse_steps(
             make_generator_step(self.generator, model, cfg, mesh), steps_per_call))
 
     def init(self, rng) -> train.TrainState:
@@ -168,7 +168,7 @@ class Synthesizer:
             todo = min(log_every, self.cfg.iterations - done)
             outputs = []
             for _ in range(-(-todo // self.steps_per_call)):
-                gen_state, out = self._fused(gen_state, limit, teacher, num_seen, key)
+                gen_state, out = self.fused_step(gen_state, limit, teacher, num_seen, key)
                 outputs.append(out)
             metrics = {k: np.concatenate([np.asarray(o[k]) for o in outputs])
                        for k in outputs[0]}

@@ -2,9 +2,11 @@
 
     python experiments/benchmark.py [--steps=50] [--batch_size=128] [--model=resnet32]
 
-Prints ms per training step and images/s for each step kind, with the device name. Uses
-random CIFAR-shaped data (no dataset needed), the real train step (augmentation, batching,
-optimiser update, data parallelism over all local devices) and ResNet-32 by default.
+Prints ms per step and images/s for each step kind, with the device name, and the projected
+time of a full 10-task CIFAR-100 ABD run (250 epochs of 39 steps per task, 10,000 generator
+iterations after each of the first 9 tasks). Uses random CIFAR-shaped data (no dataset
+needed) and the real steps: augmentation, batching, optimiser update, synthetic replay with
+the teacher's forward, data parallelism over all local devices.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from abd_jax import data as data_lib  # noqa: E402
-from abd_jax import experiment, models, train  # noqa: E402
-from abd_jax.methods import lwf  # noqa: E402
+from abd_jax import experiment, methods, models, synthesis, train  # noqa: E402
+from configs import cifar100  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 50, "Timed steps per measurement.")
@@ -31,9 +33,25 @@ flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_string("model", "resnet32", "Classifier.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_integer("num_classes", 100, "Head size.")
+flags.DEFINE_list("cases", ["ce", "lwf", "abd", "deepinversion", "generator"],
+                  "Which steps to time.")
 
 
-def _learner_case(loss_fn, with_teacher: bool):
+def _method(name: str) -> methods.Method:
+    config = cifar100.get_config()
+    config.method = name
+    config.batch_size = FLAGS.batch_size
+    return methods.get_method(config, (32, 32, 3))
+
+
+def _generator_variables(method: methods.Method):
+    z = jnp.zeros((2, method.synthesis.z_dim))
+    return method.generator.init(jax.random.PRNGKey(2), z, train=False)
+
+
+def _learner_case(method_name: str, first_task: bool):
+    method = _method(method_name)
+    loss_fn = train.cross_entropy_loss if first_task else method.loss
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, FLAGS.dtype)
     mesh = experiment.make_mesh()
     cfg = train.StepConfig(batch_size=FLAGS.batch_size, base_lr=0.1, lr_milestones=(100,),
@@ -48,9 +66,25 @@ def _learner_case(loss_fn, with_teacher: bool):
                           num_old=jnp.int32(10), num_seen=jnp.int32(20),
                           steps_per_epoch=jnp.int32(n // FLAGS.batch_size),
                           total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(1))
-    frozen = train.Frozen(train.teacher_of(state)) if with_teacher else None
+    frozen = None
+    if not first_task:
+        extra = _generator_variables(method) if method.generator is not None else None
+        frozen = train.Frozen(train.teacher_of(state), extra)
     fn = jax.jit(train.make_train_chunk(model, loss_fn, cfg, mesh, _steps_per_call()))
     return fn, state, (frozen, images, labels, task)
+
+
+def _generator_case():
+    method = _method("abd")
+    model = models.create_classifier(FLAGS.model, FLAGS.num_classes, FLAGS.dtype)
+    mesh = experiment.make_mesh()
+    synth = synthesis.Synthesizer(method.synthesis, method.generator, model, mesh,
+                                  _steps_per_call())
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    teacher = train.Teacher(variables["params"], variables["batch_stats"])
+    gen_state = synth.init(jax.random.PRNGKey(3))
+    step_fn = lambda s, *a: synth.fused_step(s, jnp.int32(2**30), *a)
+    return step_fn, gen_state, (teacher, jnp.int32(20), jax.random.PRNGKey(4))
 
 
 def _steps_per_call() -> int:
@@ -80,14 +114,29 @@ def main(argv):
     print(f"backend {jax.default_backend()}, {jax.device_count()} x {device.device_kind}, "
           f"jax {jax.__version__}, model {FLAGS.model} ({FLAGS.dtype}), "
           f"batch {FLAGS.batch_size}")
-    cases = {
-        "learner step, task 1 (CE)": _learner_case(train.cross_entropy_loss, False),
-        "learner step, LwF (teacher fwd)": _learner_case(lwf.make_lwf_loss(1.0, 2.0), True),
+    cases = {  # key: (label, builder, images per batch element)
+        "ce": ("learner, task 1 (CE)", lambda: _learner_case("base", True), 1),
+        "lwf": ("learner, LwF (teacher fwd)", lambda: _learner_case("lwf", False), 1),
+        "abd": ("learner, ABD task 2 (B real + B syn)", lambda: _learner_case("abd", False), 2),
+        "deepinversion": ("learner, DeepInversion (B + B syn)",
+                          lambda: _learner_case("deepinversion", False), 2),
+        "generator": ("generator iteration (31-layer KL)", _generator_case, 1),
     }
     print(f"{'step':40s} {'compile s':>10s} {'ms/step':>9s} {'images/s':>10s}")
-    for name, (fn, state, args) in cases.items():
+    ms_of = {}
+    for key in FLAGS.cases:
+        name, build, images_per_sample = cases[key]
+        fn, state, args = build()
         first, ms = time_chunk(fn, state, args)
-        print(f"{name:40s} {first:10.1f} {ms:9.2f} {FLAGS.batch_size / ms * 1e3:10.0f}")
+        ms_of[key] = ms
+        rate = FLAGS.batch_size * images_per_sample / ms * 1e3
+        print(f"{name:40s} {first:10.1f} {ms:9.2f} {rate:10.0f}", flush=True)
+    if {"ce", "abd", "generator"} <= set(ms_of):
+        steps_per_task = 250 * (5000 // FLAGS.batch_size)
+        projected = (steps_per_task * (ms_of["ce"] + 9 * ms_of["abd"])
+                     + 9 * 10_000 * ms_of["generator"]) / 1e3
+        print(f"projected 10-task CIFAR-100 ABD run (training + synthesis only): "
+              f"{projected / 60:.1f} min")
 
 
 if __name__ == "__main__":

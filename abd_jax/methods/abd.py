@@ -23,6 +23,14 @@ class AbdOptions:
     ft_ce: bool = True            # head-only fine-tuning CE
 
 
+def head_finetune_loss(params, features, labels, weights, num_seen) -> jax.Array:
+    """FT-CE: mean_i w_i CE(W sg(f_i) + b over [0, K_new), y_i); only the head (`params["head"]`
+    kernel and bias) gets gradients. features `[n, D]`."""
+    head = params["head"]
+    logits = jax.lax.stop_gradient(features) @ head["kernel"] + head["bias"]
+    return losses.weighted_ce_loss(losses.mask_logits(logits, 0, num_seen), labels, weights)
+
+
 def abd(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOptions):
     """L = L_localCE + L_ftCE + mu * L_kd over x = [x_real; x_syn] (one student forward, BN
     statistics over the 2B images)."""
@@ -44,9 +52,7 @@ def abd(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOptions):
     loss = ce
 
     if opts.ft_ce:
-        head = ctx.params["head"]
-        head_logits = jax.lax.stop_gradient(features) @ head["kernel"] + head["bias"]
-        ft = losses.weighted_ce_loss(losses.mask_logits(head_logits, 0, ctx.num_seen), y, w)
+        ft = head_finetune_loss(ctx.params, features, y, w, ctx.num_seen)
         metrics["ft_ce"] = ft
         loss = loss + ft
 

@@ -1,0 +1,203 @@
+"""Model inversion and the synthetic-replay learners (SPEC sections 3-6)."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from abd_jax import experiment, losses, methods, models, synthesis, train
+from abd_jax.methods import abd
+from configs import digits
+
+IMAGE_SHAPE = (8, 8, 3)
+NUM_CLASSES = 6
+
+
+def _teacher(depth=8, width=4):
+    model = models.CifarResNet(depth=depth, num_classes=NUM_CLASSES, width=width)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    return model, train.Teacher(variables["params"], variables["batch_stats"])
+
+
+def _sown_stats(model, teacher, x):
+    _, sown = model.apply({"params": teacher.params, "batch_stats": teacher.batch_stats}, x,
+                          train=False, mutable=[models.BN_INPUTS])
+    return sown[models.BN_INPUTS]
+
+
+def test_resnet32_sows_the_input_stats_of_all_31_bn_layers():
+    model = models.CifarResNet(depth=32, num_classes=10)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    teacher = train.Teacher(variables["params"], variables["batch_stats"])
+    sown = _sown_stats(model, teacher, jnp.ones((2, 32, 32, 3)))
+    assert len(traverse_util.flatten_dict(sown)) == 31
+    assert len(traverse_util.flatten_dict(teacher.batch_stats)) == 62  # mean + var each
+
+
+def test_bn_alignment_is_zero_when_running_stats_match_the_batch():
+    model, teacher = _teacher()
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, *IMAGE_SHAPE))
+    assert synthesis.bn_alignment_loss(_sown_stats(model, teacher, x), teacher.batch_stats) > 0
+    # Layer l's input depends only on layers < l, so L passes reach the fixed point.
+    stats = teacher.batch_stats
+    for _ in range(8):
+        sown = traverse_util.flatten_dict(_sown_stats(model, teacher, x))
+        flat = {}
+        for path, ((mean, var),) in sown.items():
+            flat[path[:-1] + ("mean",)] = mean
+            flat[path[:-1] + ("var",)] = var
+        stats = traverse_util.unflatten_dict(flat)
+        teacher = teacher.replace(batch_stats=stats)
+    kl = synthesis.bn_alignment_loss(_sown_stats(model, teacher, x), teacher.batch_stats)
+    np.testing.assert_allclose(kl, 0.0, atol=1e-5)
+
+
+def _synthesis_setup(mesh_devices):
+    model, teacher = _teacher()
+    cfg = synthesis.SynthesisConfig(iterations=2, batch_size=8, z_dim=16)
+    generator = models.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps)
+    mesh = experiment.make_mesh(mesh_devices)
+    synth = synthesis.Synthesizer(cfg, generator, model, mesh, steps_per_call=1)
+    return synth, synth.init(jax.random.PRNGKey(2)), teacher
+
+
+def test_generator_step_one_and_four_devices_agree():
+    outs = []
+    for n in (1, 4):
+        synth, gen_state, teacher = _synthesis_setup(n)
+        state, metrics = synth.fused_step(gen_state, jnp.int32(10), teacher, jnp.int32(4),
+                                          jax.random.PRNGKey(3))
+        outs.append((state, metrics))
+    (s1, m1), (s4, m4) = outs
+    for term in ("loss", "content", "diversity", "stat_alignment", "smoothness"):
+        np.testing.assert_allclose(m1[term], m4[term], rtol=1e-4, atol=1e-6, err_msg=term)
+    # A bias feeding straight into BatchNorm has a zero gradient up to rounding, which Adam's
+    # first step turns into +-lr of arbitrary sign: compare every other parameter.
+    flat1, flat4 = (traverse_util.flatten_dict(s.params) for s in (s1, s4))
+    cancelled = {("fc", "bias"), ("conv1", "bias"), ("conv2", "bias")}
+    assert cancelled < set(flat1)
+    for path in set(flat1) - cancelled:
+        np.testing.assert_allclose(flat1[path], flat4[path], rtol=1e-4, atol=1e-6,
+                                   err_msg=str(path))
+    chex.assert_trees_all_close(s1.batch_stats, s4.batch_stats, rtol=1e-4, atol=1e-6)
+
+
+def test_generator_training_lowers_its_loss_and_logs_terms():
+    synth, gen_state, teacher = _synthesis_setup(1)
+    synth = synthesis.Synthesizer(
+        synthesis.SynthesisConfig(iterations=60, batch_size=8, z_dim=16), synth.generator,
+        synth.model, synth.mesh, steps_per_call=1)
+    logged = []
+    gen_state = synth.train(gen_state, teacher, 4, jax.random.PRNGKey(5),
+                            log=lambda it, terms: logged.append((it, terms)), log_every=20)
+    assert [it for it, _ in logged] == [20, 40, 60] and int(gen_state.step) == 60
+    assert logged[-1][1]["loss"] < logged[0][1]["loss"]
+    assert set(logged[0][1]) == {"loss", "content", "diversity", "stat_alignment", "smoothness"}
+
+
+def _learner_setup(method_name, mesh_devices, **overrides):
+    config = digits.get_config()
+    config.method = method_name
+    config.synthesis.z_dim = 16
+    for k, v in overrides.items():
+        config.abd[k] = v
+    method = methods.get_method(config, IMAGE_SHAPE)
+    model, teacher = _teacher()
+    state = train.create_train_state(model, jax.random.PRNGKey(7), IMAGE_SHAPE, 0.1, 0.9, 2e-4)
+    gen_vars = method.generator.init(jax.random.PRNGKey(8), jnp.zeros((2, 16)), train=False)
+    frozen = train.Frozen(teacher, gen_vars)
+    cfg = train.StepConfig(batch_size=8, base_lr=0.1, lr_milestones=(), lr_decay=0.1,
+                           augment=__import__("abd_jax.data").data.AugmentConfig(),
+                           mean=(0.5,) * 3, std=(0.25,) * 3)
+    rng = np.random.RandomState(0)
+    images = jnp.asarray(rng.randint(0, 256, (24, *IMAGE_SHAPE)), jnp.uint8)
+    labels = jnp.asarray(rng.randint(3, 6, 24), jnp.int32)
+    task = train.TaskInfo(index=jnp.arange(24, dtype=jnp.int32), count=jnp.int32(24),
+                          num_old=jnp.int32(3), num_seen=jnp.int32(6),
+                          steps_per_epoch=jnp.int32(3), total_steps=jnp.int32(2),
+                          key=jax.random.PRNGKey(9))
+    step = train.make_train_chunk(model, method.loss, cfg, experiment.make_mesh(mesh_devices),
+                                  2)
+    return step, state, (frozen, images, labels, task), method, model
+
+
+@pytest.mark.parametrize("method_name", ["abd", "deepinversion"])
+def test_learner_step_one_and_four_devices_agree(method_name):
+    outs = []
+    for n in (1, 4):
+        step, state, args, _, _ = _learner_setup(method_name, n)
+        outs.append(jax.jit(step)(state, *args))
+    (s1, m1), (s4, m4) = outs
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(s1.params, s4.params, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("ablation", [{}, {"task_balancing": False}, {"local_ce": False},
+                                      {"kd_on_real": False}, {"kd_on_synthetic": False},
+                                      {"ft_ce": False}])
+def test_abd_ablations_train(ablation):
+    step, state, args, _, _ = _learner_setup("abd", 1, **ablation)
+    _, metrics = jax.jit(step)(state, *args)
+    assert np.isfinite(metrics["loss"]).all()
+    assert ("ft_ce" in metrics) == ablation.get("ft_ce", True)
+
+
+def _ctx(method_name="abd"):
+    step, state, (frozen, images, labels, task), method, model = _learner_setup(method_name, 1)
+    x = jax.random.normal(jax.random.PRNGKey(10), (8, *IMAGE_SHAPE))
+
+    def forward(inputs, params=state.params):
+        (logits, feats), upd = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                           inputs, train=True, mutable=["batch_stats"])
+        return logits, feats, upd["batch_stats"]
+
+    ctx = train.LossContext(
+        forward=forward, teacher_forward=lambda z: train.teacher_apply(model, frozen.teacher, z),
+        params=state.params, frozen=frozen, images=x, labels=labels[:8], num_old=jnp.int32(3),
+        num_seen=jnp.int32(6), rng=jax.random.PRNGKey(11))
+    return ctx, method, model, state
+
+
+def test_synthetic_labels_lie_in_the_past_classes():
+    ctx, method, _, _ = _ctx()
+    replay = synthesis.replay_batch(ctx, method.generator, 16)
+    y_syn = np.asarray(replay.labels[8:])
+    assert replay.images.shape == (16, *IMAGE_SHAPE)
+    assert (y_syn >= 0).all() and (y_syn < 3).all()
+    np.testing.assert_array_equal(replay.labels[:8], ctx.labels)
+
+
+def _split_head(grads):
+    flat = traverse_util.flatten_dict(grads)
+    head = [v for k, v in flat.items() if k[0] == "head"]
+    backbone = [v for k, v in flat.items() if k[0] != "head"]
+    return head, backbone
+
+
+def test_ft_ce_reaches_only_the_head():
+    ctx, _, _, state = _ctx()
+    y = jnp.array([0, 1, 2, 3, 4, 5, 3, 4])
+
+    def loss(params):
+        _, feats, _ = ctx.forward(ctx.images, params)
+        w = losses.task_balancing_weights(y, 3, 6)
+        return abd.head_finetune_loss(params, feats, y, w, 6)
+
+    head, backbone = _split_head(jax.grad(loss)(state.params))
+    assert all(np.all(np.asarray(g) == 0) for g in backbone)
+    assert any(np.abs(np.asarray(g)).sum() > 0 for g in head)
+
+
+def test_feature_kd_gives_the_head_no_gradient():
+    ctx, _, _, state = _ctx()
+    teacher_feats = ctx.teacher_forward(ctx.images)[1]
+    kernel = ctx.frozen.teacher.params["head"]["kernel"]
+
+    def loss(params):
+        _, feats, _ = ctx.forward(ctx.images, params)
+        return losses.feature_kd_loss(feats, teacher_feats, kernel, num_old=3)
+
+    head, backbone = _split_head(jax.grad(loss)(state.params))
+    assert all(np.all(np.asarray(g) == 0) for g in head)
+    assert any(np.abs(np.asarray(g)).sum() > 0 for g in backbone)
