@@ -7,12 +7,14 @@ A checkpoint holds one pytree (`state`: arrays only, as Flax state dicts) and on
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
 import pathlib
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import serialization
 
 ID_STRIDE = 10_000_000
@@ -20,6 +22,15 @@ ID_STRIDE = 10_000_000
 # Config fields that do not change the numbers a run produces; they may differ on resume.
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data_dir", "download",
                      "eval_batch_size", "upper_bound_results")
+
+
+def _not_orbax_info(record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_info_logs() -> None:
+    """Orbax logs every checkpoint write at INFO; keep only its warnings and errors."""
+    logging.get_absl_handler().addFilter(_not_orbax_info)
 
 
 def position_to_id(task: int, step: int) -> int:

@@ -7,12 +7,12 @@ Rerunning the same command resumes from the newest checkpoint in --workdir.
 """
 from __future__ import annotations
 
-import logging as py_logging
 import signal
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from abd_jax import checkpoint as ckpt_lib
 from abd_jax import experiment
 
 FLAGS = flags.FLAGS
@@ -26,15 +26,10 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _quiet_orbax(record: py_logging.LogRecord) -> bool:
-    """Orbax logs every checkpoint write at INFO; keep its warnings and errors only."""
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_quiet_orbax)
+    ckpt_lib.quiet_orbax_info_logs()
     # SIGTERM (cluster pre-emption, `kill`) takes the same path as Ctrl-C: checkpoint, exit.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     logging.info("config:\n%s", FLAGS.config)

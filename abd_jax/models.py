@@ -39,25 +39,33 @@ class BatchNorm(nn.BatchNorm):
         return super().__call__(x, use_running_average=use_running_average, **kwargs)
 
 
-class CifarBlock(nn.Module):
-    """Basic residual block with an "option A" shortcut (stride-2 subsample + zero channels)."""
+class BasicBlock(nn.Module):
+    """Residual basic block (two 3x3 convs). When the shape changes the shortcut is "A"
+    (CIFAR ResNets: stride-2 subsampling plus zero-padded channels) or "B" (ResNet-18: 1x1
+    conv + BN projection)."""
 
     filters: int
     strides: int
     norm: Callable[..., Any]
+    shortcut: str = "A"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda f, s, name: nn.Conv(f, (3, 3), (s, s), padding=1, use_bias=False,
-                                          kernel_init=kaiming_normal, dtype=self.dtype, name=name)
-        y = nn.relu(self.norm(name="bn1")(conv(self.filters, self.strides, "conv1")(x)))
-        y = self.norm(name="bn2")(conv(self.filters, 1, "conv2")(y))
+        conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=k // 2, use_bias=False,
+                                             kernel_init=kaiming_normal, dtype=self.dtype,
+                                             name=name)
+        y = nn.relu(self.norm(name="bn1")(conv(self.filters, 3, self.strides, "conv1")(x)))
+        y = self.norm(name="bn2")(conv(self.filters, 3, 1, "conv2")(y))
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.filters:
-            shortcut = x[:, ::self.strides, ::self.strides, :]
-            extra = self.filters - x.shape[-1]
-            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+            if self.shortcut == "A":
+                extra = self.filters - x.shape[-1]
+                shortcut = jnp.pad(x[:, ::self.strides, ::self.strides, :],
+                                   ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+            else:
+                shortcut = self.norm(name="proj_bn")(
+                    conv(self.filters, 1, self.strides, "proj_conv")(x))
         return nn.relu(y + shortcut)
 
 
@@ -83,32 +91,11 @@ class CifarResNet(nn.Module):
         for stage in range(3):
             for block in range(n):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = CifarBlock(self.width * 2**stage, strides, norm=norm,
+                x = BasicBlock(self.width * 2**stage, strides, norm=norm, shortcut="A",
                                dtype=self.dtype, name=f"stage{stage + 1}_block{block}")(x)
         features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
         logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal, name="head")(features)
         return logits, features
-
-
-class BasicBlock(nn.Module):
-    """ResNet-18/34 basic block with a 1x1 projection shortcut when the shape changes."""
-
-    filters: int
-    strides: int
-    norm: Callable[..., Any]
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=k // 2, use_bias=False,
-                                             kernel_init=kaiming_normal, dtype=self.dtype,
-                                             name=name)
-        y = nn.relu(self.norm(name="bn1")(conv(self.filters, 3, self.strides, "conv1")(x)))
-        y = self.norm(name="bn2")(conv(self.filters, 3, 1, "conv2")(y))
-        shortcut = x
-        if self.strides != 1 or x.shape[-1] != self.filters:
-            shortcut = self.norm(name="proj_bn")(conv(self.filters, 1, self.strides, "proj_conv")(x))
-        return nn.relu(y + shortcut)
 
 
 class ResNet18(nn.Module):
@@ -128,7 +115,7 @@ class ResNet18(nn.Module):
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(64 * 2**stage, strides, norm=norm,
+                x = BasicBlock(64 * 2**stage, strides, norm=norm, shortcut="B",
                                         dtype=self.dtype, name=f"stage{stage + 1}_block{block}")(x)
         features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
         logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal, name="head")(features)
@@ -141,7 +128,11 @@ def create_classifier(name: str, num_classes: int, dtype: str = "float32") -> nn
     if name == "resnet18":
         return ResNet18(num_classes=num_classes, dtype=jdtype)
     if name.startswith("resnet") and name[6:].isdigit():
-        return CifarResNet(depth=int(name[6:]), num_classes=num_classes, dtype=jdtype)
+        depth = int(name[6:])
+        if (depth - 2) % 6 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, ...), "
+                             f"got {name!r}")
+        return CifarResNet(depth=depth, num_classes=num_classes, dtype=jdtype)
     raise ValueError(f"unknown model {name!r}: use 'resnet18' (ImageNet) or 'resnet<6n+2>' "
                      "(CIFAR: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56)")
 

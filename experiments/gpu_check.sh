@@ -14,4 +14,4 @@ python3 -c "import jax, flax, optax, orbax.checkpoint as o, chex; print('jax', j
 python3 experiments/benchmark.py --steps=200 --repeats=3 2>"$out/bench_fp32.err" | tee "$out/bench_fp32.txt"
 python3 experiments/benchmark.py --steps=200 --repeats=3 --dtype=bfloat16 --cases=ce,abd,generator \
   2>"$out/bench_bf16.err" | tee "$out/bench_bf16.txt"
-tail -5 "$out"/bench_*.err
+tail -n 5 "$out"/bench_*.err

@@ -31,12 +31,15 @@ def tiny_config(data_dir, **overrides):
     c.epochs = 2
     c.log_every_steps = 4
     c.checkpoint_every_steps = 4
+    c.synthesis.iterations = 20
+    c.synthesis_log_every = 10
+    c.sample_grid_size = 4
     for k, v in overrides.items():
         c[k] = v
     return c
 
 
-@pytest.mark.parametrize("method", ["base", "lwf"])
+@pytest.mark.parametrize("method", ["base", "lwf", "abd", "deepinversion"])
 def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, method):
     results = experiment.run(tiny_config(digits_data_dir, method=method), tmp_path)
     stored = json.loads((tmp_path / "results.json").read_text())
@@ -57,6 +60,14 @@ def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, met
     assert any("loss" in line for line in lines)
     if method == "lwf":
         assert any("kd" in line for line in lines)
+    if method in ("abd", "deepinversion"):
+        generator_lines = [line for line in lines if line.get("phase") == "generator"]
+        assert {"content", "diversity", "stat_alignment", "smoothness"} <= set(
+            generator_lines[0])
+        assert len({line["task"] for line in generator_lines}) == 4  # after tasks 1..4
+        for t in range(1, 5):
+            png = tmp_path / f"samples_repeat0_task{t}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_repeats_and_omega(digits_data_dir, tmp_path):
@@ -76,8 +87,10 @@ def _matrices(results):
     return [(r["R_global"], r["R_local"]) for r in results["repeats"]]
 
 
-def test_interrupt_and_resume_gives_identical_results(digits_data_dir, tmp_path, monkeypatch):
-    config = tiny_config(digits_data_dir, method="lwf", epochs=3, checkpoint_every_steps=8)
+@pytest.mark.parametrize("method", ["lwf", "abd"])
+def test_interrupt_and_resume_gives_identical_results(digits_data_dir, tmp_path, monkeypatch,
+                                                      method):
+    config = tiny_config(digits_data_dir, method=method, epochs=3, checkpoint_every_steps=8)
     reference = experiment.run(config, tmp_path / "straight")
 
     # Interrupt in the middle of task 3 (as Ctrl-C / SIGTERM would), then rerun.

@@ -1,0 +1,22 @@
+"""CIFAR-10, 5 tasks of 2 classes, on a reduced schedule that finishes on a laptop CPU.
+
+A ResNet-8 on the first 500 training images per class, 15 epochs per task, 500 generator
+iterations: for checking that methods rank as in the paper, not for its numbers.
+Prepare the data first: python -m abd_jax.prepare_data --dataset=cifar10 --manual_dir=...
+"""
+from configs import cifar10
+
+
+def get_config():
+    c = cifar10.get_config()
+    c.model = "resnet8"
+    c.train_per_class = 500
+    c.batch_size = 64
+    c.epochs = 15
+    c.lr = 0.05
+    c.lr_milestones = (10, 13)
+    c.synthesis.iterations = 500
+    c.synthesis_log_every = 100
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 200
+    return c

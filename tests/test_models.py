@@ -1,0 +1,47 @@
+"""Model shapes and sizes against the reference architectures."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from abd_jax import models
+
+
+def _num_params(model, shape):
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))
+    return sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+
+def test_resnet18_matches_the_reference_parameter_count():
+    # torchvision's resnet18 (1000 classes) has 11,689,512 parameters.
+    assert _num_params(models.create_classifier("resnet18", 1000), (1, 224, 224, 3)) == 11_689_512
+
+
+@pytest.mark.parametrize("depth,blocks", [(20, 3), (32, 5), (56, 9)])
+def test_cifar_resnets_by_depth(depth, blocks):
+    model = models.create_classifier(f"resnet{depth}", 100)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
+    stage3 = [k for k in variables["params"] if k.startswith("stage3_block")]
+    assert len(stage3) == blocks
+    logits, features = model.apply(variables, jnp.ones((2, 32, 32, 3)))
+    assert logits.shape == (2, 100) and features.shape == (2, 64)
+    # Option-A shortcuts have no parameters: no projection convs anywhere.
+    assert not any("proj" in k for block in variables["params"].values()
+                   if isinstance(block, dict) for k in block)
+
+
+def test_resnet32_size():
+    # He et al. (2016): ResNet-32 for CIFAR has 0.46M parameters.
+    assert _num_params(models.create_classifier("resnet32", 10), (1, 32, 32, 3)) == 464_154
+
+
+def test_bad_depth_names_the_valid_ones():
+    with pytest.raises(ValueError, match="6n\\+2"):
+        models.create_classifier("resnet33", 10)
+
+
+@pytest.mark.parametrize("size,channels", [(32, 3), (64, 3), (224, 3), (8, 1)])
+def test_generator_presets(size, channels):
+    gen = models.create_generator(size, channels, z_dim=16)
+    out = jax.eval_shape(lambda: gen.init_with_output(jax.random.PRNGKey(0),
+                                                       jnp.zeros((2, 16)))[0])
+    assert out.shape == (2, size, size, channels)
