@@ -59,6 +59,12 @@ def load_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = Fa
     from abd_jax import datasets  # noqa: PLC0415
     if spec.tfds_name == "sklearn_digits":
         datasets.download_and_prepare(spec.tfds_name, data_dir)
+    elif download and spec.tfds_name in datasets.OFFLINE_BUILDERS:
+        try:  # TFDS's own CIFAR download/preparation needs TensorFlow; ours does not.
+            datasets.download_and_prepare(spec.tfds_name, data_dir, download=True)
+        except OSError as err:
+            raise FileNotFoundError(f"downloading {spec.tfds_name} failed ({err}).\n"
+                                    + _not_prepared_message(spec, data_dir)) from err
     try:
         source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir,
                                   download=download)

@@ -12,10 +12,12 @@ import io
 import os
 import tarfile
 import tempfile
+import urllib.request
 import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -114,6 +116,7 @@ class OfflineCifar10(_OfflineCifarMixin, cifar.Cifar10, skip_registration=True):
     name = "cifar10"
     TITLE = "CIFAR-10"
     ARCHIVE = "cifar-10-binary.tar.gz"
+    URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place {ARCHIVE} (CIFAR-10 binary version) in the manual dir."
 
 
@@ -123,6 +126,7 @@ class OfflineCifar100(_OfflineCifarMixin, cifar.Cifar100, skip_registration=True
     name = "cifar100"
     TITLE = "CIFAR-100"
     ARCHIVE = "cifar-100-binary.tar.gz"
+    URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place {ARCHIVE} (CIFAR-100 binary version) in the manual dir."
 
 
@@ -166,10 +170,29 @@ OFFLINE_BUILDERS = {"cifar10": OfflineCifar10, "cifar100": OfflineCifar100,
                     "sklearn_digits": SklearnDigits}
 
 
-def download_and_prepare(name: str, data_dir=None, manual_dir=None) -> tfds.core.DatasetBuilder:
-    """Prepares `name` (a key of OFFLINE_BUILDERS) as array_record in `data_dir`, offline.
+def fetch_archive(name: str, folder) -> epath.Path:
+    """Downloads the official binary archive of `name` (cifar10 | cifar100) into `folder`
+    (skipped when already there) with plain urllib: TFDS's own downloader needs TF."""
+    builder_cls = OFFLINE_BUILDERS[name]
+    folder = epath.Path(folder).expanduser()
+    target = folder / builder_cls.ARCHIVE
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        url = builder_cls.URL
+        logging.info("downloading %s to %s", url, target)
+        partial = folder / (builder_cls.ARCHIVE + ".part")
+        urllib.request.urlretrieve(url, os.fspath(partial))
+        partial.rename(target)
+    return folder
 
-    A no-op when already prepared. Returns the builder; its `info.splits` give the sizes.
+
+def download_and_prepare(name: str, data_dir=None, manual_dir=None,
+                         download: bool = False) -> tfds.core.DatasetBuilder:
+    """Prepares `name` (a key of OFFLINE_BUILDERS) as array_record in `data_dir`.
+
+    The CIFAR archive is read from `manual_dir`; with `download` and no manual dir, it is
+    first fetched into `<data_dir>/downloads/manual`. A no-op when already prepared. Returns
+    the builder; its `info.splits` give the sizes.
     """
     if name not in OFFLINE_BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(OFFLINE_BUILDERS)}")
@@ -178,6 +201,8 @@ def download_and_prepare(name: str, data_dir=None, manual_dir=None) -> tfds.core
     if manual_dir is not None:
         manual_dir = epath.Path(manual_dir).expanduser()
     builder = OFFLINE_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+    if download and manual_dir is None and name != "sklearn_digits" and not builder.is_prepared():
+        manual_dir = fetch_archive(name, epath.Path(builder.data_dir_root) / "downloads" / "manual")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir, try_download_gcs=False))
     return builder

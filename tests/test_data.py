@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from abd_jax import data
+from abd_jax import data, datasets
 from abd_jax.prepare_data import prepare
 
 
@@ -196,3 +196,16 @@ def test_unprepared_dataset_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python -m abd_jax.prepare_data "
                                                 r"--dataset=cifar10 --manual_dir="):
         data.load_split(data.get_spec("cifar10"), "train", data_dir=tmp_path)
+
+
+def test_download_path_fetches_the_archive_and_prepares(shared_data_dir, tmp_path,
+                                                        monkeypatch):
+    """`download=True` fetches the official archive by URL (here a file:// URL standing in for
+    the CIFAR host) and prepares TFDS's cifar10 without TensorFlow."""
+    monkeypatch.setattr(datasets.OfflineCifar10, "URL",
+                        (shared_data_dir / "cifar-10-binary.tar.gz").as_uri())
+    images, labels = data.load_split(data.get_spec("cifar10"), "test", str(tmp_path),
+                                     download=True)
+    assert images.shape == (10_000, 32, 32, 3)
+    assert np.bincount(labels).tolist() == [1000] * 10
+    assert (tmp_path / "downloads" / "manual" / "cifar-10-binary.tar.gz").exists()
