@@ -21,7 +21,8 @@ ID_STRIDE = 10_000_000
 
 # Config fields that do not change the numbers a run produces; they may differ on resume.
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data_dir", "download",
-                     "eval_batch_size", "upper_bound_results")
+                     "eval_batch_size", "upper_bound_results", "synthesis_log_every",
+                     "sample_grid_size")
 
 
 def _not_orbax_info(record: py_logging.LogRecord) -> bool:

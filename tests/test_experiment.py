@@ -49,8 +49,9 @@ def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, met
     assert R.shape == (5, 5) and not np.isnan(np.tril(R)).any()
     assert np.isnan(np.triu(R, 1)[np.triu_indices(5, 1)]).all()
     assert 0 <= rep["final_accuracy"] <= 100
-    # The newest task is always learned; two epochs on 2 digit classes is enough for > 80%.
-    assert R[0, 0] > 80 and R[4, 4] > 80
+    # Two epochs of plain CE on 2 digit classes reach > 80%; the newest task is learned
+    # (well above the 10% chance of 10 classes; ABD down-weights it to w = 1 - 8/10).
+    assert R[0, 0] > 80 and R[4, 4] > 50
     assert rep["train_seconds_per_batch"] > 0 and len(rep["task_wall_seconds"]) == 5
     assert results["aggregate"]["final_accuracy"]["mean"] == pytest.approx(
         rep["final_accuracy"])
@@ -118,7 +119,7 @@ def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_pa
     args = [sys.executable, "-m", "abd_jax.main", "--config=configs/digits.py",
             f"--workdir={tmp_path / 'killed'}", f"--config.data_dir={digits_data_dir}",
             "--config.epochs=3", "--config.checkpoint_every_steps=8",
-            "--config.log_every_steps=4", "--config.num_devices=1"]
+            "--config.log_every_steps=4", "--config.num_devices=1", "--config.method=lwf"]
     env = {**os.environ, "XLA_FLAGS": ""}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -138,7 +139,8 @@ def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_pa
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming repeat 0" in rerun.stderr
     resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
-    config = tiny_config(digits_data_dir, epochs=3, checkpoint_every_steps=8, num_devices=1)
+    config = tiny_config(digits_data_dir, epochs=3, checkpoint_every_steps=8, num_devices=1,
+                         method="lwf")
     reference = experiment.run(config, tmp_path / "reference")
     assert _matrices(resumed) == _matrices(reference)
 
