@@ -344,8 +344,10 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def run(config, workdir) -> dict:
-    """Run (or resume) every repeat of the experiment; returns the results dict."""
+def run(config, workdir, splits: Optional[Splits] = None) -> dict:
+    """Run (or resume) every repeat of the experiment; returns the results dict.
+
+    `splits` replaces loading `config.dataset` through TFDS (e.g. for timing runs)."""
     workdir = pathlib.Path(workdir)
     mesh = make_mesh(config.num_devices)
     validate_config(config, mesh.size)
@@ -359,7 +361,7 @@ def run(config, workdir) -> dict:
                                     "--config.method=upper_bound first and pass its "
                                     "results.json")
         upper_bound = json.loads(path.read_text())
-    splits = load_splits(config)
+    splits = splits or load_splits(config)
     logging.info("devices: %s; dataset %s: %d train / %d test images", mesh.devices.tolist(),
                  config.dataset, len(splits.train_labels), len(splits.test_labels))
     title = f"{config.method} on {config.dataset}, {config.num_tasks} tasks"

@@ -149,8 +149,7 @@ def teacher_apply(model: nn.Module, teacher: Teacher, images):
 
 def learning_rate(step, steps_per_epoch, cfg: StepConfig):
     epoch = step // steps_per_epoch
-    decays = sum((epoch >= m).astype(jnp.float32) for m in cfg.lr_milestones) if \
-        cfg.lr_milestones else 0.0
+    decays = sum(((epoch >= m).astype(jnp.float32) for m in cfg.lr_milestones), 0.0)
     return cfg.base_lr * jnp.power(cfg.lr_decay, decays)
 
 
