@@ -89,10 +89,12 @@ def result_fields(config_dict: dict) -> dict:
     return {k: v for k, v in config_dict.items() if k not in NON_RESULT_FIELDS}
 
 
-def check_or_write_fingerprint(workdir: os.PathLike, config_dict: dict) -> None:
+def check_or_write_fingerprint(workdir: os.PathLike, config_dict: dict,
+                               write: bool = True) -> None:
     """Refuse to resume into a workdir that holds a run with a different configuration.
 
-    `config_dict` must be JSON-serialisable. The first run writes `workdir/config.json`.
+    `config_dict` must be JSON-serialisable. Unless `write` is False, the configuration is
+    then (re)written to `workdir/config.json`.
     """
     path = pathlib.Path(workdir) / "config.json"
     current = json.loads(json.dumps(config_dict))
@@ -106,6 +108,8 @@ def check_or_write_fingerprint(workdir: os.PathLike, config_dict: dict) -> None:
                 f"workdir {workdir} holds a run with a different configuration ({details}). "
                 "Refusing to overwrite it: pass a new --workdir, or delete the old one to "
                 "start again.")
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(current, indent=2, sort_keys=True))

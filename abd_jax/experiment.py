@@ -49,6 +49,7 @@ def validate_config(config, num_devices: int) -> None:
     spec = data_lib.get_spec(config.dataset)
     methods_lib.get_method(config, spec.image_shape)
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
+    data_lib.class_order(spec.num_classes, config.class_order, config.seed)
     models.create_classifier(config.model, spec.num_classes, config.dtype)
     if config.batch_size % num_devices:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
@@ -352,7 +353,7 @@ def run(config, workdir, splits: Optional[Splits] = None) -> dict:
     mesh = make_mesh(config.num_devices)
     validate_config(config, mesh.size)
     config_dict = json.loads(config.to_json())
-    ckpt_lib.check_or_write_fingerprint(workdir, config_dict)
+    ckpt_lib.check_or_write_fingerprint(workdir, config_dict, write=False)
     upper_bound = None
     if config.upper_bound_results:
         path = pathlib.Path(config.upper_bound_results)
@@ -362,6 +363,7 @@ def run(config, workdir, splits: Optional[Splits] = None) -> dict:
                                     "results.json")
         upper_bound = json.loads(path.read_text())
     splits = splits or load_splits(config)
+    ckpt_lib.check_or_write_fingerprint(workdir, config_dict)  # written once the data loaded
     logging.info("devices: %s; dataset %s: %d train / %d test images", mesh.devices.tolist(),
                  config.dataset, len(splits.train_labels), len(splits.test_labels))
     title = f"{config.method} on {config.dataset}, {config.num_tasks} tasks"

@@ -39,7 +39,6 @@ def main(argv):
         logging.warning("stopped; rerun the same command to resume from %s", FLAGS.workdir)
         raise SystemExit(130)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        logging.error("%s", err)
         raise SystemExit(f"error: {err}")
 
 
