@@ -1,7 +1,6 @@
 """Datasets, class-incremental splits and on-device augmentation. Knows nothing of models."""
 import dataclasses
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -255,13 +255,9 @@ class RepeatRunner:
         try:
             while step < total:
                 tic = time.time()
-                calls = -(-min(c.log_every_steps, total - step) // self.steps_per_call)
-                new_state, outputs = state, []
-                for _ in range(calls):
-                    new_state, out = chunk_fn(new_state, frozen, self.images, self.labels, info)
-                    outputs.append(out)
-                metrics = {k: np.concatenate([np.asarray(o[k]) for o in outputs])
-                           for k in outputs[0]}
+                new_state, metrics = train.run_steps(
+                    chunk_fn, state, min(c.log_every_steps, total - step), self.steps_per_call,
+                    frozen, self.images, self.labels, info)
                 elapsed = time.time() - tic
                 active = metrics["active"] > 0
                 finite = np.isfinite(metrics["loss"][active])

@@ -166,12 +166,9 @@ class Synthesizer:
         done, tic = 0, time.time()
         while done < self.cfg.iterations:
             todo = min(log_every, self.cfg.iterations - done)
-            outputs = []
-            for _ in range(-(-todo // self.steps_per_call)):
-                gen_state, out = self.fused_step(gen_state, limit, teacher, num_seen, key)
-                outputs.append(out)
-            metrics = {k: np.concatenate([np.asarray(o[k]) for o in outputs])
-                       for k in outputs[0]}
+            gen_state, metrics = train.run_steps(self.fused_step, gen_state, todo,
+                                                 self.steps_per_call, limit, teacher, num_seen,
+                                                 key)
             active = metrics.pop("active") > 0
             if not np.isfinite(metrics["loss"][active]).all():
                 raise FloatingPointError(f"non-finite generator loss near iteration {done}; "

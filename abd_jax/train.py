@@ -242,6 +242,16 @@ def fuse_steps(step_fn: Callable, chunk: int) -> Callable:
     return fused
 
 
+def run_steps(fused: Callable, state, num_steps: int, steps_per_call: int, *args):
+    """Host loop: call `fused(state, *args)` (a jitted `fuse_steps` function) enough times to
+    cover `num_steps`; returns (state, {name: numpy [calls * steps_per_call]})."""
+    outputs = []
+    for _ in range(-(-num_steps // steps_per_call)):
+        state, out = fused(state, *args)
+        outputs.append(out)
+    return state, {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
+
+
 def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh,
                      chunk: int):
     """Pure `(state, frozen, images, labels, task) -> (state, metrics [chunk])`: `chunk` train

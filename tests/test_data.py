@@ -165,17 +165,22 @@ def test_truncated_archive(shared_data_dir, tmp_path):
     _assert_no_partial_output(tmp_path / "out")
 
 
+def _write_archive(manual, archive: str, folder: str, files: dict) -> None:
+    """`manual/archive`, a .tar.gz holding `folder/<name>` with each `files[name]` bytes."""
+    manual.mkdir(exist_ok=True)
+    with tarfile.open(manual / archive, "w:gz") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+
+
 def test_bad_record_size(tmp_path):
     manual = tmp_path / "manual"
-    manual.mkdir()
     files = {"batches.meta.txt": b"\n".join(b"c%d" % i for i in range(10))}
     for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
         files[name] = bytes(3073 * 2 + (5 if name == "data_batch_3.bin" else 0))
-    with tarfile.open(manual / "cifar-10-binary.tar.gz", "w:gz") as tar:
-        for name, content in files.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
+    _write_archive(manual, "cifar-10-binary.tar.gz", "cifar-10-batches-bin", files)
     with pytest.raises(ValueError, match="data_batch_3.bin .* not a multiple of the 3073-byte"):
         prepare("cifar10", tmp_path / "out", manual)
     _assert_no_partial_output(tmp_path / "out")
@@ -227,12 +232,7 @@ def test_cifar100_binary_layout_two_label_bytes(tmp_path):
              "coarse_label_names.txt": b"\n".join(b"c%d" % i for i in range(20)),
              "fine_label_names.txt": b"\n".join(b"f%d" % i for i in range(100))}
     manual = tmp_path / "manual"
-    manual.mkdir()
-    with tarfile.open(manual / "cifar-100-binary.tar.gz", "w:gz") as tar:
-        for name, content in files.items():
-            info = tarfile.TarInfo(f"cifar-100-binary/{name}")
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
+    _write_archive(manual, "cifar-100-binary.tar.gz", "cifar-100-binary", files)
     assert prepare("cifar100", tmp_path / "out", manual) == {"train": 6, "test": 4}
     images, labels = data.load_split(data.get_spec("cifar100"), "test", str(tmp_path / "out"))
     fine, planes = splits["test.bin"]
