@@ -50,7 +50,7 @@ def validate_config(config, num_devices: int) -> None:
     methods_lib.get_method(config, spec.image_shape)
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
     data_lib.class_order(spec.num_classes, config.class_order, config.seed)
-    models.create_classifier(config.model, spec.num_classes, config.dtype)
+    models.create_classifier(config.model, spec.num_classes, config.dtype, config.conv_impl)
     if config.batch_size % num_devices:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                          f"{num_devices} devices; set --config.batch_size to a multiple")
@@ -108,7 +108,8 @@ class RepeatRunner:
         self.test_labels = data_lib.remap_labels(splits.test_labels, self.order)
         self.bounds = data_lib.task_boundaries(spec.num_classes, config.num_tasks)
         self.task_index = self._task_indices()
-        self.model = models.create_classifier(config.model, spec.num_classes, config.dtype)
+        self.model = models.create_classifier(config.model, spec.num_classes, config.dtype,
+                                              config.conv_impl)
         self.replicated = NamedSharding(mesh, P())
         key = jax.random.PRNGKey(self.seed)
         self.init_key, self.run_key, self.generator_key = jax.random.split(key, 3)

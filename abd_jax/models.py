@@ -10,10 +10,12 @@ the stat-alignment loss of model inversion compares with `batch_stats` (SPEC sec
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from abd_jax import conv as conv_lib
 
 BN_INPUTS = "bn_inputs"
 
@@ -49,12 +51,13 @@ class BasicBlock(nn.Module):
     norm: Callable[..., Any]
     shortcut: str = "A"
     dtype: Any = jnp.float32
+    conv_fn: Optional[Callable] = None  # see CifarResNet
 
     @nn.compact
     def __call__(self, x):
         conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=k // 2, use_bias=False,
                                              kernel_init=kaiming_normal, dtype=self.dtype,
-                                             name=name)
+                                             conv_general_dilated=self.conv_fn, name=name)
         y = nn.relu(self.norm(name="bn1")(conv(self.filters, 3, self.strides, "conv1")(x)))
         y = self.norm(name="bn2")(conv(self.filters, 3, 1, "conv2")(y))
         shortcut = x
@@ -71,12 +74,16 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """ResNet of depth 6n+2 for 32x32 inputs (He et al. 2016): 3 stages of n blocks,
-    `width`, 2*width, 4*width channels; 64-d features for width 16."""
+    `width`, 2*width, 4*width channels; 64-d features for width 16.
+
+    conv_fn: the `lax.conv_general_dilated` every Conv uses (None: XLA's; see `abd_jax.conv`).
+    """
 
     depth: int = 32
     num_classes: int = 100
     width: int = 16
     dtype: Any = jnp.float32
+    conv_fn: Optional[Callable] = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -86,13 +93,15 @@ class CifarResNet(nn.Module):
         n = (self.depth - 2) // 6
         norm = lambda name: BatchNorm(use_running_average=not train, dtype=self.dtype, name=name)
         x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, kernel_init=kaiming_normal,
-                    dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
+                    dtype=self.dtype, conv_general_dilated=self.conv_fn,
+                    name="stem_conv")(x.astype(self.dtype))
         x = nn.relu(norm("stem_bn")(x))
         for stage in range(3):
             for block in range(n):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = BasicBlock(self.width * 2**stage, strides, norm=norm, shortcut="A",
-                               dtype=self.dtype, name=f"stage{stage + 1}_block{block}")(x)
+                               dtype=self.dtype, conv_fn=self.conv_fn,
+                               name=f"stage{stage + 1}_block{block}")(x)
         features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
         logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal, name="head")(features)
         return logits, features
@@ -104,35 +113,43 @@ class ResNet18(nn.Module):
     num_classes: int = 1000
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     dtype: Any = jnp.float32
+    conv_fn: Optional[Callable] = None  # see CifarResNet
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = lambda name: BatchNorm(use_running_average=not train, dtype=self.dtype, name=name)
         x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=kaiming_normal,
-                    dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
+                    dtype=self.dtype, conv_general_dilated=self.conv_fn,
+                    name="stem_conv")(x.astype(self.dtype))
         x = nn.relu(norm("stem_bn")(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(64 * 2**stage, strides, norm=norm, shortcut="B",
-                                        dtype=self.dtype, name=f"stage{stage + 1}_block{block}")(x)
+                x = BasicBlock(64 * 2**stage, strides, norm=norm, shortcut="B", dtype=self.dtype,
+                               conv_fn=self.conv_fn, name=f"stage{stage + 1}_block{block}")(x)
         features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
         logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal, name="head")(features)
         return logits, features
 
 
-def create_classifier(name: str, num_classes: int, dtype: str = "float32") -> nn.Module:
-    """`name`: "resnet<6n+2>" (CIFAR family, e.g. resnet32) or "resnet18" (ImageNet)."""
+def create_classifier(name: str, num_classes: int, dtype: str = "float32",
+                      conv_impl: str = "auto") -> nn.Module:
+    """`name`: "resnet<6n+2>" (CIFAR family, e.g. resnet32) or "resnet18" (ImageNet).
+
+    conv_impl: "xla", "im2col" or "auto" (im2col on CPU), see `abd_jax.conv.conv_for_backend`.
+    """
     jdtype = jnp.dtype(dtype)
+    conv_fn = conv_lib.conv_for_backend(conv_impl)
     if name == "resnet18":
-        return ResNet18(num_classes=num_classes, dtype=jdtype)
+        return ResNet18(num_classes=num_classes, dtype=jdtype, conv_fn=conv_fn)
     if name.startswith("resnet") and name[6:].isdigit():
         depth = int(name[6:])
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, ...), "
                              f"got {name!r}")
-        return CifarResNet(depth=depth, num_classes=num_classes, dtype=jdtype)
+        return CifarResNet(depth=depth, num_classes=num_classes, dtype=jdtype,
+                           conv_fn=conv_fn)
     raise ValueError(f"unknown model {name!r}: use 'resnet18' (ImageNet) or 'resnet<6n+2>' "
                      "(CIFAR: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56)")
 

@@ -165,60 +165,90 @@ def sample_batch(images, labels, task: TaskInfo, step, batch_size):
     return images[chosen], labels[chosen]
 
 
+def task_batch(images, labels, task: TaskInfo, step, rng, cfg: StepConfig, mesh: Mesh,
+               augment: bool = True):
+    """The `step`-th batch of the task, on device: (x float32 `[B, H, W, C]` augmented (if
+    `augment`) and normalised, sharded over the batch; y `[B]`)."""
+    batch_sharding = NamedSharding(mesh, P("data"))
+    x_uint8, y = sample_batch(images, labels, task, step, cfg.batch_size)
+    x_uint8 = jax.lax.with_sharding_constraint(x_uint8, batch_sharding)
+    if augment:
+        x = data_lib.augment_batch(rng, x_uint8, cfg.augment, cfg.mean, cfg.std)
+    else:
+        x = data_lib.normalize(x_uint8, cfg.mean, cfg.std)
+    return jax.lax.with_sharding_constraint(x, batch_sharding), y
+
+
+def method_loss(model: nn.Module, loss_fn: LossFn, state: TrainState, frozen, x, y,
+                task: TaskInfo, rng, params):
+    """`(loss, (new_batch_stats, metrics))` of the method's loss at `params` on batch (x, y)."""
+
+    def forward(inputs):
+        (logits, feats), updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
+            mutable=["batch_stats"])
+        return logits, feats, updates["batch_stats"]
+
+    teacher_forward = None
+    if frozen is not None:
+        teacher_forward = functools.partial(teacher_apply, model, frozen.teacher)
+    ctx = LossContext(forward=forward, teacher_forward=teacher_forward, params=params,
+                      frozen=frozen, images=x, labels=y, num_old=task.num_old,
+                      num_seen=task.num_seen, rng=rng)
+    loss, new_bs, metrics = loss_fn(ctx)
+    return loss, (new_bs, metrics)
+
+
+def loss_and_grads(model: nn.Module, loss_fn: LossFn, state: TrainState, frozen, x, y,
+                   task: TaskInfo, rng):
+    """`((loss, (new_batch_stats, metrics)), grads)` of `method_loss` w.r.t. the params."""
+    loss_of = functools.partial(method_loss, model, loss_fn, state, frozen, x, y, task, rng)
+    return jax.value_and_grad(loss_of, has_aux=True)(state.params)
+
+
+def sgd_update(state: TrainState, grads, new_batch_stats, lr) -> TrainState:
+    """One optimiser step at learning rate `lr` (written into the injected hyper-params)."""
+    opt_state = state.opt_state._replace(
+        hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+    return state.replace(opt_state=opt_state).apply_gradients(grads=grads,
+                                                              batch_stats=new_batch_stats)
+
+
 def make_train_step(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh):
     """Pure `(state, frozen, images, labels, task) -> (state, metrics)`: one SGD step on the
     `state.step`-th batch of the task (sampled, augmented and sharded on device)."""
-    batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
     def one_step(state: TrainState, frozen, images, labels, task: TaskInfo):
         step = state.step
         rng = jax.random.fold_in(task.key, 2 * step)
         aug_rng, loss_rng = jax.random.split(rng)
-        x_uint8, y = sample_batch(images, labels, task, step, cfg.batch_size)
-        x_uint8 = jax.lax.with_sharding_constraint(x_uint8, batch_sharding)
-        x = data_lib.augment_batch(aug_rng, x_uint8, cfg.augment, cfg.mean, cfg.std)
-        x = jax.lax.with_sharding_constraint(x, batch_sharding)
-
-        def loss_of(params):
-            def forward(inputs):
-                (logits, feats), updates = state.apply_fn(
-                    {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
-                    mutable=["batch_stats"])
-                return logits, feats, updates["batch_stats"]
-
-            teacher_forward = None
-            if frozen is not None:
-                teacher_forward = functools.partial(teacher_apply, model, frozen.teacher)
-            ctx = LossContext(forward=forward, teacher_forward=teacher_forward, params=params,
-                              frozen=frozen, images=x, labels=y, num_old=task.num_old,
-                              num_seen=task.num_seen, rng=loss_rng)
-            loss, new_bs, metrics = loss_fn(ctx)
-            return loss, (new_bs, metrics)
-
-        (loss, (new_bs, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state.params)
+        x, y = task_batch(images, labels, task, step, aug_rng, cfg, mesh)
+        (loss, (new_bs, metrics)), grads = loss_and_grads(model, loss_fn, state, frozen, x, y,
+                                                          task, loss_rng)
         lr = learning_rate(step, task.steps_per_epoch, cfg)
-        opt_state = state.opt_state._replace(
-            hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
-        state = state.replace(opt_state=opt_state).apply_gradients(grads=grads,
-                                                                   batch_stats=new_bs)
-        state = jax.lax.with_sharding_constraint(state, replicated)
+        state = jax.lax.with_sharding_constraint(sgd_update(state, grads, new_bs, lr),
+                                                 replicated)
         return state, {"loss": loss, "lr": lr, **metrics}
 
     return one_step
 
 
-def fuse_steps(step_fn: Callable, chunk: int) -> Callable:
+def fuse_steps(step_fn: Callable, chunk: int, skip: str = "cond") -> Callable:
     """`(state, limit, *args) -> (state, metrics)` running `chunk` calls of
     `step_fn(state, *args) -> (state, metrics)`; `metrics[name]` gets a leading `[chunk]` axis
     plus `active` (1 for steps taken). `state.step` must count the steps.
 
     With chunk > 1 the steps run in a `lax.scan` (one dispatch for many steps, for GPU/TPU);
-    steps with `state.step >= limit` are skipped, so the host can always use the same chunk.
+    steps with `state.step >= limit` are skipped, so the host can always use the same chunk:
+    with `skip="cond"` by a `lax.cond` around the step, with `skip="mask"` by computing the
+    step and keeping the old state (no conditional in the loop; the wasted steps are at most
+    chunk - 1 per task). Both give the same states and metrics.
     With chunk == 1 there is no loop and the caller must not step past `limit` (XLA:CPU runs
     convolutions inside loops several times slower, so CPU runs use chunk 1).
     """
+    if skip not in ("cond", "mask"):
+        raise ValueError(f"skip={skip!r}: use 'cond' or 'mask'")
     if chunk == 1:
         def single(state, limit, *args):
             del limit
@@ -228,16 +258,22 @@ def fuse_steps(step_fn: Callable, chunk: int) -> Callable:
 
         return single
 
-    def fused(state, limit, *args):
-        def body(state, _):
-            active = state.step < limit
-            run = lambda s: step_fn(s, *args)
+    def body(state, limit, args):
+        active = state.step < limit
+        run = lambda s: step_fn(s, *args)
+        if skip == "cond":
             shapes = jax.eval_shape(run, state)[1]
-            skip = lambda s: (s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
-            state, metrics = jax.lax.cond(active, run, skip, state)
-            return state, {**metrics, "active": active.astype(jnp.float32)}
+            skipped = lambda s: (s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
+            state, metrics = jax.lax.cond(active, run, skipped, state)
+        else:
+            new_state, metrics = run(state)
+            keep = lambda new, old: jnp.where(active, new, old)
+            state = jax.tree.map(keep, new_state, state)
+            metrics = jax.tree.map(lambda m: jnp.where(active, m, jnp.zeros_like(m)), metrics)
+        return state, {**metrics, "active": active.astype(jnp.float32)}
 
-        return jax.lax.scan(body, state, None, length=chunk)
+    def fused(state, limit, *args):
+        return jax.lax.scan(lambda s, _: body(s, limit, args), state, None, length=chunk)
 
     return fused
 
@@ -253,10 +289,10 @@ def run_steps(fused: Callable, state, num_steps: int, steps_per_call: int, *args
 
 
 def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh,
-                     chunk: int):
+                     chunk: int, skip: str = "cond"):
     """Pure `(state, frozen, images, labels, task) -> (state, metrics [chunk])`: `chunk` train
     steps, stopping at `task.total_steps` (see `fuse_steps`); wrap it in `jax.jit`."""
-    fused = fuse_steps(make_train_step(model, loss_fn, cfg, mesh), chunk)
+    fused = fuse_steps(make_train_step(model, loss_fn, cfg, mesh), chunk, skip)
     return lambda state, frozen, images, labels, task: fused(
         state, task.total_steps, frozen, images, labels, task)
 

@@ -1,18 +1,42 @@
-"""Time the jitted training steps on the available backend.
+"""Time the jitted training steps on the available backend, and locate where a step's time goes.
 
-    python experiments/benchmark.py [--steps=50] [--batch_size=128] [--model=resnet32]
+    python experiments/benchmark.py [--steps=200] [--repeats=5] [--dtypes=float32,bfloat16]
+        [--conv_impls=xla,im2col] [--cases=ce,lwf,abd,deepinversion,generator]
+        [--ladder=ce,abd] [--vmap_repeats=3] [--profile_dir=/tmp/prof] [--json_out=bench.json]
 
-Prints ms per step and images/s for each step kind, with the device name, and the projected
-time of a full 10-task CIFAR-100 ABD run (250 epochs of 39 steps per task, 10,000 generator
-iterations after each of the first 9 tasks). Uses random CIFAR-shaped data (no dataset
-needed) and the real steps: augmentation, batching, optimiser update, synthetic replay with
-the teacher's forward, data parallelism over all local devices.
+Uses random CIFAR-shaped data (no dataset needed) and the real step functions of
+`abd_jax.train` / `abd_jax.synthesis`: on-device batch sampling and augmentation, the method's
+loss (synthetic replay with the teacher's forward), the optimiser update, data parallelism
+over all local devices.
+
+Three parts, each printing min / median / max ms per step over `--repeats` measurements:
+
+1. **Step table** (`--cases`, for every `--dtypes` x `--conv_impls`): the steps as training
+   runs them (fused `lax.scan` chunks of `--steps_per_call` steps), images/s, and the
+   projected full 10-task CIFAR-100 ABD run (250 epochs x 39 steps per task, 10,000 generator
+   iterations after tasks 1-9; evaluation and compilation not included).
+2. **Ladder** (`--ladder`): the same step built up one stage at a time, so the stage that costs
+   is the one whose rung jumps: forward only -> forward + input gradient (no weight gradients)
+   -> forward + backward (all gradients) -> + optimiser update -> + on-device batch sampling ->
+   + augmentation (the complete step, one per call) -> + fused `lax.scan` chunking.
+3. **Profile** (`--profile_dir`): a `jax.profiler` trace of the fused step of each ladder case,
+   with the top kernels/ops by device time per step.
+
+`--vmap_repeats=R` adds rows timing R repeats trained as one program (`jax.vmap` over stacked
+states), the cost of `--config.vmap_repeats`.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -20,21 +44,50 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from abd_jax import data as data_lib  # noqa: E402
 from abd_jax import experiment, methods, models, synthesis, train  # noqa: E402
 from configs import cifar100  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 50, "Timed steps per measurement.")
-flags.DEFINE_integer("steps_per_call", 0, "Steps per jitted call (0 = auto: 1 on CPU, 50 else).")
-flags.DEFINE_integer("repeats", 3, "Measurements per step kind; the median is reported.")
+flags.DEFINE_integer("steps", 100, "Timed steps per measurement.")
+flags.DEFINE_integer("steps_per_call", 0, "Steps per fused call (0 = auto: 1 on CPU, 50 else).")
+flags.DEFINE_integer("repeats", 3, "Measurements per row (min / median / max reported).")
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_string("model", "resnet32", "Classifier.")
-flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes of the step table.")
+flags.DEFINE_list("conv_impls", ["auto"], "Convolution implementations (auto, xla, im2col).")
+flags.DEFINE_list("skip_modes", ["default"], "How fused chunks skip steps past the end "
+                  "(cond, mask; see train.fuse_steps). 'default': as training does (learner "
+                  "cond, generator mask).")
 flags.DEFINE_integer("num_classes", 100, "Head size.")
 flags.DEFINE_list("cases", ["ce", "lwf", "abd", "deepinversion", "generator"],
-                  "Which steps to time.")
+                  "Step table rows (empty: none).")
+flags.DEFINE_list("ladder", [], "Learner cases to break down stage by stage (ce, lwf, abd, "
+                  "deepinversion).")
+flags.DEFINE_integer("vmap_repeats", 0, "If > 1, also time ce/abd with this many repeats "
+                     "vmapped into one program.")
+flags.DEFINE_string("profile_dir", "", "Write a profiler trace of each ladder case here and "
+                    "print its top ops by device time.")
+flags.DEFINE_integer("top", 12, "Ops listed per profile.")
+flags.DEFINE_string("json_out", "", "Also write every measurement to this JSON file.")
+flags.DEFINE_bool("put_state", True, "Place the initial state on the mesh (replicated) as "
+                  "training does. False reproduces issue #10's benchmark: the first call's "
+                  "uncommitted state differs from the committed state it returns, so the "
+                  "second call compiles again inside the first measurement.")
+
+# PyTorch release (GT-RIPL/AlwaysBeDreaming-DFCIL, torch 2.11, cuDNN determinism as released),
+# ResNet-32 batch 128 float32 on one NVIDIA H200, as measured when issue #10 was filed.
+RELEASE_MS_H200 = {"ce": 12.1, "abd": 52.9, "deepinversion": 44.9, "generator": 53.9}
+TARGET_MS = {"ce": 4.0, "abd": 7.0, "generator": 3.0}  # issue #10, one H100/H200, float32
+
+LEARNER_CASES = {  # key: (label, method, first task?, images per batch element)
+    "ce": ("learner, task 1 (CE)", "base", True, 1),
+    "lwf": ("learner, LwF (teacher fwd)", "lwf", False, 1),
+    "abd": ("learner, ABD task 2 (B real + B syn)", "abd", False, 2),
+    "deepinversion": ("learner, DeepInversion (B + B syn)", "deepinversion", False, 2),
+}
 
 
 def _method(name: str) -> methods.Method:
@@ -44,99 +97,349 @@ def _method(name: str) -> methods.Method:
     return methods.get_method(config, (32, 32, 3))
 
 
-def _generator_variables(method: methods.Method):
-    z = jnp.zeros((2, method.synthesis.z_dim))
-    return method.generator.init(jax.random.PRNGKey(2), z, train=False)
+def _steps_per_call() -> int:
+    return FLAGS.steps_per_call or train.default_steps_per_call()
 
 
-def _learner_case(method_name: str, first_task: bool):
+@dataclasses.dataclass
+class Learner:
+    """Everything one learner step needs, on device."""
+
+    model: Any
+    loss_fn: Callable
+    cfg: train.StepConfig
+    mesh: Any
+    state: train.TrainState
+    frozen: Any
+    images: jax.Array
+    labels: jax.Array
+    task: train.TaskInfo
+
+    @property
+    def args(self):
+        return self.frozen, self.images, self.labels, self.task
+
+
+def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learner:
+    _, method_name, first_task, _ = LEARNER_CASES[case]
     method = _method(method_name)
     loss_fn = train.cross_entropy_loss if first_task else method.loss
-    model = models.create_classifier(FLAGS.model, FLAGS.num_classes, FLAGS.dtype)
+    model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
     mesh = experiment.make_mesh()
     cfg = train.StepConfig(batch_size=FLAGS.batch_size, base_lr=0.1, lr_milestones=(100,),
                            lr_decay=0.1, augment=data_lib.AugmentConfig(),
                            mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
-    state = train.create_train_state(model, jax.random.PRNGKey(0), (32, 32, 3), 0.1, 0.9, 2e-4)
+    state = train.create_train_state(model, jax.random.PRNGKey(seed), (32, 32, 3), 0.1, 0.9,
+                                     2e-4)
     n = 5000
-    rng = np.random.RandomState(0)
+    rng = np.random.RandomState(seed)
     images = jnp.asarray(rng.randint(0, 256, (n, 32, 32, 3)), jnp.uint8)
     labels = jnp.asarray(rng.randint(10, 20, n), jnp.int32)
     task = train.TaskInfo(index=jnp.arange(n, dtype=jnp.int32), count=jnp.int32(n),
                           num_old=jnp.int32(10), num_seen=jnp.int32(20),
                           steps_per_epoch=jnp.int32(n // FLAGS.batch_size),
-                          total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(1))
+                          total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(seed + 1))
     frozen = None
     if not first_task:
-        extra = _generator_variables(method) if method.generator is not None else None
+        extra = None
+        if method.generator is not None:
+            z = jnp.zeros((2, method.synthesis.z_dim))
+            extra = method.generator.init(jax.random.PRNGKey(seed + 2), z, train=False)
         frozen = train.Frozen(train.teacher_of(state), extra)
-    fn = jax.jit(train.make_train_chunk(model, loss_fn, cfg, mesh, _steps_per_call()))
-    return fn, state, (frozen, images, labels, task)
+    if FLAGS.put_state:
+        replicated = NamedSharding(mesh, P())
+        state, frozen, images, labels, task = jax.device_put(
+            (state, frozen, images, labels, task), replicated)
+    return Learner(model, loss_fn, cfg, mesh, state, frozen, images, labels, task)
 
 
-def _generator_case():
-    method = _method("abd")
-    model = models.create_classifier(FLAGS.model, FLAGS.num_classes, FLAGS.dtype)
-    mesh = experiment.make_mesh()
-    synth = synthesis.Synthesizer(method.synthesis, method.generator, model, mesh,
-                                  _steps_per_call())
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    teacher = train.Teacher(variables["params"], variables["batch_stats"])
-    gen_state = synth.init(jax.random.PRNGKey(3))
-    step_fn = lambda s, *a: synth.fused_step(s, jnp.int32(2**30), *a)
-    return step_fn, gen_state, (teacher, jnp.int32(20), jax.random.PRNGKey(4))
+# ----------------------------------------------------------------------------- timing
 
 
-def _steps_per_call() -> int:
-    return FLAGS.steps_per_call or train.default_steps_per_call()
+@dataclasses.dataclass
+class Timing:
+    compile_s: float
+    ms: list  # ms per step, one per measurement
+    recompiled: bool = False  # the jitted function compiled again while being timed
+
+    def stats(self) -> tuple[float, float, float]:
+        return float(np.min(self.ms)), float(np.median(self.ms)), float(np.max(self.ms))
 
 
-def time_chunk(fn, state, args) -> tuple[float, float]:
-    """(compile + first call seconds, median ms per step over FLAGS.repeats measurements)."""
+def _cache_size(fn) -> int:
+    return fn._cache_size() if hasattr(fn, "_cache_size") else -1
+
+
+def time_fn(fn: Callable, state, args, steps_per_call: int, carries_state: bool) -> Timing:
+    """Compile + first call, then FLAGS.repeats measurements of ~FLAGS.steps steps each.
+
+    `fn(state, *args)` returns `(state, out)` when `carries_state`, else any output. A
+    compilation during the measurements (a changed input type or sharding) is reported."""
+    def call(s):
+        out = fn(s, *args)
+        return (out[0], out) if carries_state else (s, out)
+
     tic = time.perf_counter()
-    state, metrics = fn(state, *args)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - tic
-    calls = max(1, FLAGS.steps // _steps_per_call())
-    times = []
+    state, out = call(state)
+    jax.block_until_ready(out)
+    compile_s = time.perf_counter() - tic
+    compiled = _cache_size(fn)
+    calls = max(1, FLAGS.steps // steps_per_call)
+    ms = []
     for _ in range(FLAGS.repeats):
         tic = time.perf_counter()
         for _ in range(calls):
-            state, metrics = fn(state, *args)
-        jax.block_until_ready((state, metrics))
-        times.append((time.perf_counter() - tic) / (calls * _steps_per_call()) * 1e3)
-    return first, float(np.median(times))
+            state, out = call(state)
+        jax.block_until_ready(out)
+        ms.append((time.perf_counter() - tic) / (calls * steps_per_call) * 1e3)
+    return Timing(compile_s, ms, _cache_size(fn) != compiled)
+
+
+def _skip(skip: str) -> dict:
+    return {} if skip == "default" else {"skip": skip}
+
+
+def _fused_learner(lr: Learner, skip: str = "default"):
+    return jax.jit(train.make_train_chunk(lr.model, lr.loss_fn, lr.cfg, lr.mesh,
+                                          _steps_per_call(), **_skip(skip)))
+
+
+def _generator_setup(dtype: str, conv_impl: str, skip: str = "default"):
+    method = _method("abd")
+    model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
+    synth = synthesis.Synthesizer(method.synthesis, method.generator, model,
+                                  experiment.make_mesh(), _steps_per_call(), **_skip(skip))
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    teacher = train.Teacher(variables["params"], variables["batch_stats"])
+    step_fn = lambda s, *a: synth.fused_step(s, jnp.int32(2**30), *a)
+    return step_fn, synth.init(jax.random.PRNGKey(3)), (teacher, jnp.int32(20),
+                                                        jax.random.PRNGKey(4))
+
+
+def _stack(trees):
+    """Stack same-structured pytrees on a new leading axis (static fields from the first)."""
+    leaves = [jax.tree.leaves(t) for t in trees]
+    return jax.tree.unflatten(jax.tree.structure(trees[0]),
+                              [jnp.stack(group) for group in zip(*leaves)])
+
+
+def vmapped_learner(case: str, dtype: str, conv_impl: str, repeats: int):
+    """`repeats` learners (own seeds: params, data, task key) as one vmapped fused chunk."""
+    learners = [make_learner(case, dtype, conv_impl, seed=r) for r in range(repeats)]
+    lr = learners[0]
+    chunk = train.make_train_chunk(lr.model, lr.loss_fn, lr.cfg, lr.mesh, _steps_per_call())
+    fn = jax.jit(jax.vmap(chunk))
+    states = _stack([x.state for x in learners])
+    args = tuple(_stack([x.args[i] for x in learners]) if learners[0].args[i] is not None
+                 else None for i in range(4))
+    return fn, states, args
+
+
+# ----------------------------------------------------------------------------- ladder
+
+
+def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
+    """[(name, fn(state, frozen, images, labels, task), carries_state, steps per call)]."""
+    model, loss_fn, cfg, mesh = lr.model, lr.loss_fn, lr.cfg, lr.mesh
+    # A fixed, already-normalised batch for the rungs before sampling.
+    fixed = np.random.RandomState(5).randint(0, 256, (cfg.batch_size, 32, 32, 3))
+    x_fixed = data_lib.normalize(jnp.asarray(fixed, jnp.uint8), cfg.mean, cfg.std)
+    y_fixed = jnp.asarray(np.random.RandomState(6).randint(10, 20, cfg.batch_size), jnp.int32)
+    key = jax.random.PRNGKey(7)
+
+    def loss_value(state, frozen, task, x, params):
+        return train.method_loss(model, loss_fn, state, frozen, x, y_fixed, task, key,
+                                 params)[0]
+
+    def forward(state, frozen, images, labels, task):
+        return loss_value(state, frozen, task, x_fixed, state.params)
+
+    def input_grad(state, frozen, images, labels, task):
+        return jax.grad(lambda x: loss_value(state, frozen, task, x, state.params))(x_fixed)
+
+    def fwd_bwd(state, frozen, images, labels, task):
+        return train.loss_and_grads(model, loss_fn, state, frozen, x_fixed, y_fixed, task, key)
+
+    def with_update(batch_fn):
+        def step(state, frozen, images, labels, task):
+            x, y = batch_fn(state, images, labels, task)
+            (loss, (new_bs, _)), grads = train.loss_and_grads(model, loss_fn, state, frozen, x,
+                                                              y, task, key)
+            lr_now = train.learning_rate(state.step, task.steps_per_epoch, cfg)
+            return train.sgd_update(state, grads, new_bs, lr_now), loss
+        return step
+
+    fixed_batch = lambda state, images, labels, task: (x_fixed, y_fixed)
+    sampled = lambda state, images, labels, task: train.task_batch(
+        images, labels, task, state.step, key, cfg, mesh, augment=False)
+    one_step = train.make_train_step(model, loss_fn, cfg, mesh)
+    k = _steps_per_call()
+    rungs = [
+        ("forward only", jax.jit(forward), False, 1),
+        ("+ input gradient (no weight grads)", jax.jit(input_grad), False, 1),
+        ("forward + backward (all gradients)", jax.jit(fwd_bwd), False, 1),
+        ("+ optimiser update", jax.jit(with_update(fixed_batch)), True, 1),
+        ("+ on-device batch sampling", jax.jit(with_update(sampled)), True, 1),
+        ("+ augmentation (= the full step)", jax.jit(one_step), True, 1),
+    ]
+    if k > 1:
+        rungs.append((f"+ fused lax.scan ({k} steps/call)", _fused_learner(lr), True, k))
+    return rungs
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def device_op_summary(trace_dir: str, steps: int, top: int) -> dict[str, list]:
+    """{line kind: [(op or kernel name, ms per step, % of that line's time)]} from the
+    perfetto trace that `jax.profiler.trace(create_perfetto_trace=True)` wrote under
+    `trace_dir`.
+
+    On GPU/TPU the device process (named like "/device:GPU:0") has one line per stream
+    ("kernels") and summary lines such as "XLA Ops" (HLO ops); each kind is summed on its own.
+    On CPU the XLA worker threads' events stand in ("host ops")."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                             recursive=True))
+    if not paths:
+        return {}
+    with gzip.open(paths[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device_pids = {pid for pid, name in procs.items() if "/device:" in name}
+
+    def line_kind(e) -> str:
+        thread = threads.get((e["pid"], e.get("tid")), "")
+        if e["pid"] in device_pids:
+            return "kernels" if "stream" in thread.lower() else thread
+        if device_pids or e["name"].startswith("$") or any(
+                w in thread for w in ("codegen", "Compiler", ".py", "python")):
+            return ""
+        return "host ops"
+
+    totals: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for e in events:
+        kind = line_kind(e) if e.get("ph") == "X" else ""
+        if kind:
+            totals[kind][e["name"]] += float(e.get("dur", 0.0))
+    out = {}
+    for kind, counter in totals.items():
+        whole = sum(counter.values()) or 1.0
+        out[kind] = [(name, us / 1e3 / steps, 100.0 * us / whole)
+                     for name, us in counter.most_common(top)]
+        out[kind].append((f"(all {kind})", whole / 1e3 / steps, 100.0))
+    return out
+
+
+def profile_fn(fn, state, args, steps_per_call, trace_dir) -> list:
+    calls = max(1, FLAGS.steps // steps_per_call)
+    jax.block_until_ready(fn(state, *args))
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            state, out = fn(state, *args)
+        jax.block_until_ready((state, out))
+    return device_op_summary(trace_dir, calls * steps_per_call, FLAGS.top)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _row(label: str, t: Timing, images: int) -> str:
+    lo, med, hi = t.stats()
+    return (f"{label:52s} {t.compile_s:8.1f} {lo:8.2f} {med:8.2f} {hi:8.2f} "
+            f"{images / med * 1e3:10.0f}" + ("  RECOMPILED while timed" if t.recompiled else ""))
+
+
+HEADER = f"{'':52s} {'compile':>8s} {'min':>8s} {'median':>8s} {'max':>8s} {'images/s':>10s}"
 
 
 def main(argv):
     del argv
     device = jax.devices()[0]
     print(f"backend {jax.default_backend()}, {jax.device_count()} x {device.device_kind}, "
-          f"jax {jax.__version__}, model {FLAGS.model} ({FLAGS.dtype}), "
-          f"batch {FLAGS.batch_size}")
-    cases = {  # key: (label, builder, images per batch element)
-        "ce": ("learner, task 1 (CE)", lambda: _learner_case("base", True), 1),
-        "lwf": ("learner, LwF (teacher fwd)", lambda: _learner_case("lwf", False), 1),
-        "abd": ("learner, ABD task 2 (B real + B syn)", lambda: _learner_case("abd", False), 2),
-        "deepinversion": ("learner, DeepInversion (B + B syn)",
-                          lambda: _learner_case("deepinversion", False), 2),
-        "generator": ("generator iteration (31-layer KL)", _generator_case, 1),
-    }
-    print(f"{'step':40s} {'compile s':>10s} {'ms/step':>9s} {'images/s':>10s}")
-    ms_of = {}
-    for key in FLAGS.cases:
-        name, build, images_per_sample = cases[key]
-        fn, state, args = build()
-        first, ms = time_chunk(fn, state, args)
-        ms_of[key] = ms
-        rate = FLAGS.batch_size * images_per_sample / ms * 1e3
-        print(f"{name:40s} {first:10.1f} {ms:9.2f} {rate:10.0f}", flush=True)
-    if {"ce", "abd", "generator"} <= set(ms_of):
-        steps_per_task = 250 * (5000 // FLAGS.batch_size)
-        projected = (steps_per_task * (ms_of["ce"] + 9 * ms_of["abd"])
-                     + 9 * 10_000 * ms_of["generator"]) / 1e3
-        print(f"projected 10-task CIFAR-100 ABD run (training + synthesis only): "
-              f"{projected / 60:.1f} min")
+          f"jax {jax.__version__}, model {FLAGS.model}, batch {FLAGS.batch_size}, "
+          f"{_steps_per_call()} steps/call, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+          flush=True)
+    record: dict[str, Any] = {"device": device.device_kind, "backend": jax.default_backend(),
+                              "jax": jax.__version__, "rows": []}
+
+    def note(part, label, dtype, conv_impl, t: Timing, images):
+        lo, med, hi = t.stats()
+        record["rows"].append(dict(part=part, label=label, dtype=dtype, conv_impl=conv_impl,
+                                   compile_s=t.compile_s, ms=t.ms, ms_min=lo, ms_median=med,
+                                   ms_max=hi, images_per_s=images / med * 1e3,
+                                   recompiled=t.recompiled))
+
+    b = FLAGS.batch_size
+    for case in FLAGS.ladder:
+        for conv_impl in FLAGS.conv_impls:
+            dtype = FLAGS.dtypes[0]
+            lr = make_learner(case, dtype, conv_impl)
+            print(f"\nladder: {LEARNER_CASES[case][0]}, {dtype}, conv {conv_impl} "
+                  "(ms per step)\n" + HEADER, flush=True)
+            for name, fn, carries, k in ladder_rungs(lr):
+                t = time_fn(fn, lr.state, lr.args, k, carries)
+                print(_row("  " + name, t, b * LEARNER_CASES[case][3]), flush=True)
+                note("ladder", f"{case}: {name}", dtype, conv_impl, t, b)
+            if FLAGS.profile_dir:
+                trace_dir = os.path.join(FLAGS.profile_dir, f"{case}_{conv_impl}")
+                try:
+                    summary = profile_fn(_fused_learner(lr), lr.state, lr.args,
+                                         _steps_per_call(), trace_dir)
+                except Exception as err:  # noqa: BLE001 (a profiler failure ends no timing)
+                    print(f"  profiler failed: {type(err).__name__}: {err}")
+                    summary = {}
+                print(f"  profile of the fused step (trace in {trace_dir}):")
+                for kind, rows in summary.items():
+                    print(f"   top {kind}:")
+                    for name, ms, pct in rows:
+                        print(f"    {ms:8.3f} ms/step {pct:5.1f}%  {name[:110]}")
+                record.setdefault("profiles", {})[f"{case}_{conv_impl}"] = summary
+
+    if FLAGS.cases and FLAGS.cases != [""]:
+        print("\nstep table (ms per step, fused as in training)\n" + HEADER, flush=True)
+    ms_of: dict[tuple, float] = {}
+    combos = [(d, c, k) for d in FLAGS.dtypes for c in FLAGS.conv_impls for k in FLAGS.skip_modes]
+    for dtype, conv_impl, skip in combos:
+        tag = f"{dtype}, {conv_impl}" + (f", {skip}" if len(FLAGS.skip_modes) > 1 else "")
+        for case in [c for c in FLAGS.cases if c]:
+            if case == "generator":
+                fn, state, args = _generator_setup(dtype, conv_impl, skip)
+                label, images = "generator iteration (31-layer KL)", b
+            else:
+                lr = make_learner(case, dtype, conv_impl)
+                fn, state, args = _fused_learner(lr, skip), lr.state, lr.args
+                label, images = LEARNER_CASES[case][0], b * LEARNER_CASES[case][3]
+            t = time_fn(fn, state, args, _steps_per_call(), True)
+            ms_of[(tag, case)] = t.stats()[1]
+            print(_row(f"{label} [{tag}]", t, images), flush=True)
+            note("table", case, dtype, conv_impl, t, images)
+        if FLAGS.vmap_repeats > 1:
+            for case in ("ce", "abd"):
+                r = FLAGS.vmap_repeats
+                fn, states, args = vmapped_learner(case, dtype, conv_impl, r)
+                t = time_fn(fn, states, args, _steps_per_call(), True)
+                print(_row(f"{r} vmapped repeats: {case} [{tag}]", t,
+                           r * b * LEARNER_CASES[case][3]) + f"  (one step of all {r})",
+                      flush=True)
+                note("vmap", f"{case} x{r}", dtype, conv_impl, t, r * b)
+        if {"ce", "abd", "generator"} <= set(FLAGS.cases):
+            ms = {c: ms_of[(tag, c)] for c in ("ce", "abd", "generator")}
+            steps_per_task = 250 * (5000 // b)
+            projected = (steps_per_task * (ms["ce"] + 9 * ms["abd"])
+                         + 9 * 10_000 * ms["generator"]) / 1e3
+            print(f"projected 10-task CIFAR-100 ABD run [{tag}] (training + synthesis only; "
+                  f"a projection, not a run): {projected / 60:.1f} min", flush=True)
+            if jax.default_backend() == "gpu":
+                for c in ("ce", "abd", "generator"):
+                    release = RELEASE_MS_H200[c]
+                    print(f"  {c:10s} {ms[c]:7.2f} ms   target <= {TARGET_MS[c]:.1f} ms   "
+                          f"PyTorch release on an H200 (issue #10): {release:.1f} ms -> "
+                          f"{release / ms[c]:.1f}x")
+    if FLAGS.json_out:
+        Path(FLAGS.json_out).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -201,3 +201,29 @@ def test_feature_kd_gives_the_head_no_gradient():
     head, backbone = _split_head(jax.grad(loss)(state.params))
     assert all(np.all(np.asarray(g) == 0) for g in head)
     assert any(np.abs(np.asarray(g)).sum() > 0 for g in backbone)
+
+
+def test_bfloat16_classifier_is_inverted_in_float32():
+    """With --config.dtype=bfloat16 the teacher's forward during synthesis (and so the
+    stat-alignment KL) still runs in float32: same terms as a float32 classifier."""
+    model, teacher = _teacher()
+    cfg = synthesis.SynthesisConfig(iterations=1, batch_size=8, z_dim=16)
+    generator = models.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps)
+    mesh = experiment.make_mesh(1)
+    terms = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        synth = synthesis.Synthesizer(cfg, generator, model.clone(dtype=dtype), mesh, 1)
+        assert synth.model.dtype == jnp.float32
+        _, metrics = synth.fused_step(synth.init(jax.random.PRNGKey(2)), jnp.int32(1), teacher,
+                                      jnp.int32(4), jax.random.PRNGKey(3))
+        terms[dtype] = metrics
+    chex.assert_trees_all_close(terms[jnp.float32], terms[jnp.bfloat16], rtol=1e-6, atol=1e-7)
+    # The check can fail: the same term computed by a bfloat16 teacher is visibly different.
+    z = jax.random.normal(jax.random.PRNGKey(4), (8, 16))
+    gen_vars = generator.init(jax.random.PRNGKey(2), z, train=False)
+    kl = {dtype: synthesis.generator_loss(gen_vars["params"], gen_vars["batch_stats"],
+                                          generator, model.clone(dtype=dtype), teacher, z, 4,
+                                          cfg)[1][1]["stat_alignment"]
+          for dtype in (jnp.float32, jnp.bfloat16)}
+    assert abs(float(kl[jnp.float32]) - float(kl[jnp.bfloat16])) > 1e-4 * abs(
+        float(kl[jnp.float32]))

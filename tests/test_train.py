@@ -85,3 +85,26 @@ def test_unknown_method_names_the_choices():
     import ml_collections
     with pytest.raises(ValueError, match="choose one of"):
         methods.get_method(ml_collections.ConfigDict({"method": "nope"}))
+
+
+def test_skipping_by_mask_equals_skipping_by_cond():
+    """Both ways of skipping the steps past `total_steps` (3) in a 5-step chunk agree."""
+    _, state, frozen, images, labels, task = _setup()
+    outs = []
+    for skip in ("cond", "mask"):
+        model = models.CifarResNet(depth=8, num_classes=NUM_CLASSES, width=4)
+        cfg = train.StepConfig(batch_size=8, base_lr=0.1, lr_milestones=(1,), lr_decay=0.1,
+                               augment=data_lib.AugmentConfig(), mean=(0.5,) * 3,
+                               std=(0.25,) * 3)
+        fn = train.make_train_chunk(model, train.cross_entropy_loss, cfg,
+                                    experiment.make_mesh(1), 5, skip)
+        outs.append(jax.jit(fn)(state, frozen, images, labels, task))
+    (s_cond, m_cond), (s_mask, m_mask) = outs
+    assert int(s_mask.step) == 3
+    np.testing.assert_array_equal(m_mask["active"], [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(m_mask["loss"][3:], 0.0)
+    chex.assert_trees_all_close(m_cond, m_mask, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(s_cond.params, s_mask.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(s_cond.opt_state, s_mask.opt_state, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="skip"):
+        train.fuse_steps(lambda s: (s, {}), 2, "while")
