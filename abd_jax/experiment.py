@@ -29,7 +29,6 @@ from abd_jax import data as data_lib
 from abd_jax import methods as methods_lib
 from abd_jax import metrics as metrics_lib
 from abd_jax import models
-from abd_jax import synthesis
 from abd_jax import train
 
 
@@ -92,7 +91,8 @@ def task_accuracies(logits: np.ndarray, labels: np.ndarray, bounds, task: int):
 
 
 class RepeatRunner:
-    """One repeat of the task loop: owns its class order, device data and checkpoints."""
+    """One repeat of the task loop: owns its class order, device data and checkpoints, and
+    calls the method's hooks (`abd_jax.methods.lifecycle`) without knowing which it is."""
 
     def __init__(self, config, workdir: pathlib.Path, splits: Splits, mesh: Mesh,
                  writer: metrics_lib.MetricWriter, repeat: int):
@@ -102,49 +102,41 @@ class RepeatRunner:
         self.seed = config.seed + repeat
         spec = splits.spec
         self.method = methods_lib.get_method(config, spec.image_shape)
-        self.num_classes = spec.num_classes
         self.order = data_lib.class_order(spec.num_classes, config.class_order, self.seed)
         self.train_labels = data_lib.remap_labels(splits.train_labels, self.order)
         self.test_labels = data_lib.remap_labels(splits.test_labels, self.order)
         self.bounds = data_lib.task_boundaries(spec.num_classes, config.num_tasks)
-        self.task_index = self._task_indices()
         self.model = models.create_classifier(config.model, spec.num_classes, config.dtype,
                                               config.conv_impl)
         self.replicated = NamedSharding(mesh, P())
         key = jax.random.PRNGKey(self.seed)
-        self.init_key, self.run_key, self.generator_key = jax.random.split(key, 3)
+        self.init_key, self.run_key, method_key = jax.random.split(key, 3)
         self.step_config = train.StepConfig(
             batch_size=config.batch_size, base_lr=config.lr,
             lr_milestones=tuple(config.lr_milestones), lr_decay=config.lr_decay,
             augment=data_lib.AugmentConfig(**config.augment.to_dict()),
             mean=tuple(spec.mean), std=tuple(spec.std))
         self.checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints" / f"repeat_{repeat}")
-        self._chunk_fns: dict[bool, Callable] = {}
+        self._chunk_fns: dict[Callable, Callable] = {}
         self._warm: set = set()
         self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
         self.images = jax.device_put(splits.train_images, self.replicated)
         self.labels = jax.device_put(self.train_labels.astype(np.int32), self.replicated)
         self.predict = train.make_predict(self.model, tuple(spec.mean), tuple(spec.std), mesh)
-        self.synthesizer = None
-        if self.method.synthesis is not None:
-            self.synthesizer = synthesis.Synthesizer(self.method.synthesis, self.method.generator,
-                                                     self.model, mesh, self.steps_per_call)
+        self.rt = methods_lib.Runtime(
+            config=config, model=self.model, mesh=mesh, image_shape=spec.image_shape,
+            steps_per_call=self.steps_per_call,
+            fresh_learner=lambda t: self._fresh_state(jax.random.fold_in(self.init_key, t)),
+            task_indices=lambda t: self._class_indices(*self.bounds[t]),
+            seen_indices=lambda t: self._class_indices(0, self.bounds[t][1]),
+            method_key=method_key, log=self._write, save_samples=self._save_samples)
+        self.index_capacity = self.method.index_capacity(self.rt, config.num_tasks)
 
-    # ------------------------------------------------------------------ setup helpers
-    def _task_indices(self) -> list[np.ndarray]:
-        """Training example indices per task (all seen tasks for the upper bound)."""
-        out = []
-        for t, (lo, hi) in enumerate(self.bounds):
-            lo = 0 if self.method.retrain_on_all_seen else lo
-            idx = data_lib.class_indices(self.train_labels, lo, hi,
-                                         self.config.train_per_class)
-            if len(idx) < self.config.batch_size:
-                raise ValueError(
-                    f"task {t + 1} has {len(idx)} training images, fewer than batch_size "
-                    f"{self.config.batch_size}; lower --config.batch_size or raise "
-                    "--config.train_per_class")
-            out.append(idx.astype(np.int32))
-        return out
+    # ------------------------------------------------------------------ services
+    def _class_indices(self, lo: int, hi: int) -> np.ndarray:
+        """int32 indices of the training examples with (remapped) labels in [lo, hi)."""
+        return data_lib.class_indices(self.train_labels, lo, hi,
+                                      self.config.train_per_class).astype(np.int32)
 
     def _fresh_state(self, key) -> train.TrainState:
         c = self.config
@@ -152,53 +144,58 @@ class RepeatRunner:
                                          c.momentum, c.weight_decay)
         return jax.device_put(state, self.replicated)
 
-    def _task_info(self, t: int) -> train.TaskInfo:
-        idx = self.task_index[t]
-        padded = np.zeros(max(len(i) for i in self.task_index), np.int32)
-        padded[:len(idx)] = idx
-        steps_per_epoch = len(idx) // self.config.batch_size
+    def _write(self, step, scalars, **tags) -> None:
+        self.writer.write(step, scalars, repeat=self.repeat, **tags)
+
+    def _save_samples(self, t: int, images, labels, title: str) -> None:
+        spec = self.splits.spec
+        path = self.workdir / f"samples_repeat{self.repeat}_task{t + 1}.png"
+        metrics_lib.save_sample_grid(path, images, self.order[labels], spec.mean, spec.std,
+                                     title=title)
+
+    def _task(self, t: int) -> methods_lib.Task:
         lo, hi = self.bounds[t]
+        return methods_lib.Task(index=t, num_tasks=self.config.num_tasks, num_old=lo,
+                                num_seen=hi)
+
+    def _task_info(self, task: methods_lib.Task, index: np.ndarray) -> train.TaskInfo:
+        if len(index) < self.config.batch_size:
+            raise ValueError(
+                f"task {task.index + 1} has {len(index)} training images, fewer than "
+                f"batch_size {self.config.batch_size}; lower --config.batch_size or raise "
+                "--config.train_per_class")
+        padded = np.zeros(self.index_capacity, np.int32)
+        padded[:len(index)] = index
+        steps_per_epoch = len(index) // self.config.batch_size
         info = train.TaskInfo(
-            index=jnp.asarray(padded), count=jnp.int32(len(idx)), num_old=jnp.int32(lo),
-            num_seen=jnp.int32(hi), steps_per_epoch=jnp.int32(steps_per_epoch),
+            index=jnp.asarray(padded), count=jnp.int32(len(index)),
+            num_old=jnp.int32(task.num_old), num_seen=jnp.int32(task.num_seen),
+            steps_per_epoch=jnp.int32(steps_per_epoch),
             total_steps=jnp.int32(steps_per_epoch * self.config.epochs),
-            key=jax.random.fold_in(self.run_key, t))
+            key=jax.random.fold_in(self.run_key, task.index))
         return jax.device_put(info, self.replicated)
 
-    def _chunk_fn(self, with_teacher: bool) -> Callable:
-        if with_teacher not in self._chunk_fns:
-            # Before the first teacher exists every method trains with plain CE.
-            use_method_loss = with_teacher or not self.method.uses_teacher
-            loss = self.method.loss if use_method_loss else train.cross_entropy_loss
-            self._chunk_fns[with_teacher] = jax.jit(train.make_train_chunk(
-                self.model, loss, self.step_config, self.mesh, self.steps_per_call))
-        return self._chunk_fns[with_teacher]
+    def _chunk_fn(self, loss_fn: Callable) -> Callable:
+        """The jitted training chunk of `loss_fn` (one compilation per distinct loss)."""
+        if loss_fn not in self._chunk_fns:
+            self._chunk_fns[loss_fn] = jax.jit(train.make_train_chunk(
+                self.model, loss_fn, self.step_config, self.mesh, self.steps_per_call))
+        return self._chunk_fns[loss_fn]
 
-    def _tree(self, state, teacher, generator) -> dict:
-        tree = {"state": state}
-        if teacher is not None:
-            tree["teacher"] = teacher
-        if generator is not None:
-            tree["generator"] = generator
-        return tree
+    def _placed(self, tree):
+        """`tree` replicated on the mesh, as every jitted step returns its outputs: inputs
+        placed otherwise (e.g. a fresh optimiser state on the default device) would make the
+        next call compile again."""
+        return jax.device_put(tree, self.replicated)
 
-    def _save(self, task, step, state, teacher, meta) -> None:
-        self.checkpointer.save(task, step, self._tree(state, teacher, self.gen_state), meta)
-
-    def _frozen(self, teacher) -> Optional[train.Frozen]:
-        if teacher is None:
-            return None
-        extra = None if self.synthesizer is None else self.synthesizer.variables(self.gen_state)
-        return train.Frozen(teacher=teacher, extra=extra)
+    def _save(self, task, step, learner, method_state, meta) -> None:
+        self.checkpointer.save(task, step, {"state": learner, "method": method_state}, meta)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         c = self.config
-        state = self._fresh_state(self.init_key)
-        teacher: Optional[train.Teacher] = None
-        self.gen_state = None
-        if self.synthesizer is not None:
-            self.gen_state = self.synthesizer.init(jax.random.fold_in(self.generator_key, 0))
+        learner = self._fresh_state(self.init_key)
+        _, method_state = self._placed((learner, self.method.init_state(self.rt, learner)))
         acc = metrics_lib.AccuracyMatrix(c.num_tasks)
         timing = {"train_seconds": 0.0, "train_steps": 0, "task_wall_seconds": []}
         start_task, start_step = 0, 0
@@ -210,11 +207,8 @@ class RepeatRunner:
                 logging.info("repeat %d already complete in the workdir", self.repeat)
                 return meta["result"]
             start_task, start_step = position
-            has_teacher = start_task > 0 and self.method.uses_teacher
-            restored = self.checkpointer.restore(self._tree(
-                state, train.teacher_of(state) if has_teacher else None, self.gen_state))
-            state, teacher = restored["state"], restored.get("teacher")
-            self.gen_state = restored.get("generator")
+            restored = self.checkpointer.restore({"state": learner, "method": method_state})
+            learner, method_state = restored["state"], restored["method"]
             acc = metrics_lib.AccuracyMatrix.from_dict(meta["accuracy"])
             timing = meta["timing"]
             logging.info("resuming repeat %d at task %d step %d", self.repeat, start_task + 1,
@@ -222,43 +216,41 @@ class RepeatRunner:
 
         for t in range(start_task, c.num_tasks):
             task_start = time.time()
+            task = self._task(t)
             step = start_step if t == start_task else 0
             if step == 0:
-                if self.method.retrain_on_all_seen and t > 0:
-                    state = self._fresh_state(jax.random.fold_in(self.init_key, t))
-                else:
-                    state = jax.device_put(train.reset_optimizer(state), self.replicated)
-            state, step = self._train_task(t, step, state, teacher, acc, timing)
-            if self.synthesizer is not None:  # synthesis is long: don't redo training after it
-                self._save(t, step, state, teacher,
-                           {"accuracy": acc.to_dict(), "timing": timing, "result": None})
-            self._evaluate(t, state, acc)
-            if self.method.uses_teacher:
-                teacher = train.teacher_of(state)
-            if self.synthesizer is not None and t < c.num_tasks - 1:
-                self._synthesize(t, teacher)
+                learner, method_state = self._placed(self.method.begin_task(
+                    self.rt, learner, method_state, task))
+            info = self._task_info(task, self.method.train_index(self.rt, method_state, task))
+            learner, step = self._train_task(task, step, learner, method_state, info, acc,
+                                             timing)
+            # The end-of-task hook may be long (synthesis): don't redo training after it.
+            self._save(t, step, learner, method_state,
+                       {"accuracy": acc.to_dict(), "timing": timing, "result": None})
+            learner, method_state = self._placed(self.method.end_task(
+                self.rt, learner, method_state, task))
+            self._evaluate(t, learner, acc)
             timing["task_wall_seconds"].append(time.time() - task_start)
-            result = self._result(acc, timing) if t == c.num_tasks - 1 else None
-            self._save(t + 1, 0, state, teacher,
+            result = self._result(acc, timing) if task.is_last else None
+            self._save(t + 1, 0, learner, method_state,
                        {"accuracy": acc.to_dict(), "timing": timing, "result": result})
         return self._result(acc, timing)
 
-    def _train_task(self, t, step, state, teacher, acc, timing):
+    def _train_task(self, task, step, state, method_state, info, acc, timing):
         c = self.config
-        info = self._task_info(t)
+        t = task.index
         total = int(info.total_steps)
-        frozen = self._frozen(teacher)
-        chunk_fn = self._chunk_fn(frozen is not None)
-        lo, hi = self.bounds[t]
+        chunk_fn = self._chunk_fn(self.method.loss_fn(task))
         logging.info("repeat %d task %d/%d: classes [%d, %d), %d images, %d steps (%d epochs)",
-                     self.repeat, t + 1, c.num_tasks, lo, hi, int(info.count), total, c.epochs)
+                     self.repeat, t + 1, c.num_tasks, task.num_old, task.num_seen,
+                     int(info.count), total, c.epochs)
         last_saved = step
         try:
             while step < total:
                 tic = time.time()
                 new_state, metrics = train.run_steps(
                     chunk_fn, state, min(c.log_every_steps, total - step), self.steps_per_call,
-                    frozen, self.images, self.labels, info)
+                    method_state, self.images, self.labels, info)
                 elapsed = time.time() - tic
                 active = metrics["active"] > 0
                 finite = np.isfinite(metrics["loss"][active])
@@ -276,41 +268,21 @@ class RepeatRunner:
                 self._warm.add(chunk_fn)
                 self._log(t, step, total, metrics, active, n / max(elapsed, 1e-9))
                 if step - last_saved >= c.checkpoint_every_steps and step < total:
-                    self._save(t, step, state, teacher,
+                    self._save(t, step, state, method_state,
                                {"accuracy": acc.to_dict(), "timing": timing, "result": None})
                     last_saved = step
         except KeyboardInterrupt:
             logging.warning("interrupted: saving a checkpoint at task %d step %d", t + 1, step)
-            self._save(t, step, state, teacher,
+            self._save(t, step, state, method_state,
                        {"accuracy": acc.to_dict(), "timing": timing, "result": None})
             raise
         return state, step
-
-    def _synthesize(self, t: int, teacher: train.Teacher) -> None:
-        """Invert the new teacher into the generator; save a labelled sample grid."""
-        num_seen = self.bounds[t][1]
-        logging.info("repeat %d task %d: training the generator for %d iterations",
-                     self.repeat, t + 1, self.synthesizer.cfg.iterations)
-        log = lambda it, terms: self.writer.write(it, terms, repeat=self.repeat, task=t + 1,
-                                                  phase="generator")
-        self.gen_state = self.synthesizer.train(
-            self.gen_state, teacher, num_seen, jax.random.fold_in(self.generator_key, t + 1),
-            log=log, log_every=self.config.synthesis_log_every)
-        images, predicted = self.synthesizer.labelled_samples(
-            self.gen_state, teacher, num_seen, jax.random.fold_in(self.generator_key, 1000 + t),
-            self.config.sample_grid_size)
-        spec = self.splits.spec
-        path = self.workdir / f"samples_repeat{self.repeat}_task{t + 1}.png"
-        metrics_lib.save_sample_grid(path, images, self.order[predicted], spec.mean, spec.std,
-                                     title=f"synthetic samples after task {t + 1} "
-                                           "(teacher's predicted class, original class id)")
 
     def _log(self, t, step, total, metrics, active, steps_per_second) -> None:
         means = {k: float(np.mean(v[active])) for k, v in metrics.items() if k != "active"}
         means["lr"] = float(metrics["lr"][active][-1])  # the current rate, not the mean
         images_per_second = steps_per_second * self.config.batch_size
-        self.writer.write(step, {**means, "images_per_second": images_per_second},
-                          repeat=self.repeat, task=t + 1)
+        self._write(step, {**means, "images_per_second": images_per_second}, task=t + 1)
         terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "lr")
         logging.info("task %d step %d/%d %s lr %.4g %.0f img/s", t + 1, step, total, terms,
                      means["lr"], images_per_second)
@@ -351,14 +323,14 @@ def run(config, workdir, splits: Optional[Splits] = None) -> dict:
     validate_config(config, mesh.size)
     config_dict = json.loads(config.to_json())
     ckpt_lib.check_or_write_fingerprint(workdir, config_dict, write=False)
-    upper_bound = None
+    omega_reference = None  # the upper bound's results.json, for Omega
     if config.upper_bound_results:
         path = pathlib.Path(config.upper_bound_results)
         if not path.exists():
             raise FileNotFoundError(f"upper_bound_results {path} does not exist; run "
                                     "--config.method=upper_bound first and pass its "
                                     "results.json")
-        upper_bound = json.loads(path.read_text())
+        omega_reference = json.loads(path.read_text())
     splits = splits or load_splits(config)
     ckpt_lib.check_or_write_fingerprint(workdir, config_dict)  # written once the data loaded
     logging.info("devices: %s; dataset %s: %d train / %d test images", mesh.devices.tolist(),
@@ -371,7 +343,7 @@ def run(config, workdir, splits: Optional[Splits] = None) -> dict:
             runner = RepeatRunner(config, workdir, splits, mesh, writer, repeat)
             run_results.append(runner.run())
             runner.checkpointer.close()
-            results = metrics_lib.build_results(run_results, upper_bound)
+            results = metrics_lib.build_results(run_results, omega_reference)
             metrics_lib.write_results(workdir, results, config_dict, title)
     agg = results["aggregate"]["final_accuracy"]
     logging.info("final accuracy A_N = %.2f +- %.2f %% over %d repeat(s); results in %s",

@@ -37,6 +37,22 @@ def weighted_ce_loss(logits: jax.Array, labels: jax.Array, weights=None) -> jax.
     return jnp.mean(ce if weights is None else ce * weights)
 
 
+def valid_ce_loss(logits: jax.Array, labels: jax.Array, num_seen, weights=None) -> jax.Array:
+    """CE over the valid logits `[0, K_new)`: Base, Upper bound and every method's task 1
+    (weights `[B]` or None)."""
+    return weighted_ce_loss(mask_logits(logits, 0, num_seen), labels, weights)
+
+
+def head_finetune_ce(features: jax.Array, kernel: jax.Array, bias: jax.Array,
+                     labels: jax.Array, weights, num_seen) -> jax.Array:
+    """ABD's FT-CE: mean_i w_i CE(W sg(f_i) + b over `[0, K_new)`, y_i).
+
+    features `[B, D]`, kernel `[D, K]`, bias `[K]`: with the features stopped, only the head
+    (kernel, bias) gets gradients."""
+    logits = jax.lax.stop_gradient(features) @ kernel + bias
+    return valid_ce_loss(logits, labels, num_seen, weights)
+
+
 def local_ce_loss(logits: jax.Array, labels: jax.Array, num_old, weights=None) -> jax.Array:
     """ABD's local CE: mean_i w_i * CE(z_i[K_old:], y_i - K_old) over `[B, K_new]` logits.
 
@@ -67,19 +83,24 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature) -
     return soft_kd_loss(student_logits, target, temperature)
 
 
-def lwf_mc_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array, *,
+def lwf_mc_loss(logits: jax.Array, labels: jax.Array, teacher_logits=None, *,
                 num_old=None, num_valid=None) -> jax.Array:
     """LwF.MC (iCaRL without exemplars): sum over valid columns of BCE(sigmoid(z), target) / B.
 
     target = one_hot(y) over `[0, K_new)` with columns `[0, K_old)` replaced by
     sigmoid(teacher logits). Sliced form: logits `[B, K_new]`, teacher `[B, K_old]`. Masked
-    form: both full width with `num_old` / `num_valid` given.
+    form: both full width with `num_old` / `num_valid` given. Without a teacher (task 1,
+    K_old = 0) the targets are the one-hot labels.
     """
     batch, width = logits.shape
     num_valid = width if num_valid is None else num_valid
-    num_old = teacher_logits.shape[-1] if num_old is None else num_old
-    teacher = jnp.zeros((batch, width), jnp.float32).at[:, :teacher_logits.shape[-1]].set(
-        jax.lax.stop_gradient(teacher_logits).astype(jnp.float32))
+    teacher = jnp.zeros((batch, width), jnp.float32)
+    if teacher_logits is None:
+        num_old = 0
+    else:
+        num_old = teacher_logits.shape[-1] if num_old is None else num_old
+        teacher = teacher.at[:, :teacher_logits.shape[-1]].set(
+            jax.lax.stop_gradient(teacher_logits).astype(jnp.float32))
     cols = jnp.arange(width)
     target = jnp.where(cols < num_old, jax.nn.sigmoid(teacher),
                        jax.nn.one_hot(labels, width, dtype=jnp.float32))
@@ -87,6 +108,16 @@ def lwf_mc_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array,
     # BCE(sigmoid(z), t) = softplus(z) - t * z, numerically stable.
     bce = jax.nn.softplus(z) - target * z
     return jnp.sum(jnp.where(cols < num_valid, bce, 0.0)) / batch
+
+
+def padded_soft_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, num_old,
+                        num_seen, temperature) -> jax.Array:
+    """DeepInversion's synthetic-data KD: target `[softmax(t[:, :K_old] / T), 0 ... 0]` (zeros
+    over `[K_old, K_new)`) against log_softmax(s[:, :K_new] / T). Full-width `[B, K]` logits."""
+    teacher_old = mask_logits(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), 0,
+                              num_old)
+    target = jax.nn.softmax(teacher_old / temperature, axis=-1)  # zero beyond K_old
+    return soft_kd_loss(mask_logits(student_logits, 0, num_seen), target, temperature)
 
 
 def feature_kd_loss(student_features: jax.Array, teacher_features: jax.Array,
@@ -119,6 +150,14 @@ def bn_stat_kl(batch_mean, batch_var, running_mean, running_var) -> jax.Array:
     kl = 0.5 * (jnp.log(var_b) - jnp.log(var_r)) - 0.5 * (
         1.0 - (var_r + jnp.square(running_mean - batch_mean)) / var_b)
     return jnp.mean(kl)
+
+
+def bn_alignment_loss(layer_stats) -> jax.Array:
+    """L_stat = (1/L) sum_l bn_stat_kl(...) over the L BatchNorm layers; `layer_stats` is a
+    sequence of (batch_mean, batch_var, running_mean, running_var), each `[C_l]`."""
+    if not layer_stats:
+        raise ValueError("bn_alignment_loss needs at least one BatchNorm layer's statistics")
+    return jnp.mean(jnp.stack([bn_stat_kl(*stats) for stats in layer_stats]))
 
 
 def _blur_kernel(sigma: float = 1.0) -> jax.Array:
@@ -160,7 +199,8 @@ def content_loss(logits: jax.Array, temperature) -> jax.Array:
 
 
 __all__ = [
-    "NEG_INF", "column_mask", "mask_logits", "weighted_ce_loss", "local_ce_loss",
-    "task_balancing_weights", "soft_kd_loss", "kd_loss", "lwf_mc_loss", "feature_kd_loss",
-    "bn_stat_kl", "smoothness_loss", "diversity_loss", "content_loss",
+    "NEG_INF", "column_mask", "mask_logits", "weighted_ce_loss", "valid_ce_loss",
+    "head_finetune_ce", "local_ce_loss", "task_balancing_weights", "soft_kd_loss", "kd_loss",
+    "lwf_mc_loss", "padded_soft_kd_loss", "feature_kd_loss", "bn_stat_kl",
+    "bn_alignment_loss", "smoothness_loss", "diversity_loss", "content_loss",
 ]

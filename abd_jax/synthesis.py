@@ -44,19 +44,19 @@ class SynthesisConfig:
     inner_bn_eps: float = 0.8
 
 
-def bn_alignment_loss(bn_inputs, batch_stats) -> jax.Array:
-    """(1/L) sum_l bn_stat_kl over the L BN layers that sowed `input_stats` in `bn_inputs`,
-    each paired with the running `mean`/`var` at the same module path in `batch_stats`."""
+def bn_layer_stats(bn_inputs, batch_stats) -> list[tuple]:
+    """[(batch mean, batch var, running mean, running var)] of every BN layer that sowed
+    `input_stats` in `bn_inputs`, paired with the running `mean`/`var` at the same module path
+    in `batch_stats` (the teacher's)."""
     running = traverse_util.flatten_dict(batch_stats)
-    kls = []
+    pairs = []
     for path, ((mean, var),) in traverse_util.flatten_dict(bn_inputs).items():
         layer = path[:-1]
-        kls.append(losses.bn_stat_kl(mean, var, running[layer + ("mean",)],
-                                     running[layer + ("var",)]))
-    if not kls:
+        pairs.append((mean, var, running[layer + ("mean",)], running[layer + ("var",)]))
+    if not pairs:
         raise ValueError("the teacher sowed no BatchNorm input statistics; build it from "
                          "abd_jax.models.BatchNorm")
-    return jnp.mean(jnp.stack(kls))
+    return pairs
 
 
 def generator_loss(gen_params, gen_batch_stats, generator: nn.Module, model: nn.Module,
@@ -75,7 +75,8 @@ def generator_loss(gen_params, gen_batch_stats, generator: nn.Module, model: nn.
     terms = {
         "content": losses.content_loss(logits, cfg.content_temperature),
         "diversity": losses.diversity_loss(logits, num_valid=num_seen),
-        "stat_alignment": bn_alignment_loss(sown[models.BN_INPUTS], teacher.batch_stats),
+        "stat_alignment": losses.bn_alignment_loss(
+            bn_layer_stats(sown[models.BN_INPUTS], teacher.batch_stats)),
         "smoothness": losses.smoothness_loss(x),
     }
     loss = (cfg.w_content * terms["content"] + cfg.w_diversity * terms["diversity"]
@@ -121,14 +122,15 @@ class Replay:
     num_real: int
 
 
-def replay_batch(ctx: train.LossContext, generator: nn.Module, z_dim: int) -> Replay:
-    """Draw B synthetic images from the frozen generator (`ctx.frozen.extra`), label them with
-    the teacher among the past classes, and run the teacher once over [x_real; x_syn]."""
+def replay_batch(ctx: train.LossContext, teacher: train.Teacher, generator: nn.Module,
+                 generator_variables, z_dim: int) -> Replay:
+    """Draw B synthetic images from the frozen generator (eval mode), label them with the
+    teacher among the past classes, and run the teacher once over [x_real; x_syn]."""
     num_real = ctx.images.shape[0]
-    x_syn = sample_images(generator, ctx.frozen.extra, ctx.rng, num_real, z_dim)
+    x_syn = sample_images(generator, generator_variables, ctx.rng, num_real, z_dim)
     x = jnp.concatenate([ctx.images, jax.lax.stop_gradient(x_syn).astype(ctx.images.dtype)])
-    teacher_logits, teacher_features = jax.tree.map(jax.lax.stop_gradient,
-                                                    ctx.teacher_forward(x))
+    teacher_logits, teacher_features = jax.tree.map(
+        jax.lax.stop_gradient, train.teacher_apply(ctx.model, teacher, x))
     y_syn = jnp.argmax(losses.mask_logits(teacher_logits[num_real:], 0, ctx.num_old), axis=-1)
     labels = jnp.concatenate([ctx.labels, y_syn.astype(ctx.labels.dtype)])
     return Replay(x, labels, teacher_logits, teacher_features, num_real)

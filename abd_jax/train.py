@@ -1,8 +1,9 @@
 """The one training step shared by every method, its TrainState, and evaluation.
 
 A method only supplies a loss function `loss_fn(ctx: LossContext) -> (loss, new_batch_stats,
-metrics)`; batching, augmentation, the learning-rate schedule, the optimiser update and data
-parallelism live here, once.
+metrics)` and its state pytree, which every step sees as `ctx.method_state`; batching,
+augmentation, the learning-rate schedule, the optimiser update and data parallelism live
+here, once.
 
 Data parallelism: jit over a 1-D device mesh (`("data",)`), the recommended form in the
 installed JAX. State and data are replicated; the per-step batch is sharded along the batch
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -29,7 +30,6 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import data as data_lib
-from abd_jax import losses
 
 
 class TrainState(train_state.TrainState):
@@ -44,15 +44,6 @@ class Teacher:
 
     params: Any
     batch_stats: Any
-
-
-@struct.dataclass
-class Frozen:
-    """What a method carries from one task to the next: the teacher, plus anything else the
-    method needs at every step (e.g. ABD's generator variables in `extra`)."""
-
-    teacher: Teacher
-    extra: Any = None
 
 
 @struct.dataclass
@@ -89,15 +80,16 @@ class LossContext:
     """What a method's loss sees for one step.
 
     forward(x) -> (logits [n, C], features [n, D], new_batch_stats): the student in train mode.
-    teacher_forward(x) -> (logits, features) or None before the first task ends.
-    frozen: the `Frozen` pytree (or None); params: the student's, for head-only terms.
+    model: the classifier module (for the teacher's eval-mode forward, `teacher_apply`).
+    method_state: the method's own state pytree (e.g. its teacher and generator).
+    params: the student's, for head-only terms.
     images `[B, H, W, C]` augmented and normalised, labels `[B]` remapped.
     """
 
     forward: Callable = struct.field(pytree_node=False)
-    teacher_forward: Optional[Callable] = struct.field(pytree_node=False)
+    model: nn.Module = struct.field(pytree_node=False)
     params: Any
-    frozen: Any
+    method_state: Any
     images: jax.Array
     labels: jax.Array
     num_old: jax.Array
@@ -179,7 +171,7 @@ def task_batch(images, labels, task: TaskInfo, step, rng, cfg: StepConfig, mesh:
     return jax.lax.with_sharding_constraint(x, batch_sharding), y
 
 
-def method_loss(model: nn.Module, loss_fn: LossFn, state: TrainState, frozen, x, y,
+def method_loss(model: nn.Module, loss_fn: LossFn, state: TrainState, method_state, x, y,
                 task: TaskInfo, rng, params):
     """`(loss, (new_batch_stats, metrics))` of the method's loss at `params` on batch (x, y)."""
 
@@ -189,20 +181,18 @@ def method_loss(model: nn.Module, loss_fn: LossFn, state: TrainState, frozen, x,
             mutable=["batch_stats"])
         return logits, feats, updates["batch_stats"]
 
-    teacher_forward = None
-    if frozen is not None:
-        teacher_forward = functools.partial(teacher_apply, model, frozen.teacher)
-    ctx = LossContext(forward=forward, teacher_forward=teacher_forward, params=params,
-                      frozen=frozen, images=x, labels=y, num_old=task.num_old,
-                      num_seen=task.num_seen, rng=rng)
+    ctx = LossContext(forward=forward, model=model, params=params, method_state=method_state,
+                      images=x, labels=y, num_old=task.num_old, num_seen=task.num_seen,
+                      rng=rng)
     loss, new_bs, metrics = loss_fn(ctx)
     return loss, (new_bs, metrics)
 
 
-def loss_and_grads(model: nn.Module, loss_fn: LossFn, state: TrainState, frozen, x, y,
+def loss_and_grads(model: nn.Module, loss_fn: LossFn, state: TrainState, method_state, x, y,
                    task: TaskInfo, rng):
     """`((loss, (new_batch_stats, metrics)), grads)` of `method_loss` w.r.t. the params."""
-    loss_of = functools.partial(method_loss, model, loss_fn, state, frozen, x, y, task, rng)
+    loss_of = functools.partial(method_loss, model, loss_fn, state, method_state, x, y, task,
+                                rng)
     return jax.value_and_grad(loss_of, has_aux=True)(state.params)
 
 
@@ -215,17 +205,17 @@ def sgd_update(state: TrainState, grads, new_batch_stats, lr) -> TrainState:
 
 
 def make_train_step(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh):
-    """Pure `(state, frozen, images, labels, task) -> (state, metrics)`: one SGD step on the
-    `state.step`-th batch of the task (sampled, augmented and sharded on device)."""
+    """Pure `(state, method_state, images, labels, task) -> (state, metrics)`: one SGD step on
+    the `state.step`-th batch of the task (sampled, augmented and sharded on device)."""
     replicated = NamedSharding(mesh, P())
 
-    def one_step(state: TrainState, frozen, images, labels, task: TaskInfo):
+    def one_step(state: TrainState, method_state, images, labels, task: TaskInfo):
         step = state.step
         rng = jax.random.fold_in(task.key, 2 * step)
         aug_rng, loss_rng = jax.random.split(rng)
         x, y = task_batch(images, labels, task, step, aug_rng, cfg, mesh)
-        (loss, (new_bs, metrics)), grads = loss_and_grads(model, loss_fn, state, frozen, x, y,
-                                                          task, loss_rng)
+        (loss, (new_bs, metrics)), grads = loss_and_grads(model, loss_fn, state, method_state,
+                                                          x, y, task, loss_rng)
         lr = learning_rate(step, task.steps_per_epoch, cfg)
         state = jax.lax.with_sharding_constraint(sgd_update(state, grads, new_bs, lr),
                                                  replicated)
@@ -290,11 +280,11 @@ def run_steps(fused: Callable, state, num_steps: int, steps_per_call: int, *args
 
 def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh,
                      chunk: int, skip: str = "cond"):
-    """Pure `(state, frozen, images, labels, task) -> (state, metrics [chunk])`: `chunk` train
-    steps, stopping at `task.total_steps` (see `fuse_steps`); wrap it in `jax.jit`."""
+    """Pure `(state, method_state, images, labels, task) -> (state, metrics [chunk])`: `chunk`
+    train steps, stopping at `task.total_steps` (see `fuse_steps`); wrap it in `jax.jit`."""
     fused = fuse_steps(make_train_step(model, loss_fn, cfg, mesh), chunk, skip)
-    return lambda state, frozen, images, labels, task: fused(
-        state, task.total_steps, frozen, images, labels, task)
+    return lambda state, method_state, images, labels, task: fused(
+        state, task.total_steps, method_state, images, labels, task)
 
 
 def default_steps_per_call() -> int:
@@ -330,10 +320,3 @@ def predict_logits(predict, state_like, images: np.ndarray, batch_size: int, num
         logits = predict(state_like.params, state_like.batch_stats, batch)
         outputs.append(np.asarray(logits)[:n])
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
-
-
-def cross_entropy_loss(ctx: LossContext):
-    """Plain CE over the valid logits `[0, K_new)` (Base, Upper bound, every method's task 1)."""
-    logits, _, new_bs = ctx.forward(ctx.images)
-    loss = losses.weighted_ce_loss(losses.mask_logits(logits, 0, ctx.num_seen), ctx.labels)
-    return loss, new_bs, {"ce": loss}

@@ -90,11 +90,15 @@ LEARNER_CASES = {  # key: (label, method, first task?, images per batch element)
 }
 
 
-def _method(name: str) -> methods.Method:
+def _method_config(name: str):
     config = cifar100.get_config()
     config.method = name
     config.batch_size = FLAGS.batch_size
-    return methods.get_method(config, (32, 32, 3))
+    return config
+
+
+def _method(name: str) -> methods.Method:
+    return methods.get_method(_method_config(name), (32, 32, 3))
 
 
 def _steps_per_call() -> int:
@@ -110,20 +114,21 @@ class Learner:
     cfg: train.StepConfig
     mesh: Any
     state: train.TrainState
-    frozen: Any
+    method_state: Any
     images: jax.Array
     labels: jax.Array
     task: train.TaskInfo
 
     @property
     def args(self):
-        return self.frozen, self.images, self.labels, self.task
+        return self.method_state, self.images, self.labels, self.task
 
 
 def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learner:
+    """The step of `case` in task 2 (K_old = 10, K_new = 20) or, for "ce", task 1, with the
+    method's state as the task loop builds it (teacher = the initial model)."""
     _, method_name, first_task, _ = LEARNER_CASES[case]
     method = _method(method_name)
-    loss_fn = train.cross_entropy_loss if first_task else method.loss
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
     mesh = experiment.make_mesh()
     cfg = train.StepConfig(batch_size=FLAGS.batch_size, base_lr=0.1, lr_milestones=(100,),
@@ -139,18 +144,17 @@ def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learne
                           num_old=jnp.int32(10), num_seen=jnp.int32(20),
                           steps_per_epoch=jnp.int32(n // FLAGS.batch_size),
                           total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(seed + 1))
-    frozen = None
-    if not first_task:
-        extra = None
-        if method.generator is not None:
-            z = jnp.zeros((2, method.synthesis.z_dim))
-            extra = method.generator.init(jax.random.PRNGKey(seed + 2), z, train=False)
-        frozen = train.Frozen(train.teacher_of(state), extra)
+    rt = methods.Runtime.outside_the_loop(_method_config(method_name), model, mesh,
+                                          (32, 32, 3), _steps_per_call(),
+                                          jax.random.PRNGKey(seed + 2))
+    method_state = method.init_state(rt, state)
+    loss_fn = method.loss_fn(methods.Task(index=0 if first_task else 1, num_tasks=10,
+                                          num_old=0 if first_task else 10, num_seen=20))
     if FLAGS.put_state:
         replicated = NamedSharding(mesh, P())
-        state, frozen, images, labels, task = jax.device_put(
-            (state, frozen, images, labels, task), replicated)
-    return Learner(model, loss_fn, cfg, mesh, state, frozen, images, labels, task)
+        state, method_state, images, labels, task = jax.device_put(
+            (state, method_state, images, labels, task), replicated)
+    return Learner(model, loss_fn, cfg, mesh, state, method_state, images, labels, task)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -205,7 +209,7 @@ def _fused_learner(lr: Learner, skip: str = "default"):
 
 
 def _generator_setup(dtype: str, conv_impl: str, skip: str = "default"):
-    method = _method("abd")
+    method = _method("abd")  # its synthesis settings and generator
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
     synth = synthesis.Synthesizer(method.synthesis, method.generator, model,
                                   experiment.make_mesh(), _steps_per_call(), **_skip(skip))
@@ -239,7 +243,7 @@ def vmapped_learner(case: str, dtype: str, conv_impl: str, repeats: int):
 
 
 def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
-    """[(name, fn(state, frozen, images, labels, task), carries_state, steps per call)]."""
+    """[(name, fn(state, method_state, images, labels, task), carries_state, steps/call)]."""
     model, loss_fn, cfg, mesh = lr.model, lr.loss_fn, lr.cfg, lr.mesh
     # A fixed, already-normalised batch for the rungs before sampling.
     fixed = np.random.RandomState(5).randint(0, 256, (cfg.batch_size, 32, 32, 3))
@@ -247,24 +251,26 @@ def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
     y_fixed = jnp.asarray(np.random.RandomState(6).randint(10, 20, cfg.batch_size), jnp.int32)
     key = jax.random.PRNGKey(7)
 
-    def loss_value(state, frozen, task, x, params):
-        return train.method_loss(model, loss_fn, state, frozen, x, y_fixed, task, key,
+    def loss_value(state, method_state, task, x, params):
+        return train.method_loss(model, loss_fn, state, method_state, x, y_fixed, task, key,
                                  params)[0]
 
-    def forward(state, frozen, images, labels, task):
-        return loss_value(state, frozen, task, x_fixed, state.params)
+    def forward(state, method_state, images, labels, task):
+        return loss_value(state, method_state, task, x_fixed, state.params)
 
-    def input_grad(state, frozen, images, labels, task):
-        return jax.grad(lambda x: loss_value(state, frozen, task, x, state.params))(x_fixed)
+    def input_grad(state, method_state, images, labels, task):
+        return jax.grad(lambda x: loss_value(state, method_state, task, x, state.params))(
+            x_fixed)
 
-    def fwd_bwd(state, frozen, images, labels, task):
-        return train.loss_and_grads(model, loss_fn, state, frozen, x_fixed, y_fixed, task, key)
+    def fwd_bwd(state, method_state, images, labels, task):
+        return train.loss_and_grads(model, loss_fn, state, method_state, x_fixed, y_fixed,
+                                    task, key)
 
     def with_update(batch_fn):
-        def step(state, frozen, images, labels, task):
+        def step(state, method_state, images, labels, task):
             x, y = batch_fn(state, images, labels, task)
-            (loss, (new_bs, _)), grads = train.loss_and_grads(model, loss_fn, state, frozen, x,
-                                                              y, task, key)
+            (loss, (new_bs, _)), grads = train.loss_and_grads(model, loss_fn, state,
+                                                              method_state, x, y, task, key)
             lr_now = train.learning_rate(state.step, task.steps_per_epoch, cfg)
             return train.sgd_update(state, grads, new_bs, lr_now), loss
         return step

@@ -22,3 +22,12 @@ def shared_data_dir():
         pytest.skip(f"offline CIFAR-10 archive not found in {SHARED_DATA}; "
                     "set ABD_SHARED_DATA to the folder holding cifar-10-binary.tar.gz")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+    """A TFDS data dir holding the prepared sklearn_digits dataset (built offline once)."""
+    from abd_jax import data as data_lib
+    data_dir = tmp_path_factory.mktemp("tfds")
+    data_lib.load_split(data_lib.get_spec("digits"), "test", str(data_dir))
+    return str(data_dir)

@@ -3,6 +3,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from abd_jax import losses
@@ -101,3 +102,33 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
         expected = -np.mean(np.take_along_axis(np.asarray(log_p),
                                                np.argmax(logits, 1)[:, None], 1))
         np.testing.assert_allclose(losses.content_loss(logits, 1e3), expected, rtol=1e-5)
+
+
+def test_lwf_mc_without_a_teacher_is_bce_on_one_hot_targets():
+    """LwF.MC's task 1 (SPEC section 6, as the release): sum of BCEs against one-hot labels
+    over the valid columns / B, not softmax CE."""
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 6)) * 3
+    labels = jnp.array([0, 2, 1, 3])
+    z, t = logits[:, :4], jax.nn.one_hot(labels, 4)
+    want = -jnp.sum(t * jax.nn.log_sigmoid(z) + (1 - t) * jax.nn.log_sigmoid(-z)) / 4
+    got = losses.lwf_mc_loss(logits, labels, None, num_valid=4)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert abs(float(got) - float(losses.valid_ce_loss(logits, labels, 4))) > 1e-2
+
+
+def test_deepinversion_target_is_zero_over_the_new_classes():
+    student = jax.random.normal(jax.random.PRNGKey(1), (3, 8))
+    teacher = jax.random.normal(jax.random.PRNGKey(2), (3, 8))
+    target = jnp.concatenate([jax.nn.softmax(teacher[:, :2] / 2.0), jnp.zeros((3, 3))], axis=1)
+    want = jnp.mean(-jnp.sum(target * jax.nn.log_softmax(student[:, :5] / 2.0), axis=1))
+    got = losses.padded_soft_kd_loss(student, teacher, 2, 5, 2.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_bn_alignment_averages_the_layer_kls():
+    one = (jnp.zeros(3), jnp.ones(3), jnp.zeros(3), jnp.ones(3))
+    two = (jnp.ones(2), 2 * jnp.ones(2), jnp.zeros(2), jnp.ones(2))
+    want = (losses.bn_stat_kl(*one) + losses.bn_stat_kl(*two)) / 2
+    np.testing.assert_allclose(losses.bn_alignment_loss([one, two]), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        losses.bn_alignment_loss([])

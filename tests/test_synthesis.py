@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 
 from abd_jax import experiment, losses, methods, models, synthesis, train
-from abd_jax.methods import abd
+from abd_jax.methods import synthetic_replay
 from configs import digits
 
 IMAGE_SHAPE = (8, 8, 3)
@@ -26,6 +26,11 @@ def _sown_stats(model, teacher, x):
     return sown[models.BN_INPUTS]
 
 
+def _alignment(model, teacher, x):
+    pairs = synthesis.bn_layer_stats(_sown_stats(model, teacher, x), teacher.batch_stats)
+    return losses.bn_alignment_loss(pairs)
+
+
 def test_resnet32_sows_the_input_stats_of_all_31_bn_layers():
     model = models.CifarResNet(depth=32, num_classes=10)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
@@ -38,7 +43,7 @@ def test_resnet32_sows_the_input_stats_of_all_31_bn_layers():
 def test_bn_alignment_is_zero_when_running_stats_match_the_batch():
     model, teacher = _teacher()
     x = jax.random.normal(jax.random.PRNGKey(1), (16, *IMAGE_SHAPE))
-    assert synthesis.bn_alignment_loss(_sown_stats(model, teacher, x), teacher.batch_stats) > 0
+    assert _alignment(model, teacher, x) > 0
     # Layer l's input depends only on layers < l, so L passes reach the fixed point.
     stats = teacher.batch_stats
     for _ in range(8):
@@ -49,7 +54,7 @@ def test_bn_alignment_is_zero_when_running_stats_match_the_batch():
             flat[path[:-1] + ("var",)] = var
         stats = traverse_util.unflatten_dict(flat)
         teacher = teacher.replace(batch_stats=stats)
-    kl = synthesis.bn_alignment_loss(_sown_stats(model, teacher, x), teacher.batch_stats)
+    kl = _alignment(model, teacher, x)
     np.testing.assert_allclose(kl, 0.0, atol=1e-5)
 
 
@@ -105,8 +110,10 @@ def _learner_setup(method_name, mesh_devices, **overrides):
     method = methods.get_method(config, IMAGE_SHAPE)
     model, teacher = _teacher()
     state = train.create_train_state(model, jax.random.PRNGKey(7), IMAGE_SHAPE, 0.1, 0.9, 2e-4)
-    gen_vars = method.generator.init(jax.random.PRNGKey(8), jnp.zeros((2, 16)), train=False)
-    frozen = train.Frozen(teacher, gen_vars)
+    mesh = experiment.make_mesh(mesh_devices)
+    rt = methods.Runtime.outside_the_loop(config, model, mesh, IMAGE_SHAPE, 1,
+                                          jax.random.PRNGKey(8))
+    method_state = method.init_state(rt, state).replace(teacher=teacher)
     cfg = train.StepConfig(batch_size=8, base_lr=0.1, lr_milestones=(), lr_decay=0.1,
                            augment=__import__("abd_jax.data").data.AugmentConfig(),
                            mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -117,9 +124,9 @@ def _learner_setup(method_name, mesh_devices, **overrides):
                           num_old=jnp.int32(3), num_seen=jnp.int32(6),
                           steps_per_epoch=jnp.int32(3), total_steps=jnp.int32(2),
                           key=jax.random.PRNGKey(9))
-    step = train.make_train_chunk(model, method.loss, cfg, experiment.make_mesh(mesh_devices),
-                                  2)
-    return step, state, (frozen, images, labels, task), method, model
+    loss_fn = method.loss_fn(methods.Task(index=1, num_tasks=2, num_old=3, num_seen=6))
+    step = train.make_train_chunk(model, loss_fn, cfg, mesh, 2)
+    return step, state, (method_state, images, labels, task), method, model
 
 
 @pytest.mark.parametrize("method_name", ["abd", "deepinversion"])
@@ -144,7 +151,8 @@ def test_abd_ablations_train(ablation):
 
 
 def _ctx(method_name="abd"):
-    step, state, (frozen, images, labels, task), method, model = _learner_setup(method_name, 1)
+    step, state, (method_state, images, labels, task), method, model = _learner_setup(
+        method_name, 1)
     x = jax.random.normal(jax.random.PRNGKey(10), (8, *IMAGE_SHAPE))
 
     def forward(inputs, params=state.params):
@@ -153,15 +161,15 @@ def _ctx(method_name="abd"):
         return logits, feats, upd["batch_stats"]
 
     ctx = train.LossContext(
-        forward=forward, teacher_forward=lambda z: train.teacher_apply(model, frozen.teacher, z),
-        params=state.params, frozen=frozen, images=x, labels=labels[:8], num_old=jnp.int32(3),
-        num_seen=jnp.int32(6), rng=jax.random.PRNGKey(11))
+        forward=forward, model=model, params=state.params, method_state=method_state, images=x,
+        labels=labels[:8], num_old=jnp.int32(3), num_seen=jnp.int32(6),
+        rng=jax.random.PRNGKey(11))
     return ctx, method, model, state
 
 
 def test_synthetic_labels_lie_in_the_past_classes():
     ctx, method, _, _ = _ctx()
-    replay = synthesis.replay_batch(ctx, method.generator, 16)
+    replay = synthetic_replay.replay(ctx, method.generator, 16)
     y_syn = np.asarray(replay.labels[8:])
     assert replay.images.shape == (16, *IMAGE_SHAPE)
     assert (y_syn >= 0).all() and (y_syn < 3).all()
@@ -182,7 +190,8 @@ def test_ft_ce_reaches_only_the_head():
     def loss(params):
         _, feats, _ = ctx.forward(ctx.images, params)
         w = losses.task_balancing_weights(y, 3, 6)
-        return abd.head_finetune_loss(params, feats, y, w, 6)
+        head = params["head"]
+        return losses.head_finetune_ce(feats, head["kernel"], head["bias"], y, w, 6)
 
     head, backbone = _split_head(jax.grad(loss)(state.params))
     assert all(np.all(np.asarray(g) == 0) for g in backbone)
@@ -191,8 +200,9 @@ def test_ft_ce_reaches_only_the_head():
 
 def test_feature_kd_gives_the_head_no_gradient():
     ctx, _, _, state = _ctx()
-    teacher_feats = ctx.teacher_forward(ctx.images)[1]
-    kernel = ctx.frozen.teacher.params["head"]["kernel"]
+    teacher = ctx.method_state.teacher
+    teacher_feats = train.teacher_apply(ctx.model, teacher, ctx.images)[1]
+    kernel = teacher.params["head"]["kernel"]
 
     def loss(params):
         _, feats, _ = ctx.forward(ctx.images, params)

@@ -1,4 +1,6 @@
 """The shared training step: data parallelism, jit equivalence, schedule, batching."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,13 +9,13 @@ import pytest
 
 from abd_jax import data as data_lib
 from abd_jax import experiment, methods, models, train
-from abd_jax.methods import lwf
+from abd_jax.methods import base, lwf
 
 NUM_CLASSES = 6
 IMAGE_SHAPE = (8, 8, 3)
 
 
-def _setup(loss_fn=train.cross_entropy_loss, batch_size=8, chunk=2, mesh_devices=1,
+def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1,
            with_teacher=False):
     model = models.CifarResNet(depth=8, num_classes=NUM_CLASSES, width=4)
     cfg = train.StepConfig(batch_size=batch_size, base_lr=0.1, lr_milestones=(1,), lr_decay=0.1,
@@ -27,7 +29,7 @@ def _setup(loss_fn=train.cross_entropy_loss, batch_size=8, chunk=2, mesh_devices
     task = train.TaskInfo(index=index, count=jnp.int32(20), num_old=jnp.int32(3),
                           num_seen=jnp.int32(6), steps_per_epoch=jnp.int32(20 // batch_size),
                           total_steps=jnp.int32(3), key=jax.random.PRNGKey(1))
-    frozen = train.Frozen(train.teacher_of(state)) if with_teacher else None
+    frozen = methods.lifecycle.TeacherState(train.teacher_of(state)) if with_teacher else None
     fn = train.make_train_chunk(model, loss_fn, cfg, mesh, chunk)
     return fn, state, frozen, images, labels, task
 
@@ -35,7 +37,8 @@ def _setup(loss_fn=train.cross_entropy_loss, batch_size=8, chunk=2, mesh_devices
 @pytest.mark.parametrize("loss_name", ["base", "lwf"])
 def test_one_and_four_devices_agree(loss_name):
     assert jax.device_count() >= 4, "tests/conftest.py should provide 4 host devices"
-    loss_fn = train.cross_entropy_loss if loss_name == "base" else lwf.make_lwf_loss(1.0, 2.0)
+    loss_fn = base.ce if loss_name == "base" else functools.partial(lwf.lwf_loss, mu=1.0,
+                                                                    temperature=2.0)
     outs = []
     for n in (1, 4):
         fn, state, frozen, images, labels, task = _setup(loss_fn, mesh_devices=n,
@@ -96,7 +99,7 @@ def test_skipping_by_mask_equals_skipping_by_cond():
         cfg = train.StepConfig(batch_size=8, base_lr=0.1, lr_milestones=(1,), lr_decay=0.1,
                                augment=data_lib.AugmentConfig(), mean=(0.5,) * 3,
                                std=(0.25,) * 3)
-        fn = train.make_train_chunk(model, train.cross_entropy_loss, cfg,
+        fn = train.make_train_chunk(model, base.ce, cfg,
                                     experiment.make_mesh(1), 5, skip)
         outs.append(jax.jit(fn)(state, frozen, images, labels, task))
     (s_cond, m_cond), (s_mask, m_mask) = outs

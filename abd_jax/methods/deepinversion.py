@@ -1,26 +1,39 @@
 """DeepInversion for class-incremental learning (SPEC section 6): ABD's synthesis, logit KD."""
 from __future__ import annotations
 
-import jax
+import functools
+
 import flax.linen as nn
 
-from abd_jax import losses, synthesis
+from abd_jax import losses
+from abd_jax.methods import base
+from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
 from abd_jax.train import LossContext
 
 
-def deepinversion(ctx: LossContext, generator: nn.Module, z_dim: int, mu: float,
-                  temperature: float):
-    """CE(real, valid) + mu * KD(real, [0, K_old)) + mu * soft-KD(synthetic) where the target
-    is [softmax(teacher_syn[:, :K_old] / T), 0 ... 0] against log_softmax(z_syn[:, :K_new]/T)."""
-    replay = synthesis.replay_batch(ctx, generator, z_dim)
-    b = replay.num_real
-    logits, _, new_bs = ctx.forward(replay.images)
+def deepinversion_loss(ctx: LossContext, generator: nn.Module, z_dim: int, mu: float,
+                       temperature: float):
+    """CE(real, valid) + mu * KD(real, [0, K_old)) + mu * padded soft-KD(synthetic)."""
+    rep = replay(ctx, generator, z_dim)
+    b = rep.num_real
+    logits, _, new_bs = ctx.forward(rep.images)
     real, syn = logits[:b], logits[b:]
-    teacher_old = losses.mask_logits(replay.teacher_logits, 0, ctx.num_old)
-    ce = losses.weighted_ce_loss(losses.mask_logits(real, 0, ctx.num_seen), replay.labels[:b])
-    kd_real = losses.kd_loss(losses.mask_logits(real, 0, ctx.num_old), teacher_old[:b],
+    ce = losses.valid_ce_loss(real, rep.labels[:b], ctx.num_seen)
+    kd_real = losses.kd_loss(losses.mask_logits(real, 0, ctx.num_old),
+                             losses.mask_logits(rep.teacher_logits[:b], 0, ctx.num_old),
                              temperature)
-    target = jax.nn.softmax(teacher_old[b:] / temperature, axis=-1)  # zero beyond K_old
-    kd_syn = losses.soft_kd_loss(losses.mask_logits(syn, 0, ctx.num_seen), target, temperature)
+    kd_syn = losses.padded_soft_kd_loss(syn, rep.teacher_logits[b:], ctx.num_old,
+                                        ctx.num_seen, temperature)
     loss = ce + mu * (kd_real + kd_syn)
     return loss, new_bs, {"ce": ce, "kd_real": kd_real, "kd_synthetic": kd_syn}
+
+
+class DeepInversion(SyntheticReplay):
+    name = "deepinversion"
+
+    def __init__(self, config, image_shape):
+        super().__init__(config, image_shape)
+        self.first_task_loss = base.ce
+        self.distill_loss = functools.partial(
+            deepinversion_loss, generator=self.generator, z_dim=self.synthesis.z_dim,
+            mu=config.deepinversion_mu, temperature=config.kd_temperature)

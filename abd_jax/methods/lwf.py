@@ -1,43 +1,85 @@
-"""Learning without Forgetting (Li & Hoiem) and LwF.MC (iCaRL's loss without exemplars)."""
+"""Learning without Forgetting (Li & Hoiem), LwF.MC (iCaRL's loss without exemplars) and
+LwF with ABD's synthetic replay (SPEC section 6)."""
 from __future__ import annotations
 
 import functools
 
-from abd_jax import losses, synthesis
+import flax.linen as nn
+
+from abd_jax import losses, train
+from abd_jax.methods import base
+from abd_jax.methods.lifecycle import TeacherMethod
+from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
 from abd_jax.train import LossContext
 
 
-def lwf(ctx: LossContext, mu: float, temperature: float):
-    """CE(z[:, :K_new], y) + mu * KD(z[:, :K_old], teacher(x)[:, :K_old], T), real data only."""
-    logits, _, new_bs = ctx.forward(ctx.images)
-    teacher_logits, _ = ctx.teacher_forward(ctx.images)
-    ce = losses.weighted_ce_loss(losses.mask_logits(logits, 0, ctx.num_seen), ctx.labels)
+def _teacher_logits(ctx: LossContext, images):
+    return train.teacher_apply(ctx.model, ctx.method_state.teacher, images)[0]
+
+
+def _ce_plus_kd(logits, teacher_logits, labels, ctx: LossContext, mu, temperature, new_bs):
+    """CE over the valid logits of the first len(labels) rows + mu * KD over `[0, K_old)` of
+    all rows."""
+    ce = losses.valid_ce_loss(logits[:labels.shape[0]], labels, ctx.num_seen)
     kd = losses.kd_loss(losses.mask_logits(logits, 0, ctx.num_old),
                         losses.mask_logits(teacher_logits, 0, ctx.num_old), temperature)
     return ce + mu * kd, new_bs, {"ce": ce, "kd": kd}
 
 
-def make_lwf_loss(mu: float, temperature: float):
-    return functools.partial(lwf, mu=mu, temperature=temperature)
-
-
-def lwf_mc(ctx: LossContext):
-    """Sum of BCEs over the valid logits / B, old columns targeting sigmoid(teacher logits)."""
+def lwf_loss(ctx: LossContext, mu: float, temperature: float):
+    """CE(z[:, :K_new], y) + mu * KD(z[:, :K_old], teacher(x)[:, :K_old], T), real data only."""
     logits, _, new_bs = ctx.forward(ctx.images)
-    teacher_logits, _ = ctx.teacher_forward(ctx.images)
+    return _ce_plus_kd(logits, _teacher_logits(ctx, ctx.images), ctx.labels, ctx, mu,
+                       temperature, new_bs)
+
+
+def lwf_mc_loss(ctx: LossContext, with_teacher: bool):
+    """Sum of BCEs over the valid logits / B; with the teacher, the old columns target
+    sigmoid(teacher logits); without (task 1), every column targets the one-hot label."""
+    logits, _, new_bs = ctx.forward(ctx.images)
+    teacher_logits = _teacher_logits(ctx, ctx.images) if with_teacher else None
     loss = losses.lwf_mc_loss(logits, ctx.labels, teacher_logits, num_old=ctx.num_old,
                               num_valid=ctx.num_seen)
     return loss, new_bs, {"bce": loss}
 
 
-def lwf_synthetic(ctx: LossContext, generator, z_dim: int, mu: float, temperature: float):
+def lwf_synthetic_loss(ctx: LossContext, generator: nn.Module, z_dim: int, mu: float,
+                       temperature: float):
     """CE on real over the valid logits + mu * KD(z[:, :K_old], teacher) over real and
     synthetic (2B), with ABD's synthetic replay."""
-    replay = synthesis.replay_batch(ctx, generator, z_dim)
-    b = replay.num_real
-    logits, _, new_bs = ctx.forward(replay.images)
-    ce = losses.weighted_ce_loss(losses.mask_logits(logits[:b], 0, ctx.num_seen),
-                                 replay.labels[:b])
-    kd = losses.kd_loss(losses.mask_logits(logits, 0, ctx.num_old),
-                        losses.mask_logits(replay.teacher_logits, 0, ctx.num_old), temperature)
-    return ce + mu * kd, new_bs, {"ce": ce, "kd": kd}
+    rep = replay(ctx, generator, z_dim)
+    logits, _, new_bs = ctx.forward(rep.images)
+    return _ce_plus_kd(logits, rep.teacher_logits, rep.labels[:rep.num_real], ctx, mu,
+                       temperature, new_bs)
+
+
+class LwF(TeacherMethod):
+    name = "lwf"
+
+    def __init__(self, config, image_shape):
+        super().__init__(config, image_shape)
+        self.first_task_loss = base.ce
+        self.distill_loss = functools.partial(lwf_loss, mu=config.lwf_mu,
+                                              temperature=config.kd_temperature)
+
+
+class LwFMC(TeacherMethod):
+    """LwF.MC: its BCE from the first task on (one-hot targets before a teacher exists)."""
+
+    name = "lwf_mc"
+
+    def __init__(self, config, image_shape):
+        super().__init__(config, image_shape)
+        self.first_task_loss = functools.partial(lwf_mc_loss, with_teacher=False)
+        self.distill_loss = functools.partial(lwf_mc_loss, with_teacher=True)
+
+
+class LwFSynthetic(SyntheticReplay):
+    name = "lwf_synthetic"
+
+    def __init__(self, config, image_shape):
+        super().__init__(config, image_shape)
+        self.first_task_loss = base.ce
+        self.distill_loss = functools.partial(
+            lwf_synthetic_loss, generator=self.generator, z_dim=self.synthesis.z_dim,
+            mu=config.lwf_synthetic_mu, temperature=config.kd_temperature)

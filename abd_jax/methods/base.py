@@ -1,0 +1,37 @@
+"""Base (fine-tuning on each new task) and the Upper bound (retrain on everything seen)."""
+from __future__ import annotations
+
+from abd_jax import losses
+from abd_jax.methods.lifecycle import Method, Task
+from abd_jax.train import LossContext
+
+
+def ce(ctx: LossContext):
+    """CE over the valid logits `[0, K_new)` on the real batch (SPEC section 6, Base)."""
+    logits, _, new_bs = ctx.forward(ctx.images)
+    loss = losses.valid_ce_loss(logits, ctx.labels, ctx.num_seen)
+    return loss, new_bs, {"ce": loss}
+
+
+class Base(Method):
+    name = "base"
+
+    def loss_fn(self, task: Task):
+        return ce
+
+
+class UpperBound(Base):
+    """For each task a freshly initialised model trained on all classes seen so far."""
+
+    name = "upper_bound"
+
+    def index_capacity(self, rt, num_tasks):
+        return len(rt.seen_indices(num_tasks - 1))
+
+    def begin_task(self, rt, learner, state, task):
+        if task.is_first:
+            return super().begin_task(rt, learner, state, task)
+        return rt.fresh_learner(task.index), state
+
+    def train_index(self, rt, state, task):
+        return rt.seen_indices(task.index)

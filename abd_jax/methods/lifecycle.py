@@ -1,0 +1,159 @@
+"""The method lifecycle: what a method owns, and what the shared task loop offers it.
+
+The task loop (`abd_jax.experiment`) names no method. For every task t it calls
+
+    learner, state = method.begin_task(rt, learner, state, task)   # once, at the task's start
+    index = method.train_index(rt, state, task)                    # which examples to train on
+    ... jitted SGD steps of method.loss_fn(task), each seeing `state` as ctx.method_state ...
+    learner, state = method.end_task(rt, learner, state, task)     # teacher, synthesis, ...
+    ... evaluate the learner, checkpoint {learner, state} ...
+
+`state` is the method's own immutable pytree (a `flax.struct.dataclass`), created by
+`init_state` with the structure it keeps for the whole run and saved in every checkpoint, so
+an interrupt anywhere resumes to identical results: mid-task from the last periodic
+checkpoint, and inside `end_task` by running it again from the checkpoint taken when the
+task's training finished (every hook is a deterministic function of its inputs).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh
+
+from abd_jax import train
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Task `index` (0-based) of `num_tasks`; it owns labels `[num_old, num_seen)`, i.e.
+    K_old = num_old and K_new = num_seen."""
+
+    index: int
+    num_tasks: int
+    num_old: int
+    num_seen: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_tasks - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What the task loop offers a method's hooks (one repeat).
+
+    fresh_learner(t) -> a newly initialised, placed TrainState for task t (its own key).
+    task_indices(t) / seen_indices(t) -> int32 training-example indices of task t's classes /
+        of every class seen up to task t.
+    method_key: the repeat's PRNG key for the method's own randomness (fold_in per use).
+    log(step, scalars, **tags): the run's metric writer (tagged with the repeat).
+    save_samples(t, images, labels, title): a PNG grid of normalised images `[N, H, W, C]`
+        labelled with (remapped) classes `[N]`, saved in the workdir for task t.
+    """
+
+    config: Any
+    model: nn.Module
+    mesh: Mesh
+    image_shape: tuple
+    steps_per_call: int
+    fresh_learner: Callable[[int], train.TrainState]
+    task_indices: Callable[[int], np.ndarray]
+    seen_indices: Callable[[int], np.ndarray]
+    method_key: Any
+    log: Callable[..., None]
+    save_samples: Callable[..., None]
+
+    @classmethod
+    def outside_the_loop(cls, config, model: nn.Module, mesh: Mesh, image_shape: tuple,
+                         steps_per_call: int, method_key) -> "Runtime":
+        """A runtime for building method states and steps without a task loop (benchmarks,
+        tests): the data services raise, logging and sample grids are dropped."""
+        def no_data(t):
+            raise RuntimeError(f"no training data outside the task loop (task {t})")
+
+        return cls(config=config, model=model, mesh=mesh, image_shape=tuple(image_shape),
+                   steps_per_call=steps_per_call, fresh_learner=no_data, task_indices=no_data,
+                   seen_indices=no_data, method_key=method_key,
+                   log=lambda *args, **kwargs: None, save_samples=lambda *args: None)
+
+
+@struct.dataclass
+class NoState:
+    """The state of a method that carries nothing between tasks."""
+
+
+@struct.dataclass
+class TeacherState:
+    """The model frozen at the end of the previous task (before the first task ends: the
+    initial model, never used)."""
+
+    teacher: train.Teacher
+
+
+class Method:
+    """A class-incremental method: losses plus task-boundary hooks (see the module docstring).
+
+    The defaults train on the task's own classes with a reset optimiser and carry no state.
+    """
+
+    name: str = ""
+
+    def __init__(self, config, image_shape: tuple):
+        """Built by `methods.get_method` from the run's config and the dataset's image shape."""
+        del config, image_shape
+
+    def init_state(self, rt: Runtime, learner: train.TrainState) -> Any:
+        """The state before the first task, with the structure it keeps all run."""
+        del rt, learner
+        return NoState()
+
+    def index_capacity(self, rt: Runtime, num_tasks: int) -> int:
+        """The most training examples any task trains on (sets one compiled step's shape)."""
+        return max(len(rt.task_indices(t)) for t in range(num_tasks))
+
+    def begin_task(self, rt: Runtime, learner: train.TrainState, state, task: Task):
+        """`(learner, state)` at the start of `task` (SPEC: a fresh optimiser every task)."""
+        del rt, task
+        return train.reset_optimizer(learner), state
+
+    def train_index(self, rt: Runtime, state, task: Task) -> np.ndarray:
+        """The training examples of `task` (a pure function of `state`: resume calls it)."""
+        del state
+        return rt.task_indices(task.index)
+
+    def loss_fn(self, task: Task) -> train.LossFn:
+        """The step's loss for `task`; return the same object for tasks that share it (one
+        compilation each)."""
+        raise NotImplementedError
+
+    def end_task(self, rt: Runtime, learner: train.TrainState, state, task: Task):
+        """`(learner, state)` once `task`'s training is done, before it is evaluated."""
+        del rt, task
+        return learner, state
+
+
+class TeacherMethod(Method):
+    """A method that distils from the model frozen at the end of each task: plain CE for the
+    first task, `distill_loss` afterwards."""
+
+    distill_loss: train.LossFn
+    first_task_loss: train.LossFn
+
+    def init_state(self, rt, learner) -> TeacherState:
+        del rt
+        return TeacherState(teacher=train.teacher_of(learner))
+
+    def loss_fn(self, task: Task) -> train.LossFn:
+        return self.first_task_loss if task.is_first else self.distill_loss
+
+    def end_task(self, rt, learner, state, task):
+        del rt, task
+        return learner, state.replace(teacher=train.teacher_of(learner))

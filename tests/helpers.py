@@ -1,0 +1,17 @@
+"""Shared test helpers (importable as `helpers`: pytest puts tests/ on sys.path)."""
+from configs import digits
+
+
+def tiny_config(data_dir, **overrides):
+    """The digits config on a schedule of seconds: 2 epochs, 20 generator iterations."""
+    c = digits.get_config()
+    c.data_dir = data_dir
+    c.epochs = 2
+    c.log_every_steps = 4
+    c.checkpoint_every_steps = 4
+    c.synthesis.iterations = 20
+    c.synthesis_log_every = 10
+    c.sample_grid_size = 4
+    for k, v in overrides.items():
+        c[k] = v
+    return c
