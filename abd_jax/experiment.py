@@ -129,7 +129,9 @@ class RepeatRunner:
             fresh_learner=lambda t: self._fresh_state(jax.random.fold_in(self.init_key, t)),
             task_indices=lambda t: self._class_indices(*self.bounds[t]),
             seen_indices=lambda t: self._class_indices(0, self.bounds[t][1]),
-            method_key=method_key, log=self._write, save_samples=self._save_samples)
+            train_labels=self.train_labels, predict_train=self._predict_train,
+            train_stage=self._train_stage, method_key=method_key, log=self._write,
+            save_samples=self._save_samples)
         self.index_capacity = self.method.index_capacity(self.rt, config.num_tasks)
 
     # ------------------------------------------------------------------ services
@@ -158,12 +160,21 @@ class RepeatRunner:
         return methods_lib.Task(index=t, num_tasks=self.config.num_tasks, num_old=lo,
                                 num_seen=hi)
 
-    def _task_info(self, task: methods_lib.Task, index: np.ndarray) -> train.TaskInfo:
+    def _predict_train(self, learner, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return train.predict_all(self.predict, learner, self.splits.train_images[index],
+                                 self.config.eval_batch_size, self.mesh.size)
+
+    def _task_info(self, task: methods_lib.Task, index: np.ndarray, epochs: int,
+                   key) -> train.TaskInfo:
         if len(index) < self.config.batch_size:
             raise ValueError(
-                f"task {task.index + 1} has {len(index)} training images, fewer than "
+                f"task {task.index + 1} trains on {len(index)} images, fewer than "
                 f"batch_size {self.config.batch_size}; lower --config.batch_size or raise "
-                "--config.train_per_class")
+                "--config.train_per_class (or --config.memory)")
+        if len(index) > self.index_capacity:
+            raise ValueError(f"{self.method.name} trains task {task.index + 1} on "
+                             f"{len(index)} images, more than its index_capacity "
+                             f"{self.index_capacity}")
         padded = np.zeros(self.index_capacity, np.int32)
         padded[:len(index)] = index
         steps_per_epoch = len(index) // self.config.batch_size
@@ -171,16 +182,51 @@ class RepeatRunner:
             index=jnp.asarray(padded), count=jnp.int32(len(index)),
             num_old=jnp.int32(task.num_old), num_seen=jnp.int32(task.num_seen),
             steps_per_epoch=jnp.int32(steps_per_epoch),
-            total_steps=jnp.int32(steps_per_epoch * self.config.epochs),
-            key=jax.random.fold_in(self.run_key, task.index))
+            total_steps=jnp.int32(steps_per_epoch * epochs), key=key)
         return jax.device_put(info, self.replicated)
 
-    def _chunk_fn(self, loss_fn: Callable) -> Callable:
-        """The jitted training chunk of `loss_fn` (one compilation per distinct loss)."""
-        if loss_fn not in self._chunk_fns:
-            self._chunk_fns[loss_fn] = jax.jit(train.make_train_chunk(
-                self.model, loss_fn, self.step_config, self.mesh, self.steps_per_call))
-        return self._chunk_fns[loss_fn]
+    def _chunk_fn(self, loss_fn: Callable, step_config: train.StepConfig) -> Callable:
+        """The jitted training chunk of `loss_fn` (one compilation per loss and config)."""
+        if (loss_fn, step_config) not in self._chunk_fns:
+            self._chunk_fns[loss_fn, step_config] = jax.jit(train.make_train_chunk(
+                self.model, loss_fn, step_config, self.mesh, self.steps_per_call))
+        return self._chunk_fns[loss_fn, step_config]
+
+    def _train_stage(self, learner, method_state, loss_fn, index, *, epochs: int, lr: float,
+                     key, task: methods_lib.Task, name: str) -> train.TrainState:
+        """See `Runtime.train_stage`. Not checkpointed inside: it runs in `end_task`, which an
+        interrupt reruns whole."""
+        config = dataclasses.replace(self.step_config, base_lr=lr, lr_milestones=())
+        chunk_fn = self._chunk_fn(loss_fn, config)
+        info = self._task_info(task, index, epochs, key)
+        learner = self._placed(train.reset_optimizer(learner))
+        step, total = 0, int(info.total_steps)
+        logging.info("repeat %d task %d: %s, %d images, %d steps at lr %g", self.repeat,
+                     task.index + 1, name, len(index), total, lr)
+        while step < total:
+            tic = time.time()
+            learner, metrics = train.run_steps(
+                chunk_fn, learner, min(self.config.log_every_steps, total - step),
+                self.steps_per_call, method_state, self.images, self.labels, info)
+            active = self._check_finite(metrics, task, step, f"{name} of ")
+            step += int(active.sum())
+            self._log(task.index, step, total, metrics, active,
+                      int(active.sum()) / max(time.time() - tic, 1e-9), phase=name)
+        return learner
+
+    def _check_finite(self, metrics, task, step, where: str = "", last_saved=None):
+        """The chunk's `active` mask; raises FloatingPointError at a non-finite loss."""
+        active = metrics["active"] > 0
+        finite = np.isfinite(metrics["loss"][active])
+        if not finite.all():
+            bad = step + int(np.argmin(finite)) + 1
+            kept = ("" if last_saved is None else
+                    f"; the last good checkpoint (task {task.index + 1} step {last_saved}) is "
+                    f"kept in {self.checkpointer.directory}")
+            raise FloatingPointError(
+                f"non-finite loss at repeat {self.repeat} {where}task {task.index + 1} step "
+                f"{bad}{kept}. Lower --config.lr or check the data.")
+        return active
 
     def _placed(self, tree):
         """`tree` replicated on the mesh, as every jitted step returns its outputs: inputs
@@ -221,7 +267,8 @@ class RepeatRunner:
             if step == 0:
                 learner, method_state = self._placed(self.method.begin_task(
                     self.rt, learner, method_state, task))
-            info = self._task_info(task, self.method.train_index(self.rt, method_state, task))
+            info = self._task_info(task, self.method.train_index(self.rt, method_state, task),
+                                   c.epochs, jax.random.fold_in(self.run_key, t))
             learner, step = self._train_task(task, step, learner, method_state, info, acc,
                                              timing)
             # The end-of-task hook may be long (synthesis): don't redo training after it.
@@ -229,18 +276,18 @@ class RepeatRunner:
                        {"accuracy": acc.to_dict(), "timing": timing, "result": None})
             learner, method_state = self._placed(self.method.end_task(
                 self.rt, learner, method_state, task))
-            self._evaluate(t, learner, acc)
+            self._evaluate(task, learner, method_state, acc)
             timing["task_wall_seconds"].append(time.time() - task_start)
-            result = self._result(acc, timing) if task.is_last else None
+            result = self._result(acc, timing, method_state) if task.is_last else None
             self._save(t + 1, 0, learner, method_state,
                        {"accuracy": acc.to_dict(), "timing": timing, "result": result})
-        return self._result(acc, timing)
+        return self._result(acc, timing, method_state)
 
     def _train_task(self, task, step, state, method_state, info, acc, timing):
         c = self.config
         t = task.index
         total = int(info.total_steps)
-        chunk_fn = self._chunk_fn(self.method.loss_fn(task))
+        chunk_fn = self._chunk_fn(self.method.loss_fn(task), self.step_config)
         logging.info("repeat %d task %d/%d: classes [%d, %d), %d images, %d steps (%d epochs)",
                      self.repeat, t + 1, c.num_tasks, task.num_old, task.num_seen,
                      int(info.count), total, c.epochs)
@@ -252,14 +299,7 @@ class RepeatRunner:
                     chunk_fn, state, min(c.log_every_steps, total - step), self.steps_per_call,
                     method_state, self.images, self.labels, info)
                 elapsed = time.time() - tic
-                active = metrics["active"] > 0
-                finite = np.isfinite(metrics["loss"][active])
-                if not finite.all():
-                    bad = step + int(np.argmin(finite)) + 1
-                    raise FloatingPointError(
-                        f"non-finite loss at repeat {self.repeat} task {t + 1} step {bad}; the "
-                        f"last good checkpoint (task {t + 1} step {last_saved}) is kept in "
-                        f"{self.checkpointer.directory}. Lower --config.lr or check the data.")
+                active = self._check_finite(metrics, task, step, last_saved=last_saved)
                 state, n = new_state, int(active.sum())
                 step += n
                 if chunk_fn in self._warm:  # a function's first call includes compilation
@@ -278,34 +318,40 @@ class RepeatRunner:
             raise
         return state, step
 
-    def _log(self, t, step, total, metrics, active, steps_per_second) -> None:
+    def _log(self, t, step, total, metrics, active, steps_per_second, **tags) -> None:
         means = {k: float(np.mean(v[active])) for k, v in metrics.items() if k != "active"}
         means["lr"] = float(metrics["lr"][active][-1])  # the current rate, not the mean
         images_per_second = steps_per_second * self.config.batch_size
-        self._write(step, {**means, "images_per_second": images_per_second}, task=t + 1)
+        self._write(step, {**means, "images_per_second": images_per_second}, task=t + 1,
+                    **tags)
         terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "lr")
-        logging.info("task %d step %d/%d %s lr %.4g %.0f img/s", t + 1, step, total, terms,
-                     means["lr"], images_per_second)
+        logging.info("task %d %sstep %d/%d %s lr %.4g %.0f img/s", t + 1,
+                     "".join(f"{v} " for v in tags.values()), step, total, terms, means["lr"],
+                     images_per_second)
 
-    def _evaluate(self, t, state, acc) -> None:
-        seen = self.test_labels < self.bounds[t][1]
-        logits = train.predict_logits(self.predict, state, self.splits.test_images[seen],
-                                      self.config.eval_batch_size, self.mesh.size)
+    def _evaluate(self, task: methods_lib.Task, learner, method_state, acc) -> None:
+        t = task.index
+        seen = self.test_labels < task.num_seen
+        logits = train.predict_all(self.predict, learner, self.splits.test_images[seen],
+                                   self.config.eval_batch_size, self.mesh.size)[0]
+        logits = self.method.eval_logits(method_state, logits, task)
         for j, (g, l) in enumerate(task_accuracies(logits, self.test_labels[seen],
                                                    self.bounds, t)):
             acc.record(t, j, g, l)
         row = acc.global_acc[t, :t + 1]
         logging.info("after task %d: accuracy per task %s, A_%d = %.2f%%", t + 1,
                      np.round(row, 2).tolist(), t + 1, float(np.mean(row)))
-        self.writer.write(t + 1, {"A": float(np.mean(row))}, repeat=self.repeat, eval=1)
+        self._write(t + 1, {"A": float(np.mean(row))}, eval=1)
 
-    def _result(self, acc, timing) -> dict:
+    def _result(self, acc, timing, method_state) -> dict:
         steps = max(timing["train_steps"], 1)
+        footprint = self.method.memory_footprint(self.rt, method_state)
         return {"seed": self.seed, "class_order": self.order.tolist(),
                 **acc.to_dict(),
                 "train_seconds_per_batch": timing["train_seconds"] / steps,
                 "task_wall_seconds": list(timing["task_wall_seconds"]),
-                "peak_memory_bytes": peak_memory_bytes()}
+                "peak_memory_bytes": peak_memory_bytes(),
+                "memory": {**footprint, "bytes": metrics_lib.memory_bytes(footprint)}}
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:

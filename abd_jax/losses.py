@@ -83,6 +83,40 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature) -
     return soft_kd_loss(student_logits, target, temperature)
 
 
+def taskwise_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, num_old,
+                     classes_per_task: int, temperature) -> jax.Array:
+    """E2E's distillation: sum over the past tasks j (columns `[j s, (j + 1) s)` inside
+    `[0, K_old)`, s = classes per task) of KD(s_j, t_j, T). Full-width `[B, K]` logits."""
+    total = jnp.zeros((), jnp.float32)
+    for j in range(student_logits.shape[-1] // classes_per_task):
+        lo, hi = j * classes_per_task, (j + 1) * classes_per_task
+        term = kd_loss(mask_logits(student_logits, lo, hi), mask_logits(teacher_logits, lo, hi),
+                       temperature)
+        total = total + jnp.where(hi <= num_old, term, 0.0)
+    return total
+
+
+def bias_correction(logits: jax.Array, alpha: jax.Array, beta: jax.Array,
+                    classes_per_task: int, num_corrected) -> jax.Array:
+    """BiC: logit k of task j = k // s becomes alpha_j z_k + beta_j for the columns
+    `[0, num_corrected)`; the others are unchanged. logits `[B, K]`, alpha/beta `[N]`."""
+    cols = jnp.arange(logits.shape[-1])
+    task_of = jnp.minimum(cols // classes_per_task, alpha.shape[0] - 1)
+    corrected = alpha[task_of] * logits + beta[task_of]
+    return jnp.where(cols < num_corrected, corrected, logits)
+
+
+def bic_stage1_loss(logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, num_old,
+                    num_seen, temperature):
+    """BiC's first stage: (1 - lambda) CE over `[0, K_new)` + lambda KD over `[0, K_old)`,
+    lambda = K_old / K_new. Returns (loss, ce, kd)."""
+    lam = jnp.asarray(num_old, jnp.float32) / jnp.asarray(num_seen, jnp.float32)
+    ce = valid_ce_loss(logits, labels, num_seen)
+    kd = kd_loss(mask_logits(logits, 0, num_old), mask_logits(teacher_logits, 0, num_old),
+                 temperature)
+    return (1.0 - lam) * ce + lam * kd, ce, kd
+
+
 def lwf_mc_loss(logits: jax.Array, labels: jax.Array, teacher_logits=None, *,
                 num_old=None, num_valid=None) -> jax.Array:
     """LwF.MC (iCaRL without exemplars): sum over valid columns of BCE(sigmoid(z), target) / B.
@@ -201,6 +235,7 @@ def content_loss(logits: jax.Array, temperature) -> jax.Array:
 __all__ = [
     "NEG_INF", "column_mask", "mask_logits", "weighted_ce_loss", "valid_ce_loss",
     "head_finetune_ce", "local_ce_loss", "task_balancing_weights", "soft_kd_loss", "kd_loss",
-    "lwf_mc_loss", "padded_soft_kd_loss", "feature_kd_loss", "bn_stat_kl",
+    "taskwise_kd_loss", "bias_correction", "bic_stage1_loss", "lwf_mc_loss",
+    "padded_soft_kd_loss", "feature_kd_loss", "bn_stat_kl",
     "bn_alignment_loss", "smoothness_loss", "diversity_loss", "content_loss",
 ]

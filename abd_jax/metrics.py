@@ -130,8 +130,9 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
 
     Each run result has ``seed``, ``class_order``, ``R_global``/``R_local`` [N][N] (None =
     unmeasured), ``train_seconds_per_batch``, ``task_wall_seconds`` [N], ``peak_memory_bytes``
-    (int or None). ``upper_bound`` is any dict with ``A_mean`` [N] (e.g. an earlier output of
-    this function); if given, Omega is computed per repeat against it.
+    (int or None) and optionally ``memory`` (see :func:`memory_bytes`). ``upper_bound`` is
+    any dict with ``A_mean`` [N] (e.g. an earlier output of this function); if given, Omega
+    is computed per repeat against it.
 
     Returns ``{"num_tasks", "num_repeats", "repeats": [...], "aggregate": {...}, "A_mean": [N]}``
     where each repeat adds ``A_global``, ``A_local``, ``final_accuracy``,
@@ -158,6 +159,8 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
             "task_wall_seconds": list(run["task_wall_seconds"]),
             "peak_memory_bytes": run.get("peak_memory_bytes"),
         }
+        if run.get("memory") is not None:
+            rep["memory"] = dict(run["memory"])
         if A_ub is not None:
             rep["omega"] = omega(a_g, A_ub)
         repeats.append(rep)
@@ -177,6 +180,8 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
         "task_wall_seconds": _summarize_per_task(walls),
         "peak_memory_bytes": max(peaks) if peaks else None,
     }
+    if "memory" in repeats[0]:
+        aggregate["memory"] = repeats[0]["memory"]  # the same for every repeat
     if A_ub is not None:
         aggregate["omega"] = summarize_repeats([r["omega"] for r in repeats])
     return _json_safe({
@@ -186,6 +191,22 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
         "aggregate": aggregate,
         "A_mean": per_task_g["mean"],
     })
+
+
+def memory_bytes(footprint: dict) -> int:
+    """Bytes a method keeps between tasks (the paper's memory comparison): float32 parameters
+    (classifier, generator) at 4 bytes and stored images at one byte per uint8 pixel value."""
+    params = footprint.get("classifier_parameters", 0) + footprint.get("generator_parameters", 0)
+    return 4 * int(params) + int(footprint.get("stored_image_bytes", 0))
+
+
+def _memory_line(memory: dict) -> str:
+    parts = [f"{memory['classifier_parameters']:,} classifier parameters"]
+    if memory.get("generator_parameters"):
+        parts.append(f"{memory['generator_parameters']:,} generator parameters")
+    if memory.get("stored_images"):
+        parts.append(f"{memory['stored_images']:,} stored images")
+    return f"- memory kept between tasks: {memory['bytes'] / 2**20:.2f} MiB ({' + '.join(parts)})"
 
 
 def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
@@ -225,6 +246,8 @@ def _summary_markdown(results: dict, config_dict: dict, title: str) -> str:
     lines.append(f"- seconds per training batch: {_pm(agg['train_seconds_per_batch'], 4)}")
     peak = agg["peak_memory_bytes"]
     lines.append(f"- peak memory: {'n/a' if peak is None else f'{peak / 2**20:.1f} MiB'}")
+    if "memory" in agg:
+        lines.append(_memory_line(agg["memory"]))
 
     lines += ["", "## Per-task results", "",
               "| tasks learned | A_i global (%) | A_i local (%) | wall time (s) |",

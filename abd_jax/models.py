@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from abd_jax import conv as conv_lib
@@ -21,6 +22,18 @@ BN_INPUTS = "bn_inputs"
 
 # PyTorch kaiming_normal_(mode="fan_in", nonlinearity="relu"): N(0, 2 / fan_in), untruncated.
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# PyTorch's default Linear/Conv weight init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int):
+    """PyTorch's default Linear/Conv bias init: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 class BatchNorm(nn.BatchNorm):
@@ -103,7 +116,8 @@ class CifarResNet(nn.Module):
                                dtype=self.dtype, conv_fn=self.conv_fn,
                                name=f"stage{stage + 1}_block{block}")(x)
         features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-        logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal, name="head")(features)
+        logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
+                          bias_init=torch_default_bias(features.shape[-1]), name="head")(features)
         return logits, features
 
 
@@ -129,7 +143,8 @@ class ResNet18(nn.Module):
                 x = BasicBlock(64 * 2**stage, strides, norm=norm, shortcut="B", dtype=self.dtype,
                                conv_fn=self.conv_fn, name=f"stage{stage + 1}_block{block}")(x)
         features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-        logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal, name="head")(features)
+        logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
+                          bias_init=torch_default_bias(features.shape[-1]), name="head")(features)
         return logits, features
 
 
@@ -159,7 +174,8 @@ class Generator(nn.Module):
 
     Linear -> 128 x (S/2^k)^2 -> BN -> k x (nearest upsample x2 -> conv3x3 -> BN -> LeakyReLU)
     -> conv3x3 C -> tanh -> BN without scale/offset. Inner BNs use `inner_bn_eps` (0.8 in the
-    release, a PyTorch positional-argument quirk kept for fidelity). Train mode normalises with
+    release, a PyTorch positional-argument quirk kept for fidelity). Linear and convolutions
+    are initialised as PyTorch's defaults (the release keeps them). Train mode normalises with
     batch statistics; eval mode (sampling) with running averages.
     `stage_channels` gives each upsampling stage's conv width (32x32: (128, 64); 64x64:
     (128, 128, 64); 224x224 with base 64 and 7x7 start: (64,) * 5).
@@ -180,14 +196,19 @@ class Generator(nn.Module):
                              f"2^{len(self.stage_channels)} upsampling stages")
         bn = lambda eps, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                             epsilon=eps, **kw)
-        x = nn.Dense(self.base_channels * start * start, name="fc")(z)
+        x = nn.Dense(self.base_channels * start * start, kernel_init=torch_default_kernel,
+                     bias_init=torch_default_bias(z.shape[-1]), name="fc")(z)
         x = x.reshape(z.shape[0], start, start, self.base_channels)
         x = bn(1e-5, name="bn0")(x)
+        conv = lambda width, name: nn.Conv(width, (3, 3), padding=1,
+                                           kernel_init=torch_default_kernel,
+                                           bias_init=torch_default_bias(9 * x.shape[-1]),
+                                           name=name)
         for i, width in enumerate(self.stage_channels):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest upsample x2
-            x = nn.Conv(width, (3, 3), padding=1, name=f"conv{i + 1}")(x)
+            x = conv(width, f"conv{i + 1}")(x)
             x = nn.leaky_relu(bn(self.inner_bn_eps, name=f"bn{i + 1}")(x), 0.2)
-        x = nn.Conv(self.channels, (3, 3), padding=1, name="conv_out")(x)
+        x = conv(self.channels, "conv_out")(x)
         x = jnp.tanh(x)
         return bn(1e-5, use_scale=False, use_bias=False, name="bn_out")(x)
 

@@ -293,30 +293,34 @@ def default_steps_per_call() -> int:
 
 
 def make_predict(model: nn.Module, mean, std, mesh: Mesh):
-    """Jitted `(params, batch_stats, images_uint8 [B,H,W,C]) -> logits [B, C]` (eval mode)."""
+    """Jitted `(params, batch_stats, images_uint8 [B,H,W,C]) -> (logits [B, C], features
+    [B, D])` (eval mode)."""
     batch_sharding = NamedSharding(mesh, P("data"))
 
     @jax.jit
     def predict(params, batch_stats, images):
         images = jax.lax.with_sharding_constraint(images, batch_sharding)
         x = data_lib.normalize(images, mean, std)
-        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-        return logits
+        return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
 
     return predict
 
 
-def predict_logits(predict, state_like, images: np.ndarray, batch_size: int, num_devices: int):
-    """Host loop: logits `[N, C]` (numpy) for uint8 images `[N, H, W, C]`, fixed-size batches
-    (the last one padded) so a single compilation serves every test set."""
+def predict_all(predict, state_like, images: np.ndarray, batch_size: int, num_devices: int):
+    """Host loop: (logits `[N, C]`, features `[N, D]`) (numpy) for uint8 images
+    `[N, H, W, C]`, in fixed-size batches (the last one padded) so that a single compilation
+    serves every image set."""
     batch_size = -(-batch_size // num_devices) * num_devices
-    outputs = []
+    logits, features = [], []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         n = len(batch)
         if n < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]),
                                                     batch.dtype)])
-        logits = predict(state_like.params, state_like.batch_stats, batch)
-        outputs.append(np.asarray(logits)[:n])
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+        z, f = predict(state_like.params, state_like.batch_stats, batch)
+        logits.append(np.asarray(z)[:n])
+        features.append(np.asarray(f)[:n])
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(logits), np.concatenate(features)

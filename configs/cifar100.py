@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0                 # repeat r uses seed + r (its own class order)
     c.repeats = 1
     c.method = "abd"           # abd | deepinversion | lwf_synthetic | base | upper_bound |
-    #                            lwf | lwf_mc
+    #                            lwf | lwf_mc | naive_rehearsal | lwf_coreset | e2e | bic
     c.upper_bound_results = ""  # results.json of an upper_bound run, for Omega
     # Model.
     c.model = "resnet32"
@@ -45,6 +45,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.abd = ml_collections.ConfigDict(dict(
         mu=0.1, task_balancing=True, local_ce=True, kd_on_real=True, kd_on_synthetic=True,
         ft_ce=True))
+    # Coreset baselines (SPEC section 6): a class-balanced memory of real training images.
+    c.memory = 2000            # images kept (naive_rehearsal, lwf_coreset, e2e, bic)
+    c.e2e = ml_collections.ConfigDict(dict(
+        balanced_epochs=30,      # E2E's class-balanced fine-tuning after every task but the first
+        balanced_lr_scale=0.01))  # at lr * 0.01 (SPEC: lr/100), constant
+    c.bic = ml_collections.ConfigDict(dict(
+        val_fraction=0.1,        # held-out share of an old class's memory (BiC's 9:1 split)
+        steps=1000, lr=0.01))    # stage 2: full-batch Adam on (alpha, beta); our choice
     # Model inversion (SPEC section 3), shared by abd, deepinversion and lwf_synthetic.
     c.synthesis = ml_collections.ConfigDict(dict(
         iterations=10_000, batch_size=0,  # 0 = the learner's batch_size

@@ -8,8 +8,9 @@
 
 Each row runs `abd_jax.experiment.run` in `<workdir>/<row>` (so an interrupted table resumes
 row by row); `upper_bound`, when listed, runs first and provides Omega for the others. The
-table (final accuracy A_N mean +- std over repeats, Omega, seconds per batch) is printed and
-written to `<workdir>/table.md`.
+table (final accuracy A_N mean +- std over repeats, Omega, the memory a method keeps between
+tasks, seconds per batch) is printed and written to `<workdir>/table.md`. Tables: `methods`
+(all rows of the paper's Table 1/2), `data_free`, `coreset`, `ablations` (Table 3).
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ ROWS = {
     "lwf_synthetic": {"method": "lwf_synthetic"},
     "deepinversion": {"method": "deepinversion"},
     "abd": {"method": "abd"},
+    "naive_rehearsal": {"method": "naive_rehearsal"},
+    "lwf_coreset": {"method": "lwf_coreset"},
+    "e2e": {"method": "e2e"},
+    "bic": {"method": "bic"},
     "abd_no_task_balancing": {"method": "abd", "abd.task_balancing": False},
     "abd_standard_ce": {"method": "abd", "abd.local_ce": False},
     "abd_feature_kd_synthetic_only": {"method": "abd", "abd.kd_on_real": False},
@@ -41,7 +46,10 @@ ROWS = {
 }
 TABLES = {
     "methods": ["upper_bound", "base", "lwf", "lwf_mc", "lwf_synthetic", "deepinversion",
-                "abd"],
+                "abd", "naive_rehearsal", "lwf_coreset", "e2e", "bic"],
+    "data_free": ["upper_bound", "base", "lwf", "lwf_mc", "lwf_synthetic", "deepinversion",
+                  "abd"],
+    "coreset": ["upper_bound", "naive_rehearsal", "lwf_coreset", "e2e", "bic"],
     "ablations": ["abd", "abd_no_task_balancing", "abd_standard_ce",
                   "abd_feature_kd_synthetic_only", "abd_feature_kd_real_only", "abd_no_ft_ce"],
 }
@@ -80,7 +88,8 @@ def main(argv):
         raise app.UsageError(f"unknown rows {unknown}; known: {sorted(ROWS)}")
     workdir = pathlib.Path(FLAGS.workdir)
     rows = sorted(rows, key=lambda r: r != "upper_bound")  # upper bound first, for Omega
-    lines = ["| row | final accuracy A_N (%) | Omega | s / batch |", "|---|---|---|---|"]
+    lines = ["| row | final accuracy A_N (%) | Omega | memory (MiB) | s / batch |",
+             "|---|---|---|---|---|"]
     upper_bound_path = ""
     for row in rows:
         overrides = dict(ROWS[row])
@@ -91,8 +100,10 @@ def main(argv):
         if row == "upper_bound":
             upper_bound_path = str(workdir / row / "results.json")
         agg = results["aggregate"]
+        memory = agg.get("memory", {}).get("bytes")
+        memory = "n/a" if memory is None else f"{memory / 2**20:.2f}"
         lines.append(f"| {row} | {_pm(agg['final_accuracy'])} | {_pm(agg.get('omega'))} | "
-                     f"{agg['train_seconds_per_batch']['mean']:.4f} |")
+                     f"{memory} | {agg['train_seconds_per_batch']['mean']:.4f} |")
         table = "\n".join(lines) + "\n"
         (workdir / "table.md").write_text(table)
     config_line = json.dumps({k: FLAGS.config[k] for k in ("dataset", "num_tasks", "model",

@@ -1,6 +1,7 @@
 """Model shapes and sizes against the reference architectures."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from abd_jax import models
@@ -45,3 +46,28 @@ def test_generator_presets(size, channels):
     out = jax.eval_shape(lambda: gen.init_with_output(jax.random.PRNGKey(0),
                                                        jnp.zeros((2, 16)))[0])
     assert out.shape == (2, size, size, channels)
+
+
+def test_the_32x32_generator_has_the_releases_parameter_count():
+    g = models.create_generator(32, 3, 1000)
+    assert _num_params(g, (2, 1000)) == 8_423_939
+
+
+def test_generator_and_head_are_initialised_as_pytorch_layers():
+    """Generator Linear/Conv: PyTorch defaults U(+-1/sqrt(fan_in)) for weights and biases;
+    classifier head: Kaiming-normal weights (SPEC section 2), PyTorch's default bias."""
+    g = models.create_generator(32, 3, 1000)
+    params = g.init(jax.random.PRNGKey(0), jnp.zeros((2, 1000)), train=False)["params"]
+    for name, fan_in in (("fc", 1000), ("conv1", 9 * 128), ("conv2", 9 * 128),
+                         ("conv_out", 9 * 64)):
+        bound = 1 / np.sqrt(fan_in)
+        for leaf in ("kernel", "bias"):
+            values = np.asarray(params[name][leaf]).ravel()
+            assert np.abs(values).max() <= bound, (name, leaf)
+            # uniform on [-b, b]: standard deviation b / sqrt(3)
+            np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.15 if
+                                       values.size > 100 else 0.6, err_msg=f"{name} {leaf}")
+    head = models.create_classifier("resnet32", 100).init(
+        jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]["head"]
+    assert np.abs(np.asarray(head["bias"])).max() <= 1 / 8 and np.asarray(head["bias"]).std() > 0
+    np.testing.assert_allclose(np.asarray(head["kernel"]).std(), np.sqrt(2 / 64), rtol=0.1)

@@ -50,8 +50,9 @@ def test_benchmark_reports_the_recompilation_of_issue_10():
 
 def test_run_table_writes_one_row_per_method(tmp_path):
     out = _run(["experiments/run_table.py", "--config=configs/digits.py",
-                f"--workdir={tmp_path}", "--rows=base,abd_no_ft_ce", "--config.epochs=1",
+                f"--workdir={tmp_path}", "--rows=base,abd_no_ft_ce,bic", "--config.epochs=1",
                 "--config.synthesis.iterations=4", f"--config.data_dir={tmp_path / 'tfds'}"])
     table = (tmp_path / "table.md").read_text()
     assert "| base |" in table and "| abd_no_ft_ce |" in table and table in out
+    assert "memory (MiB)" in table and "| bic |" in table
     assert (tmp_path / "abd_no_ft_ce" / "results.json").exists()

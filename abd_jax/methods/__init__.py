@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from abd_jax.methods.abd import ABD
 from abd_jax.methods.base import Base, UpperBound
+from abd_jax.methods.bic import BiC
+from abd_jax.methods.coreset import LwFCoreset, NaiveRehearsal
 from abd_jax.methods.deepinversion import DeepInversion
+from abd_jax.methods.e2e import E2E
 from abd_jax.methods.lifecycle import Method, Runtime, Task
 from abd_jax.methods.lwf import LwF, LwFMC, LwFSynthetic
 
 _CLASSES: dict[str, type] = {cls.name: cls for cls in (
-    ABD, DeepInversion, LwFSynthetic, Base, UpperBound, LwF, LwFMC)}
+    ABD, DeepInversion, LwFSynthetic, Base, UpperBound, LwF, LwFMC, NaiveRehearsal, LwFCoreset,
+    E2E, BiC)}
 
 METHODS = tuple(_CLASSES)
 

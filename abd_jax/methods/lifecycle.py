@@ -20,6 +20,8 @@ import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax.sharding import Mesh
@@ -53,6 +55,12 @@ class Runtime:
     fresh_learner(t) -> a newly initialised, placed TrainState for task t (its own key).
     task_indices(t) / seen_indices(t) -> int32 training-example indices of task t's classes /
         of every class seen up to task t.
+    train_labels: the (remapped) label of every training example, host int32 `[N]`.
+    predict_train(learner, index) -> (logits `[n, C]`, features `[n, D]`), host numpy: the
+        eval-mode model on the (normalised, not augmented) training images `index`.
+    train_stage(learner, state, loss_fn, index, *, epochs, lr, key, task, name) -> learner:
+        `epochs` more SGD epochs of `loss_fn` over `index` at a constant `lr`, with a fresh
+        optimiser (e.g. E2E's balanced fine-tuning), logged with phase=name.
     method_key: the repeat's PRNG key for the method's own randomness (fold_in per use).
     log(step, scalars, **tags): the run's metric writer (tagged with the repeat).
     save_samples(t, images, labels, title): a PNG grid of normalised images `[N, H, W, C]`
@@ -67,6 +75,9 @@ class Runtime:
     fresh_learner: Callable[[int], train.TrainState]
     task_indices: Callable[[int], np.ndarray]
     seen_indices: Callable[[int], np.ndarray]
+    train_labels: np.ndarray
+    predict_train: Callable[..., tuple]
+    train_stage: Callable[..., train.TrainState]
     method_key: Any
     log: Callable[..., None]
     save_samples: Callable[..., None]
@@ -81,7 +92,8 @@ class Runtime:
 
         return cls(config=config, model=model, mesh=mesh, image_shape=tuple(image_shape),
                    steps_per_call=steps_per_call, fresh_learner=no_data, task_indices=no_data,
-                   seen_indices=no_data, method_key=method_key,
+                   seen_indices=no_data, train_labels=np.zeros(0, np.int32),
+                   predict_train=no_data, train_stage=no_data, method_key=method_key,
                    log=lambda *args, **kwargs: None, save_samples=lambda *args: None)
 
 
@@ -138,6 +150,21 @@ class Method:
         """`(learner, state)` once `task`'s training is done, before it is evaluated."""
         del rt, task
         return learner, state
+
+    def eval_logits(self, state, logits: np.ndarray, task: Task) -> np.ndarray:
+        """The logits `[n, C]` the method classifies with after `task` (e.g. BiC's
+        correction); by default the model's own."""
+        del state, task
+        return logits
+
+    def memory_footprint(self, rt: Runtime, state) -> dict:
+        """What the method keeps between tasks to run the next one, for the paper's memory
+        comparison: parameter counts and stored images (see `metrics.memory_bytes`)."""
+        del state
+        params = jax.eval_shape(lambda: rt.model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *rt.image_shape)), train=False))["params"]
+        return {"classifier_parameters": sum(int(np.prod(p.shape))
+                                             for p in jax.tree.leaves(params))}
 
 
 class TeacherMethod(Method):

@@ -7,6 +7,7 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
+import numpy as np
 from flax import struct
 
 from abd_jax import models, synthesis, train
@@ -62,6 +63,10 @@ class SyntheticReplay(TeacherMethod):
     def init_state(self, rt: Runtime, learner) -> ReplayState:
         generator = self.synthesizer(rt).init(jax.random.fold_in(rt.method_key, 0))
         return ReplayState(teacher=train.teacher_of(learner), generator=generator)
+
+    def memory_footprint(self, rt: Runtime, state: ReplayState) -> dict:
+        count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.generator.params))
+        return {**super().memory_footprint(rt, state), "generator_parameters": count}
 
     def end_task(self, rt: Runtime, learner, state: ReplayState, task: Task):
         teacher = train.teacher_of(learner)

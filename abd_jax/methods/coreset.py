@@ -1,0 +1,202 @@
+"""Coreset (rehearsal) baselines (SPEC section 6): a class-balanced memory of real training
+images, kept as indices into the training set and mixed into every later task's data.
+
+Naive Rehearsal is Base plus the memory; LwF + coreset is LwF plus the memory (random
+selection, seeded). E2E and BiC (their own modules) use the same memory with herding.
+
+The memory is `int32 [M]` (`-1` = empty): class by class in label order, each class's
+exemplars in priority order (herding's picking order, or a seeded shuffle), so shrinking a
+class to its new quota keeps its first exemplars.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from abd_jax import train
+from abd_jax.methods import base, lwf
+from abd_jax.methods.lifecycle import Method, Runtime, Task, TeacherMethod
+
+SELECTIONS = ("random", "herding")
+
+
+def class_quotas(num_seen: int, size: int) -> np.ndarray:
+    """Memory slots per class `[K_new]`: floor(M / K_new) each, the newest `M mod K_new`
+    classes one more."""
+    quota, extra = divmod(size, num_seen)
+    quotas = np.full(num_seen, quota, np.int64)
+    if extra:
+        quotas[num_seen - extra:] += 1
+    return quotas
+
+
+def herding_order(features: np.ndarray, count: int) -> np.ndarray:
+    """iCaRL's herding: positions (into `features [n, D]`) of `count` examples, in picking
+    order. Features are L2-normalised; step k picks the unpicked example that brings the mean
+    of the k picked ones closest to the class mean."""
+    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    mean = f.mean(axis=0)
+    picked, total = [], np.zeros_like(mean)
+    available = np.ones(len(f), bool)
+    for k in range(1, min(count, len(f)) + 1):
+        distance = np.linalg.norm(mean - (total + f) / k, axis=1)
+        distance[~available] = np.inf
+        i = int(np.argmin(distance))
+        picked.append(i)
+        available[i] = False
+        total += f[i]
+    return np.asarray(picked, np.int64)
+
+
+def memory_by_class(memory: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
+    """{class: its exemplar indices in priority order} of a memory array (-1 = empty)."""
+    valid = memory[memory >= 0]
+    out: dict[int, np.ndarray] = {}
+    for c in np.unique(labels[valid]):
+        out[int(c)] = valid[labels[valid] == c]
+    return out
+
+
+def rebuild_memory(memory: np.ndarray, labels: np.ndarray, ranked_new: dict[int, np.ndarray],
+                   num_seen: int, size: int) -> np.ndarray:
+    """The memory after a task: every class in `[0, K_new)` cut to its quota (old classes keep
+    their first exemplars; `ranked_new[c]` lists a new class's candidates in priority order)."""
+    by_class = {**memory_by_class(memory, labels), **ranked_new}
+    quotas = class_quotas(num_seen, size)
+    kept = [by_class.get(c, np.zeros(0, np.int64))[:quotas[c]] for c in range(num_seen)]
+    out = np.full(size, -1, np.int32)
+    flat = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    out[:len(flat)] = flat
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Coreset:
+    """A memory of `size` training images, new classes chosen by `selection`."""
+
+    size: int
+    selection: str
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError(f"memory must be >= 1 image, got {self.size}; set --config.memory")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"coreset selection {self.selection!r}: use one of {SELECTIONS}")
+
+    def empty(self) -> jax.Array:
+        return jnp.full((self.size,), -1, jnp.int32)
+
+    def stored(self, memory) -> np.ndarray:
+        """The valid indices of a memory array (host numpy)."""
+        memory = np.asarray(memory)
+        return memory[memory >= 0].astype(np.int32)
+
+    def rank_new_classes(self, rt: Runtime, learner, task: Task, key) -> dict[int, np.ndarray]:
+        """{new class: candidate indices in priority order} (as many as its largest quota)."""
+        index = rt.task_indices(task.index)
+        labels = rt.train_labels[index]
+        need = int(class_quotas(task.num_seen, self.size).max())
+        features = rt.predict_train(learner, index)[1] if self.selection == "herding" else None
+        ranked = {}
+        for c in range(task.num_old, task.num_seen):
+            members = np.flatnonzero(labels == c)
+            if self.selection == "herding":
+                order = herding_order(features[members], need)
+            else:
+                order = np.asarray(jax.random.permutation(jax.random.fold_in(key, c),
+                                                          len(members)))[:need]
+            ranked[c] = index[members[order]]
+        return ranked
+
+    def updated(self, rt: Runtime, learner, memory, task: Task, key) -> jax.Array:
+        """The memory once `task` is learned (its new classes added, every class at quota)."""
+        ranked = self.rank_new_classes(rt, learner, task, key)
+        return jnp.asarray(rebuild_memory(np.asarray(memory), rt.train_labels, ranked,
+                                          task.num_seen, self.size))
+
+    def footprint(self, rt: Runtime) -> dict:
+        return {"stored_images": self.size,
+                "stored_image_bytes": self.size * int(np.prod(rt.image_shape))}
+
+
+@struct.dataclass
+class MemoryState:
+    """memory: `int32 [M]` training-example indices (-1 = empty), see the module docstring."""
+
+    memory: jax.Array
+
+
+@struct.dataclass
+class TeacherMemoryState:
+    """The previous task's frozen model and the memory."""
+
+    teacher: train.Teacher
+    memory: jax.Array
+
+
+class RehearsalMixin:
+    """Trains on the task's data plus the memory; updates the memory at each task end."""
+
+    coreset: Coreset
+
+    def index_capacity(self, rt, num_tasks):
+        return super().index_capacity(rt, num_tasks) + self.coreset.size
+
+    def train_index(self, rt, state, task):
+        return np.concatenate([rt.task_indices(task.index), self.coreset.stored(state.memory)])
+
+    def new_memory(self, rt, learner, state, task):
+        return self.coreset.updated(rt, learner, state.memory, task,
+                                    jax.random.fold_in(rt.method_key, task.index))
+
+    def memory_footprint(self, rt, state):
+        return {**super().memory_footprint(rt, state), **self.coreset.footprint(rt)}
+
+
+class NaiveRehearsal(RehearsalMixin, Method):
+    """Base (CE over the valid logits) on the task's data plus a random class-balanced
+    memory."""
+
+    name = "naive_rehearsal"
+
+    def __init__(self, config, image_shape):
+        super().__init__(config, image_shape)
+        self.coreset = Coreset(config.memory, "random")
+
+    def init_state(self, rt, learner):
+        return MemoryState(memory=self.coreset.empty())
+
+    def loss_fn(self, task):
+        return base.ce
+
+    def end_task(self, rt, learner, state, task):
+        return learner, state.replace(memory=self.new_memory(rt, learner, state, task))
+
+
+class TeacherRehearsal(RehearsalMixin, TeacherMethod):
+    """A distillation method with a memory: the teacher and the memory are renewed at every
+    task end."""
+
+    def init_state(self, rt, learner):
+        return TeacherMemoryState(teacher=train.teacher_of(learner),
+                                  memory=self.coreset.empty())
+
+    def end_task(self, rt, learner, state, task):
+        return learner, TeacherMemoryState(teacher=train.teacher_of(learner),
+                                           memory=self.new_memory(rt, learner, state, task))
+
+
+class LwFCoreset(TeacherRehearsal):
+    """LwF's loss (CE + KD over the past classes) on the task's data plus a random memory."""
+
+    name = "lwf_coreset"
+
+    def __init__(self, config, image_shape):
+        super().__init__(config, image_shape)
+        self.coreset = Coreset(config.memory, "random")
+        self.first_task_loss = base.ce
+        self.distill_loss = lwf.LwF(config, image_shape).distill_loss
