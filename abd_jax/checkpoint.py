@@ -1,15 +1,22 @@
 """Orbax checkpoints of the task loop, resume logic and the run-config fingerprint.
 
 A checkpoint holds one pytree (`state`: arrays only, as Flax state dicts) and one JSON item
-(`meta`: position in the run, accuracy records, timings). Its id encodes the position:
-`id = task * ID_STRIDE + step_in_task`; a finished task `t` is saved as `(t + 1, 0)`.
+(`meta`: accuracy records, timings, the metrics-log offset). Its id encodes the position
+`(task, step)`, `id = task * ID_STRIDE + step`, and so the phase of task `t`:
+
+- `step < END_TASK`: training step `step` (`(t, total_steps)` once training is done);
+- `END_TASK + k`: inside the method's end-of-task hook, which saved its progress `k`;
+- `EVALUATE`: the end-of-task hook is done, the evaluation is not;
+- a finished task `t` is saved as `(t + 1, 0)`.
 """
 from __future__ import annotations
 
+import fcntl
 import json
-import logging as py_logging
 import os
 import pathlib
+import socket
+import time
 from typing import Optional
 
 import jax
@@ -18,25 +25,18 @@ from absl import logging
 from flax import serialization
 
 ID_STRIDE = 10_000_000
+END_TASK = ID_STRIDE // 2
+EVALUATE = ID_STRIDE - 1
 
 # Config fields that do not change the numbers a run produces; they may differ on resume.
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data_dir", "download",
                      "eval_batch_size", "upper_bound_results", "synthesis_log_every",
-                     "sample_grid_size")
-
-
-def _not_orbax_info(record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
-
-
-def quiet_orbax_info_logs() -> None:
-    """Orbax logs every checkpoint write at INFO; keep only its warnings and errors."""
-    logging.get_absl_handler().addFilter(_not_orbax_info)
+                     "synthesis_checkpoint_every", "sample_grid_size")
 
 
 def position_to_id(task: int, step: int) -> int:
-    if step >= ID_STRIDE:
-        raise ValueError(f"a task longer than {ID_STRIDE} steps cannot be checkpointed")
+    if not 0 <= step < ID_STRIDE:
+        raise ValueError(f"step {step} is outside a task's checkpoint range [0, {ID_STRIDE})")
     return task * ID_STRIDE + step
 
 
@@ -58,6 +58,19 @@ class RunCheckpointer:
         step = self._manager.latest_step()
         return None if step is None else id_to_position(step)
 
+    def restore_latest(self, template: dict) -> Optional[tuple[tuple[int, int], dict, dict]]:
+        """`(position, pytree shaped like template, meta)` of the newest checkpoint that
+        restores, or None if there is none. A newer one that fails to restore (truncated or
+        missing files) is moved aside to `<directory>.damaged/` with a one-line warning, never
+        deleted, and the one before it is tried."""
+        while (step := self._manager.latest_step()) is not None:
+            try:
+                return id_to_position(step), self._restore_tree(step, template), \
+                    self._restore_meta(step)
+            except Exception as err:  # noqa: BLE001 (any failure to read it means damaged)
+                self._move_aside(step, err)
+        return None
+
     def save(self, task: int, step: int, tree: dict, meta: dict) -> None:
         ckpt_id = position_to_id(task, step)
         if ckpt_id in self._manager.all_steps():
@@ -67,22 +80,77 @@ class RunCheckpointer:
             meta=ocp.args.JsonSave(meta)))
         self._manager.wait_until_finished()
 
-    def restore_meta(self) -> dict:
-        step = self._manager.latest_step()
-        return self._manager.restore(step, args=ocp.args.Composite(
+    def _restore_meta(self, step: int) -> dict:
+        meta = self._manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or "accuracy" not in meta:
+            raise ValueError("its meta item is missing or incomplete")
+        return meta
 
-    def restore(self, template: dict) -> dict:
-        """The latest pytree, shaped and placed (shardings) like `template`."""
-        step = self._manager.latest_step()
+    def _restore_tree(self, step: int, template: dict) -> dict:
+        """The pytree of `step`, shaped and placed (shardings) like `template`."""
         target = serialization.to_state_dict(template)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
         return serialization.from_state_dict(template, restored)
 
+    def _move_aside(self, step: int, err: Exception) -> None:
+        source = self.directory / str(step)
+        target = self.directory.with_name(self.directory.name + ".damaged") / str(step)
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = target.with_name(f"{step}.{suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        logging.warning("checkpoint %d (task %d step %d) in %s does not restore (%s: %s); "
+                        "moved it to %s and trying the one before", step,
+                        *id_to_position(step), self.directory, type(err).__name__, reason,
+                        target)
+        if source.exists():
+            os.replace(source, target)
+        self._manager.reload()
+
     def close(self) -> None:
         self._manager.close()
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live process holds the workdir."""
+
+
+class WorkdirLock:
+    """One run per workdir: an exclusive `flock` on `<workdir>/.lock`, held while the run
+    lasts and released by the OS when the process ends (a `kill -9` leaves no stale lock).
+    The file names the holder (pid, host, start time) for the refused second launch."""
+
+    def __init__(self, workdir: os.PathLike):
+        self.path = pathlib.Path(workdir) / ".lock"
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "WorkdirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkdirBusy(f"workdir {self.path.parent} is in use by another run ({holder}); "
+                              "wait for it to finish, stop it, or pass another --workdir") \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def result_fields(config_dict: dict) -> dict:

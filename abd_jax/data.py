@@ -1,6 +1,8 @@
 """Datasets, class-incremental splits and on-device augmentation. Knows nothing of models."""
 import dataclasses
 import functools
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,12 @@ DATASETS = {
     # Pixel mean/std of the sklearn_digits train split (1442 images) after uint8 -> [0, 1].
     "digits": DatasetSpec("sklearn_digits", 10, (8, 8, 1), (0.3052,), (0.3760,)),
 }
+
+
+def expand_path(path) -> pathlib.Path:
+    """A path setting with `~` and environment variables expanded (a shell leaves the `~` of
+    `--config.data_dir=~/...` alone)."""
+    return pathlib.Path(os.path.expandvars(os.path.expanduser(str(path))))
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -57,7 +65,12 @@ def load_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = Fa
 
     from abd_jax import datasets  # noqa: PLC0415
     if spec.tfds_name == "sklearn_digits":
-        datasets.download_and_prepare(spec.tfds_name, data_dir)
+        try:
+            datasets.download_and_prepare(spec.tfds_name, data_dir)
+        except OSError as err:  # e.g. a read-only or misplaced data dir
+            raise ValueError(f"cannot prepare {spec.tfds_name} in data_dir {data_dir} "
+                             f"({type(err).__name__}: {err}); pass a writable folder as "
+                             "--config.data_dir") from err
     elif download and spec.tfds_name in datasets.OFFLINE_BUILDERS:
         try:  # TFDS's own CIFAR download/preparation needs TensorFlow; ours does not.
             datasets.download_and_prepare(spec.tfds_name, data_dir, download=True)

@@ -29,6 +29,7 @@ from abd_jax import data as data_lib
 from abd_jax import methods as methods_lib
 from abd_jax import metrics as metrics_lib
 from abd_jax import models
+from abd_jax import preemption
 from abd_jax import train
 
 
@@ -50,19 +51,38 @@ def validate_config(config, num_devices: int) -> None:
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
     data_lib.class_order(spec.num_classes, config.class_order, config.seed)
     models.create_classifier(config.model, spec.num_classes, config.dtype, config.conv_impl)
+    for name in ("batch_size", "eval_batch_size", "repeats", "epochs", "log_every_steps",
+                 "checkpoint_every_steps"):
+        if config[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {config[name]}; set "
+                             f"--config.{name}")
     if config.batch_size % num_devices:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                          f"{num_devices} devices; set --config.batch_size to a multiple")
-    for name in ("repeats", "epochs", "log_every_steps", "checkpoint_every_steps"):
-        if config[name] < 1:
-            raise ValueError(f"{name} must be >= 1, got {config[name]}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr}; set --config.lr")
     if list(config.lr_milestones) != sorted(config.lr_milestones):
         raise ValueError(f"lr_milestones must be increasing, got {config.lr_milestones}")
 
 
+def validate_task_sizes(config, splits: Splits) -> None:
+    """Every task must hold at least one batch of its own training images (checked before
+    anything is written to the workdir)."""
+    spec = splits.spec
+    order = data_lib.class_order(spec.num_classes, config.class_order, config.seed)
+    labels = data_lib.remap_labels(splits.train_labels, order)
+    for t, (lo, hi) in enumerate(data_lib.task_boundaries(spec.num_classes, config.num_tasks)):
+        count = len(data_lib.class_indices(labels, lo, hi, config.train_per_class))
+        if count < config.batch_size:
+            raise ValueError(
+                f"task {t + 1} has {count} training images, fewer than batch_size "
+                f"{config.batch_size}; lower --config.batch_size or raise "
+                "--config.train_per_class")
+
+
 def load_splits(config) -> Splits:
     spec = data_lib.get_spec(config.dataset)
-    data_dir = config.data_dir or None
+    data_dir = str(data_lib.expand_path(config.data_dir)) if config.data_dir else None
     train_x, train_y = data_lib.load_split(spec, "train", data_dir, config.download)
     test_x, test_y = data_lib.load_split(spec, "test", data_dir, config.download)
     return Splits(spec, train_x, train_y, test_x, test_y)
@@ -88,6 +108,25 @@ def task_accuracies(logits: np.ndarray, labels: np.ndarray, bounds, task: int):
         local_acc = float(np.mean(np.argmax(z[:, lo:hi], axis=1) + lo == y)) * 100
         out.append((global_acc, local_acc))
     return out
+
+
+def format_duration(seconds: float) -> str:
+    """'1h 02m', '3m 20s' or '45s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def describe_step(step: int) -> str:
+    """A checkpoint position's step in words (see `checkpoint`)."""
+    if step == ckpt_lib.EVALUATE:
+        return "evaluation (end-of-task hook done)"
+    if step >= ckpt_lib.END_TASK:
+        return f"end-of-task hook, progress {step - ckpt_lib.END_TASK}"
+    return f"step {step}"
 
 
 class RepeatRunner:
@@ -117,7 +156,7 @@ class RepeatRunner:
             augment=data_lib.AugmentConfig(**config.augment.to_dict()),
             mean=tuple(spec.mean), std=tuple(spec.std))
         self.checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints" / f"repeat_{repeat}")
-        self._chunk_fns: dict[Callable, Callable] = {}
+        self._chunk_fns: dict[tuple, Callable] = {}  # (loss_fn, StepConfig) -> jitted chunk
         self._warm: set = set()
         self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
         self.images = jax.device_put(splits.train_images, self.replicated)
@@ -129,9 +168,11 @@ class RepeatRunner:
             fresh_learner=lambda t: self._fresh_state(jax.random.fold_in(self.init_key, t)),
             task_indices=lambda t: self._class_indices(*self.bounds[t]),
             seen_indices=lambda t: self._class_indices(0, self.bounds[t][1]),
-            train_labels=self.train_labels, predict_train=self._predict_train,
-            train_stage=self._train_stage, method_key=method_key, log=self._write,
-            save_samples=self._save_samples)
+            train_labels=self.train_labels, device_images=self.images,
+            device_labels=self.labels, task_info=self._task_info,
+            predict_train=self._predict_train,
+            train_stage=self._train_stage, checkpoint_progress=self._checkpoint_progress,
+            method_key=method_key, log=self._write, save_samples=self._save_samples)
         self.index_capacity = self.method.index_capacity(self.rt, config.num_tasks)
 
     # ------------------------------------------------------------------ services
@@ -178,6 +219,10 @@ class RepeatRunner:
         padded = np.zeros(self.index_capacity, np.int32)
         padded[:len(index)] = index
         steps_per_epoch = len(index) // self.config.batch_size
+        if steps_per_epoch * epochs >= ckpt_lib.END_TASK:
+            raise ValueError(f"task {task.index + 1} would train {steps_per_epoch * epochs} "
+                             f"steps; at most {ckpt_lib.END_TASK - 1} fit a checkpoint "
+                             "position: lower --config.epochs")
         info = train.TaskInfo(
             index=jnp.asarray(padded), count=jnp.int32(len(index)),
             num_old=jnp.int32(task.num_old), num_seen=jnp.int32(task.num_seen),
@@ -234,56 +279,78 @@ class RepeatRunner:
         next call compile again."""
         return jax.device_put(tree, self.replicated)
 
-    def _save(self, task, step, learner, method_state, meta) -> None:
+    def _save(self, task: int, step: int, learner, method_state, result=None) -> None:
+        """Checkpoint position (task, step) (see `checkpoint`) with the accuracy records,
+        timings and the metrics log's length so far."""
+        meta = {"accuracy": self.acc.to_dict(), "timing": self.timing, "result": result,
+                "metrics_bytes": self.writer.tell()}
         self.checkpointer.save(task, step, {"state": learner, "method": method_state}, meta)
+
+    def _checkpoint_progress(self, task, learner, method_state, progress: int) -> None:
+        """See `Runtime.checkpoint_progress`."""
+        self._save(task.index, ckpt_lib.END_TASK + progress, learner, method_state)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         c = self.config
         learner = self._fresh_state(self.init_key)
         _, method_state = self._placed((learner, self.method.init_state(self.rt, learner)))
-        acc = metrics_lib.AccuracyMatrix(c.num_tasks)
-        timing = {"train_seconds": 0.0, "train_steps": 0, "task_wall_seconds": []}
+        self.acc = metrics_lib.AccuracyMatrix(c.num_tasks)
+        self.timing = {"train_seconds": 0.0, "train_steps": 0, "task_wall_seconds": []}
         start_task, start_step = 0, 0
 
-        position = self.checkpointer.latest()
-        if position is not None:
-            meta = self.checkpointer.restore_meta()
+        latest = self.checkpointer.restore_latest({"state": learner, "method": method_state})
+        if latest is None:
+            if self.repeat == 0:
+                self.writer.truncate(0)  # lines of a run killed before its first checkpoint
+        else:
+            (start_task, start_step), restored, meta = latest
+            if "metrics_bytes" in meta:  # drop lines logged after that checkpoint
+                self.writer.truncate(meta["metrics_bytes"])
             if meta.get("result") is not None:
                 logging.info("repeat %d already complete in the workdir", self.repeat)
                 return meta["result"]
-            start_task, start_step = position
-            restored = self.checkpointer.restore({"state": learner, "method": method_state})
             learner, method_state = restored["state"], restored["method"]
-            acc = metrics_lib.AccuracyMatrix.from_dict(meta["accuracy"])
-            timing = meta["timing"]
-            logging.info("resuming repeat %d at task %d step %d", self.repeat, start_task + 1,
-                         start_step)
+            self.acc = metrics_lib.AccuracyMatrix.from_dict(meta["accuracy"])
+            self.timing = meta["timing"]
+            logging.info("resuming repeat %d at task %d %s", self.repeat, start_task + 1,
+                         describe_step(start_step))
 
         for t in range(start_task, c.num_tasks):
             task_start = time.time()
             task = self._task(t)
             step = start_step if t == start_task else 0
-            if step == 0:
-                learner, method_state = self._placed(self.method.begin_task(
+            if step < ckpt_lib.END_TASK:
+                if step == 0:
+                    learner, method_state = self._placed(self.method.begin_task(
+                        self.rt, learner, method_state, task))
+                info = self._task_info(task, self.method.train_index(self.rt, method_state,
+                                                                     task),
+                                       c.epochs, jax.random.fold_in(self.run_key, t))
+                learner, step = self._train_task(task, step, learner, method_state, info)
+                # The end-of-task hook may be long (synthesis): don't redo training after it.
+                self._save(t, step, learner, method_state)
+            if step < ckpt_lib.EVALUATE:  # (resumes a hook that saved progress in its state)
+                learner, method_state = self._placed(self.method.end_task(
                     self.rt, learner, method_state, task))
-            info = self._task_info(task, self.method.train_index(self.rt, method_state, task),
-                                   c.epochs, jax.random.fold_in(self.run_key, t))
-            learner, step = self._train_task(task, step, learner, method_state, info, acc,
-                                             timing)
-            # The end-of-task hook may be long (synthesis): don't redo training after it.
-            self._save(t, step, learner, method_state,
-                       {"accuracy": acc.to_dict(), "timing": timing, "result": None})
-            learner, method_state = self._placed(self.method.end_task(
-                self.rt, learner, method_state, task))
-            self._evaluate(task, learner, method_state, acc)
-            timing["task_wall_seconds"].append(time.time() - task_start)
-            result = self._result(acc, timing, method_state) if task.is_last else None
-            self._save(t + 1, 0, learner, method_state,
-                       {"accuracy": acc.to_dict(), "timing": timing, "result": result})
-        return self._result(acc, timing, method_state)
+                self._save(t, ckpt_lib.EVALUATE, learner, method_state)
+            self._evaluate(task, learner, method_state)
+            self.timing["task_wall_seconds"].append(time.time() - task_start)
+            self._log_time_left(t)
+            result = self._result(method_state) if task.is_last else None
+            self._save(t + 1, 0, learner, method_state, result)
+        return self._result(method_state)
 
-    def _train_task(self, task, step, state, method_state, info, acc, timing):
+    def _log_time_left(self, t: int) -> None:
+        """A rough estimate: the mean wall time of this repeat's tasks so far."""
+        c = self.config
+        walls = self.timing["task_wall_seconds"]
+        tasks_left = (c.num_tasks - t - 1) + (c.repeats - self.repeat - 1) * c.num_tasks
+        left = (f"; roughly {format_duration(tasks_left * float(np.mean(walls)))} left "
+                f"({tasks_left} tasks)" if tasks_left else "")
+        logging.info("task %d took %s%s", t + 1, format_duration(walls[-1]), left)
+
+    def _train_task(self, task, step, state, method_state, info):
         c = self.config
         t = task.index
         total = int(info.total_steps)
@@ -303,18 +370,17 @@ class RepeatRunner:
                 state, n = new_state, int(active.sum())
                 step += n
                 if chunk_fn in self._warm:  # a function's first call includes compilation
-                    timing["train_seconds"] += elapsed
-                    timing["train_steps"] += n
+                    self.timing["train_seconds"] += elapsed
+                    self.timing["train_steps"] += n
                 self._warm.add(chunk_fn)
                 self._log(t, step, total, metrics, active, n / max(elapsed, 1e-9))
+                preemption.check()
                 if step - last_saved >= c.checkpoint_every_steps and step < total:
-                    self._save(t, step, state, method_state,
-                               {"accuracy": acc.to_dict(), "timing": timing, "result": None})
+                    self._save(t, step, state, method_state)
                     last_saved = step
         except KeyboardInterrupt:
             logging.warning("interrupted: saving a checkpoint at task %d step %d", t + 1, step)
-            self._save(t, step, state, method_state,
-                       {"accuracy": acc.to_dict(), "timing": timing, "result": None})
+            self._save(t, step, state, method_state)
             raise
         return state, step
 
@@ -329,7 +395,7 @@ class RepeatRunner:
                      "".join(f"{v} " for v in tags.values()), step, total, terms, means["lr"],
                      images_per_second)
 
-    def _evaluate(self, task: methods_lib.Task, learner, method_state, acc) -> None:
+    def _evaluate(self, task: methods_lib.Task, learner, method_state) -> None:
         t = task.index
         seen = self.test_labels < task.num_seen
         logits = train.predict_all(self.predict, learner, self.splits.test_images[seen],
@@ -337,21 +403,21 @@ class RepeatRunner:
         logits = self.method.eval_logits(method_state, logits, task)
         for j, (g, l) in enumerate(task_accuracies(logits, self.test_labels[seen],
                                                    self.bounds, t)):
-            acc.record(t, j, g, l)
-        row = acc.global_acc[t, :t + 1]
+            self.acc.record(t, j, g, l)
+        row = self.acc.global_acc[t, :t + 1]
         logging.info("after task %d: accuracy per task %s, A_%d = %.2f%%", t + 1,
                      np.round(row, 2).tolist(), t + 1, float(np.mean(row)))
         self._write(t + 1, {"A": float(np.mean(row))}, eval=1)
 
-    def _result(self, acc, timing, method_state) -> dict:
-        steps = max(timing["train_steps"], 1)
+    def _result(self, method_state) -> dict:
+        steps = max(self.timing["train_steps"], 1)
         footprint = self.method.memory_footprint(self.rt, method_state)
         return {"seed": self.seed, "class_order": self.order.tolist(),
-                **acc.to_dict(),
-                "train_seconds_per_batch": timing["train_seconds"] / steps,
-                "task_wall_seconds": list(timing["task_wall_seconds"]),
+                **self.acc.to_dict(),
+                "train_seconds_per_batch": self.timing["train_seconds"] / steps,
+                "task_wall_seconds": list(self.timing["task_wall_seconds"]),
                 "peak_memory_bytes": peak_memory_bytes(),
-                "memory": {**footprint, "bytes": metrics_lib.memory_bytes(footprint)}}
+                "memory": {**footprint, **metrics_lib.memory_totals(footprint)}}
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -364,23 +430,35 @@ def run(config, workdir, splits: Optional[Splits] = None) -> dict:
     """Run (or resume) every repeat of the experiment; returns the results dict.
 
     `splits` replaces loading `config.dataset` through TFDS (e.g. for timing runs)."""
-    workdir = pathlib.Path(workdir)
+    workdir = data_lib.expand_path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir {workdir} is a file; pass a folder as --workdir")
     mesh = make_mesh(config.num_devices)
     validate_config(config, mesh.size)
     config_dict = json.loads(config.to_json())
     ckpt_lib.check_or_write_fingerprint(workdir, config_dict, write=False)
+    with ckpt_lib.WorkdirLock(workdir):
+        return _run_locked(config, workdir, splits, mesh, config_dict)
+
+
+def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: Mesh,
+                config_dict: dict) -> dict:
     omega_reference = None  # the upper bound's results.json, for Omega
     if config.upper_bound_results:
-        path = pathlib.Path(config.upper_bound_results)
+        path = data_lib.expand_path(config.upper_bound_results)
         if not path.exists():
             raise FileNotFoundError(f"upper_bound_results {path} does not exist; run "
                                     "--config.method=upper_bound first and pass its "
                                     "results.json")
         omega_reference = json.loads(path.read_text())
     splits = splits or load_splits(config)
-    ckpt_lib.check_or_write_fingerprint(workdir, config_dict)  # written once the data loaded
+    validate_task_sizes(config, splits)
+    ckpt_lib.check_or_write_fingerprint(workdir, config_dict)  # written once all is checked
     logging.info("devices: %s; dataset %s: %d train / %d test images", mesh.devices.tolist(),
                  config.dataset, len(splits.train_labels), len(splits.test_labels))
+    logging.info("running %s: %d tasks, %d epochs each (%s, batch %d), %d repeat(s); every "
+                 "setting is in %s", config.method, config.num_tasks, config.epochs,
+                 config.model, config.batch_size, config.repeats, workdir / "config.json")
     title = f"{config.method} on {config.dataset}, {config.num_tasks} tasks"
     results = {}
     with metrics_lib.MetricWriter(workdir / "metrics.jsonl") as writer:

@@ -170,6 +170,21 @@ def feature_kd_loss(student_features: jax.Array, teacher_features: jax.Array,
     return jnp.mean(jnp.sum(jnp.square(proj), axis=-1)) / num_old
 
 
+def vae_loss(recon: jax.Array, images: jax.Array, mean: jax.Array, logvar: jax.Array,
+             weights=None) -> jax.Array:
+    """DGR's autoencoder loss: BCE(recon, x) averaged over the pixels + KL(q(z|x) || N(0, I))
+    divided by the pixel count (as the release normalises it), each averaged over the batch
+    with sample weights `[B]` (sum w_i term_i / sum w_i). Images `[B, ...]` in [0, 1],
+    mean/logvar `[B, z]`."""
+    batch = images.shape[0]
+    p = jnp.clip(recon.reshape(batch, -1).astype(jnp.float32), 1e-7, 1.0 - 1e-7)
+    x = images.reshape(batch, -1).astype(jnp.float32)
+    bce = -jnp.mean(x * jnp.log(p) + (1.0 - x) * jnp.log(1.0 - p), axis=-1)
+    kl = -0.5 * jnp.sum(1.0 + logvar - jnp.square(mean) - jnp.exp(logvar), axis=-1) / x.shape[1]
+    w = jnp.ones((batch,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    return jnp.sum(w * (bce + kl)) / jnp.sum(w)
+
+
 # ----------------------------------------------------------------------------- synthesis
 
 
@@ -236,6 +251,6 @@ __all__ = [
     "NEG_INF", "column_mask", "mask_logits", "weighted_ce_loss", "valid_ce_loss",
     "head_finetune_ce", "local_ce_loss", "task_balancing_weights", "soft_kd_loss", "kd_loss",
     "taskwise_kd_loss", "bias_correction", "bic_stage1_loss", "lwf_mc_loss",
-    "padded_soft_kd_loss", "feature_kd_loss", "bn_stat_kl",
+    "padded_soft_kd_loss", "vae_loss", "feature_kd_loss", "bn_stat_kl",
     "bn_alignment_loss", "smoothness_loss", "diversity_loss", "content_loss",
 ]

@@ -7,13 +7,16 @@ Rerunning the same command resumes from the newest checkpoint in --workdir.
 """
 from __future__ import annotations
 
-import signal
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import experiment
+from abd_jax import logs
+from abd_jax import preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -22,25 +25,50 @@ flags.DEFINE_string("workdir", None, "Where checkpoints and results go (resumes 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with one line naming the fix for a missing config file or an unknown
+    `--config.<field>` (ml_collections raises those as tracebacks)."""
+    try:
+        argv = app.parse_flags_with_usage(argv)
+        FLAGS.config.get("method")  # loads the file; a missing one fails here
+    except (AttributeError, KeyError) as err:
+        sys.exit(unknown_setting_message(str(err), argv))
+    except OSError as err:
+        reason = [line.strip() for line in str(err).splitlines() if "Errno" in line]
+        sys.exit(f"error: cannot load --config: {reason[0] if reason else err}; pass one of "
+                 "configs/*.py")
+    return argv
+
+
+def unknown_setting_message(error: str, argv: list[str]) -> str:
+    """'error: unknown setting --config.<path> ...' from ml_collections' KeyError text."""
+    field = re.search(r"[\w.]+", error.replace("\\'", "'"))
+    field = field.group(0) if field else error
+    given = [arg.split("=")[0] for arg in argv
+             if arg.startswith("--config.") and arg.split("=")[0].endswith(field)]
+    hint = re.search(r'Did you mean "([\w.]+)"', error)
+    fix = (f"did you mean {hint.group(1)!r}?" if hint else
+           "see configs/*.py for the settings a config has")
+    return (f"error: unknown setting {given[0] if given else '--config.' + field}: the "
+            f"config has no field {field!r}; {fix}")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    ckpt_lib.quiet_orbax_info_logs()
-    # SIGTERM (cluster pre-emption, `kill`) takes the same path as Ctrl-C: checkpoint, exit.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    logging.info("config:\n%s", FLAGS.config)
+    logs.quiet_library_logs()
+    # SIGTERM (cluster pre-emption, `kill`) and Ctrl-C only set a flag; the loops stop at the
+    # next jitted call, save a checkpoint and exit 130; a second signal exits at once.
+    preemption.install()
+    logging.debug("config:\n%s", FLAGS.config)  # (all of it is in <workdir>/config.json)
     try:
         experiment.run(FLAGS.config, FLAGS.workdir)
     except KeyboardInterrupt:
         logging.warning("stopped; rerun the same command to resume from %s", FLAGS.workdir)
         raise SystemExit(130)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, ckpt_lib.WorkdirBusy) as err:
         raise SystemExit(f"error: {err}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -130,7 +130,7 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
 
     Each run result has ``seed``, ``class_order``, ``R_global``/``R_local`` [N][N] (None =
     unmeasured), ``train_seconds_per_batch``, ``task_wall_seconds`` [N], ``peak_memory_bytes``
-    (int or None) and optionally ``memory`` (see :func:`memory_bytes`). ``upper_bound`` is
+    (int or None) and optionally ``memory`` (see :func:`memory_totals`). ``upper_bound`` is
     any dict with ``A_mean`` [N] (e.g. an earlier output of this function); if given, Omega
     is computed per repeat against it.
 
@@ -193,11 +193,13 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
     })
 
 
-def memory_bytes(footprint: dict) -> int:
-    """Bytes a method keeps between tasks (the paper's memory comparison): float32 parameters
-    (classifier, generator) at 4 bytes and stored images at one byte per uint8 pixel value."""
+def memory_totals(footprint: dict) -> dict:
+    """What a method keeps between tasks, in total (the paper's memory comparison):
+    `values`, the release's count (parameters + stored pixel values), and `bytes`, with
+    float32 parameters (classifier, generator) at 4 bytes and uint8 pixel values at 1."""
     params = footprint.get("classifier_parameters", 0) + footprint.get("generator_parameters", 0)
-    return 4 * int(params) + int(footprint.get("stored_image_bytes", 0))
+    pixels = int(footprint.get("stored_image_bytes", 0))
+    return {"values": int(params) + pixels, "bytes": 4 * int(params) + pixels}
 
 
 def _memory_line(memory: dict) -> str:
@@ -206,15 +208,24 @@ def _memory_line(memory: dict) -> str:
         parts.append(f"{memory['generator_parameters']:,} generator parameters")
     if memory.get("stored_images"):
         parts.append(f"{memory['stored_images']:,} stored images")
-    return f"- memory kept between tasks: {memory['bytes'] / 2**20:.2f} MiB ({' + '.join(parts)})"
+    return (f"- memory kept between tasks: {memory['values'] / 1e6:.2f} M values, "
+            f"{memory['bytes'] / 2**20:.2f} MiB ({' + '.join(parts)})")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to a temp file in ``path``'s folder, then ``os.replace`` it into place."""
+    """Write ``data`` to a temp file in ``path``'s folder, then ``os.replace`` it into place,
+    readable as the umask allows (not mkstemp's private 0600: results are shared)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -273,8 +284,9 @@ def _floats(seq) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in seq], dtype=float)
 
 
-def _accuracy_png(results: dict, title: str) -> bytes:
-    """PNG bytes: mean A_i vs tasks learned with a ±std band and one faint line per repeat."""
+def accuracy_figure(results: dict, title: str):
+    """Matplotlib Figure: mean A_i vs tasks learned on a fixed 0-100 axis (a drop looks as
+    large as it is), one faint line per repeat and, with several repeats, a ±std band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -282,21 +294,31 @@ def _accuracy_png(results: dict, title: str) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     x = np.arange(1, results["num_tasks"] + 1)
-    for rep in results["repeats"]:
-        ax.plot(x, _floats(rep["A_global"]), color="C0", alpha=0.25, linewidth=1)
+    repeats = results["repeats"]
     mean = _floats(results["aggregate"]["A_global"]["mean"])
-    std = _floats(results["aggregate"]["A_global"]["std"])
-    ax.fill_between(x, mean - std, mean + std, color="C0", alpha=0.2, linewidth=0)
-    ax.plot(x, mean, color="C0", marker="o", linewidth=2, label="mean ± std")
+    if len(repeats) > 1:
+        for rep in repeats:
+            ax.plot(x, _floats(rep["A_global"]), color="C0", alpha=0.25, linewidth=1)
+        std = _floats(results["aggregate"]["A_global"]["std"])
+        ax.fill_between(x, mean - std, mean + std, color="C0", alpha=0.2, linewidth=0)
+        label = f"mean ± std over {len(repeats)} repeats"
+    else:
+        label = "1 repeat"
+    ax.plot(x, mean, color="C0", marker="o", linewidth=2, label=label)
     ax.set_xlabel("tasks learned")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy on all seen classes (%)")
+    ax.set_ylim(0, 100)
     ax.set_xticks(x)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def _accuracy_png(results: dict, title: str) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    accuracy_figure(results, title).savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -346,7 +368,8 @@ class MetricWriter:
     """Append-only JSON-lines scalar log: one ``{"step", **tags, **scalars}`` object per line.
 
     Scalars are converted with ``float``; non-finite values are written as ``null`` so every
-    line is strict JSON. Opened in append mode so resumed runs keep earlier lines.
+    line is strict JSON. Opened in append mode so resumed runs keep earlier lines; a checkpoint
+    records `tell()` and a resume `truncate`s back to it, so no line appears twice.
     """
 
     def __init__(self, path):
@@ -358,6 +381,16 @@ class MetricWriter:
         record = {"step": int(step), **tags, **{k: float(v) for k, v in scalars.items()}}
         self._f.write(json.dumps(_json_safe(record), allow_nan=False, default=str) + "\n")
         self._f.flush()
+
+    def tell(self) -> int:
+        """Bytes written so far (the file's length)."""
+        return self._f.tell()
+
+    def truncate(self, size: int) -> None:
+        """Drop everything after the first `size` bytes (no-op if the file is shorter)."""
+        if size < self.tell():
+            self._f.truncate(size)
+            self._f.seek(0, 2)  # the append position follows the new end
 
     def close(self) -> None:
         self._f.close()

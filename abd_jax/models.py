@@ -231,3 +231,57 @@ def create_generator(image_size: int, channels: int, z_dim: int = 1000,
         preset = dict(base_channels=128, stage_channels=(128, 64)[:stages])
     return Generator(image_size=image_size, channels=channels, z_dim=z_dim,
                      inner_bn_eps=inner_bn_eps, **preset)
+
+
+class ConvVAE(nn.Module):
+    """DGR's variational autoencoder (the release's `AutoEncoder`, after van de Ven & Tolias):
+    images in [0, 1] `[B, S, S, C]` -> 3 x (conv 4x4 stride 2 + ReLU: 64, 128, 512 channels)
+    -> Linear to mean and log-variance `[B, z_dim]`; z -> Linear to 512 x (S/8)^2 -> 3 x
+    (transposed conv 4x4 stride 2: 256, 64, C; ReLU between) -> sigmoid. No BatchNorm; layers
+    initialised as PyTorch's defaults."""
+
+    image_size: int = 32
+    channels: int = 3
+    z_dim: int = 1024
+
+    def setup(self):
+        if self.image_size % 8:
+            raise ValueError(f"the DGR autoencoder needs an image size divisible by 8, got "
+                             f"{self.image_size}")
+        side = self.image_size // 8
+        conv = lambda f, fan_in: nn.Conv(f, (4, 4), (2, 2), padding=1,
+                                         kernel_init=torch_default_kernel,
+                                         bias_init=torch_default_bias(16 * fan_in))
+        dense = lambda f, fan_in: nn.Dense(f, kernel_init=torch_default_kernel,
+                                           bias_init=torch_default_bias(fan_in))
+        deconv = lambda f, fan_in: nn.ConvTranspose(f, (4, 4), (2, 2), padding="SAME",
+                                                    kernel_init=torch_default_kernel,
+                                                    bias_init=torch_default_bias(16 * fan_in))
+        self.encoder = [conv(64, self.channels), conv(128, 64), conv(512, 128)]
+        self.to_mean = dense(self.z_dim, 512 * side * side)
+        self.to_logvar = dense(self.z_dim, 512 * side * side)
+        self.project = dense(512 * side * side, self.z_dim)
+        self.decoder = [deconv(256, 512), deconv(64, 256), deconv(self.channels, 64)]
+
+    def encode(self, x):
+        """(mean, log-variance) `[B, z_dim]` of q(z | x)."""
+        for layer in self.encoder:
+            x = nn.relu(layer(x))
+        x = x.reshape(x.shape[0], -1)
+        return self.to_mean(x), self.to_logvar(x)
+
+    def decode(self, z):
+        """Images in [0, 1] `[B, S, S, C]` from latents `[B, z_dim]`."""
+        side = self.image_size // 8
+        x = self.project(z).reshape(z.shape[0], side, side, 512)
+        for i, layer in enumerate(self.decoder):
+            x = layer(x)
+            if i < len(self.decoder) - 1:
+                x = nn.relu(x)
+        return nn.sigmoid(x)
+
+    def __call__(self, x, rng):
+        """(reconstruction, mean, log-variance) with z = mean + exp(logvar / 2) * N(0, I)."""
+        mean, logvar = self.encode(x)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+        return self.decode(z), mean, logvar

@@ -25,7 +25,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from abd_jax import losses, models, train
+from abd_jax import losses, models, preemption, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,16 +168,29 @@ class Synthesizer:
         return {"params": gen_state.params, "batch_stats": gen_state.batch_stats}
 
     def train(self, gen_state: train.TrainState, teacher: train.Teacher, num_seen: int, key,
-              log: Optional[Callable[[int, dict], Any]] = None,
-              log_every: int = 500) -> train.TrainState:
-        """`cfg.iterations` generator steps against `teacher`; `log(iteration, mean terms)`."""
-        limit = int(gen_state.step) + self.cfg.iterations
+              log: Optional[Callable[[int, dict], Any]] = None, log_every: int = 500, *,
+              until: Optional[int] = None,
+              checkpoint: Optional[Callable[[train.TrainState, int], Any]] = None,
+              checkpoint_every: int = 0) -> train.TrainState:
+        """Generator steps against `teacher` until `gen_state.step == until` (default: the
+        step plus `cfg.iterations`), so a state saved part-way continues where it stopped.
+        `log(iteration, mean terms)` every `log_every` iterations; `checkpoint(gen_state,
+        iteration)` every `checkpoint_every` iterations and when a stop is requested
+        (`preemption`), after which `Preempted` is raised. Iterations count from
+        `until - cfg.iterations`."""
+        until = int(gen_state.step) + self.cfg.iterations if until is None else until
+        first = until - self.cfg.iterations
         num_seen = jnp.int32(num_seen)
-        done, tic = 0, time.time()
+        done = last_saved = int(gen_state.step) - first
+        tic, start = time.time(), done
         while done < self.cfg.iterations:
-            todo = min(log_every, self.cfg.iterations - done)
+            if preemption.requested():
+                if checkpoint is not None and done > last_saved:
+                    checkpoint(gen_state, done)
+                preemption.check()
+            todo = min(log_every - done % log_every, self.cfg.iterations - done)
             gen_state, metrics = train.run_steps(self.fused_step, gen_state, todo,
-                                                 self.steps_per_call, limit, teacher, num_seen,
+                                                 self.steps_per_call, until, teacher, num_seen,
                                                  key)
             active = metrics.pop("active") > 0
             if not np.isfinite(metrics["loss"][active]).all():
@@ -189,7 +202,11 @@ class Synthesizer:
                 log(done, means)
             logging.info("generator %d/%d %s (%.1f it/s)", done, self.cfg.iterations,
                          " ".join(f"{k} {v:.4f}" for k, v in means.items()),
-                         done / max(time.time() - tic, 1e-9))
+                         (done - start) / max(time.time() - tic, 1e-9))
+            if (checkpoint is not None and checkpoint_every and done < self.cfg.iterations
+                    and done - last_saved >= checkpoint_every):
+                checkpoint(gen_state, done)
+                last_saved = done
         return gen_state
 
     def labelled_samples(self, gen_state, teacher: train.Teacher, num_seen: int, key,

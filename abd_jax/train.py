@@ -30,6 +30,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import data as data_lib
+from abd_jax import preemption
 
 
 class TrainState(train_state.TrainState):
@@ -270,9 +271,17 @@ def fuse_steps(step_fn: Callable, chunk: int, skip: str = "cond") -> Callable:
 
 def run_steps(fused: Callable, state, num_steps: int, steps_per_call: int, *args):
     """Host loop: call `fused(state, *args)` (a jitted `fuse_steps` function) enough times to
-    cover `num_steps`; returns (state, {name: numpy [calls * steps_per_call]})."""
+    cover `num_steps`; returns (state, {name: numpy [calls * steps_per_call]}).
+
+    A stop request (`preemption`) ends the loop early between calls: the steps done so far
+    are returned (the caller then calls `preemption.check()` where its state is saved), or
+    `Preempted` is raised if none was done."""
     outputs = []
     for _ in range(-(-num_steps // steps_per_call)):
+        if preemption.requested():
+            if not outputs:
+                preemption.check()
+            break
         state, out = fused(state, *args)
         outputs.append(out)
     return state, {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
@@ -313,6 +322,7 @@ def predict_all(predict, state_like, images: np.ndarray, batch_size: int, num_de
     batch_size = -(-batch_size // num_devices) * num_devices
     logits, features = [], []
     for start in range(0, len(images), batch_size):
+        preemption.check()
         batch = images[start:start + batch_size]
         n = len(batch)
         if n < batch_size:

@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0                 # repeat r uses seed + r (its own class order)
     c.repeats = 1
     c.method = "abd"           # abd | deepinversion | lwf_synthetic | base | upper_bound |
-    #                            lwf | lwf_mc | naive_rehearsal | lwf_coreset | e2e | bic
+    #                            lwf | lwf_mc | naive_rehearsal | lwf_coreset | e2e | bic |
+    #                            dgr
     c.upper_bound_results = ""  # results.json of an upper_bound run, for Omega
     # Model.
     c.model = "resnet32"
@@ -53,13 +54,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.bic = ml_collections.ConfigDict(dict(
         val_fraction=0.1,        # held-out share of an old class's memory (BiC's 9:1 split)
         steps=1000, lr=0.01))    # stage 2: full-batch Adam on (alpha, beta); our choice
+    # DGR (SPEC section 6): the release's variational autoencoder, trained after each task.
+    c.dgr = ml_collections.ConfigDict(dict(
+        z_dim=1024,              # the release's CIFAR latent size
+        epochs=0,                # 0 = as many epochs as the classifier (the release trains
+        #                          both together); Adam at lr:
+        lr=1e-3))
     # Model inversion (SPEC section 3), shared by abd, deepinversion and lwf_synthetic.
     c.synthesis = ml_collections.ConfigDict(dict(
         iterations=10_000, batch_size=0,  # 0 = the learner's batch_size
         lr=1e-3, z_dim=1000, content_temperature=1e3, w_content=1.0, w_diversity=1.0,
         w_stat=50.0, w_smooth=1e-3, inner_bn_eps=0.8))
     c.synthesis_log_every = 500
-    c.sample_grid_size = 64    # synthetic samples drawn into samples_task<t>.png    # Execution.
+    c.synthesis_checkpoint_every = 2000  # generator iterations between checkpoints
+    c.sample_grid_size = 64    # synthetic samples drawn into samples_task<t>.png
+    # Execution.
     c.num_devices = 0          # data-parallel over this many local devices (0 = all)
     c.eval_batch_size = 1000
     c.log_every_steps = 100

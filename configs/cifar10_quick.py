@@ -19,6 +19,7 @@ def get_config():
     c.e2e.balanced_epochs = 10
     c.synthesis.iterations = 500
     c.synthesis_log_every = 100
+    c.synthesis_checkpoint_every = 200
     c.log_every_steps = 50
     c.checkpoint_every_steps = 200
     return c

@@ -16,9 +16,11 @@ def get_config():
     c.lr_milestones = (20, 25)
     c.memory = 60               # ~4% of the 1,442 training images, as 2,000 of CIFAR's 50,000
     c.e2e.balanced_epochs = 10
+    c.dgr.z_dim = 32
     c.synthesis.iterations = 300
     c.synthesis.z_dim = 100
     c.synthesis_log_every = 100
+    c.synthesis_checkpoint_every = 100
     c.eval_batch_size = 256
     c.log_every_steps = 50
     c.checkpoint_every_steps = 100

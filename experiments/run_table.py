@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from abd_jax import checkpoint, experiment  # noqa: E402
+from abd_jax import experiment, logs  # noqa: E402
 
 # row name -> config overrides (dotted keys for nested fields)
 ROWS = {
@@ -38,6 +38,7 @@ ROWS = {
     "lwf_coreset": {"method": "lwf_coreset"},
     "e2e": {"method": "e2e"},
     "bic": {"method": "bic"},
+    "dgr": {"method": "dgr"},
     "abd_no_task_balancing": {"method": "abd", "abd.task_balancing": False},
     "abd_standard_ce": {"method": "abd", "abd.local_ce": False},
     "abd_feature_kd_synthetic_only": {"method": "abd", "abd.kd_on_real": False},
@@ -46,9 +47,9 @@ ROWS = {
 }
 TABLES = {
     "methods": ["upper_bound", "base", "lwf", "lwf_mc", "lwf_synthetic", "deepinversion",
-                "abd", "naive_rehearsal", "lwf_coreset", "e2e", "bic"],
+                "abd", "dgr", "naive_rehearsal", "lwf_coreset", "e2e", "bic"],
     "data_free": ["upper_bound", "base", "lwf", "lwf_mc", "lwf_synthetic", "deepinversion",
-                  "abd"],
+                  "abd", "dgr"],
     "coreset": ["upper_bound", "naive_rehearsal", "lwf_coreset", "e2e", "bic"],
     "ablations": ["abd", "abd_no_task_balancing", "abd_standard_ce",
                   "abd_feature_kd_synthetic_only", "abd_feature_kd_real_only", "abd_no_ft_ce"],
@@ -81,14 +82,14 @@ def _pm(stat) -> str:
 
 def main(argv):
     del argv
-    checkpoint.quiet_orbax_info_logs()
+    logs.quiet_library_logs()
     rows = FLAGS.rows or TABLES[FLAGS.table]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise app.UsageError(f"unknown rows {unknown}; known: {sorted(ROWS)}")
     workdir = pathlib.Path(FLAGS.workdir)
     rows = sorted(rows, key=lambda r: r != "upper_bound")  # upper bound first, for Omega
-    lines = ["| row | final accuracy A_N (%) | Omega | memory (MiB) | s / batch |",
+    lines = ["| row | final accuracy A_N (%) | Omega | memory (M values) | s / batch |",
              "|---|---|---|---|---|"]
     upper_bound_path = ""
     for row in rows:
@@ -100,8 +101,8 @@ def main(argv):
         if row == "upper_bound":
             upper_bound_path = str(workdir / row / "results.json")
         agg = results["aggregate"]
-        memory = agg.get("memory", {}).get("bytes")
-        memory = "n/a" if memory is None else f"{memory / 2**20:.2f}"
+        memory = agg.get("memory", {}).get("values")
+        memory = "n/a" if memory is None else f"{memory / 1e6:.2f}"
         lines.append(f"| {row} | {_pm(agg['final_accuracy'])} | {_pm(agg.get('omega'))} | "
                      f"{memory} | {agg['train_seconds_per_batch']['mean']:.4f} |")
         table = "\n".join(lines) + "\n"

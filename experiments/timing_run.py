@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from abd_jax import checkpoint, data, experiment  # noqa: E402
+from abd_jax import data, experiment, logs  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -43,7 +43,7 @@ def random_splits(config) -> experiment.Splits:
 
 def main(argv):
     del argv
-    checkpoint.quiet_orbax_info_logs()
+    logs.quiet_library_logs()
     tic = time.time()
     results = experiment.run(FLAGS.config, FLAGS.workdir, random_splits(FLAGS.config))
     total = time.time() - tic

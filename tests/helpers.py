@@ -11,6 +11,7 @@ def tiny_config(data_dir, **overrides):
     c.checkpoint_every_steps = 4
     c.synthesis.iterations = 20
     c.synthesis_log_every = 10
+    c.synthesis_checkpoint_every = 10
     c.sample_grid_size = 4
     for k, v in overrides.items():
         c[k] = v

@@ -1,5 +1,5 @@
 """Coreset baselines (SPEC section 6): the memory, herding, E2E's balanced stage, BiC's bias
-correction, memory accounting, and resume through every new end-of-task stage."""
+correction, memory accounting, and resume through every new end-of-task stage (DGR's too)."""
 import json
 
 import jax
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from abd_jax import experiment, losses, methods, models, train
-from abd_jax.methods import bic, coreset
+from abd_jax.methods import bic, coreset, dgr
 from configs import digits
 from helpers import tiny_config
 
@@ -177,6 +177,7 @@ def test_coreset_methods_run_and_account_for_their_memory(digits_data_dir, tmp_p
     memory = results["repeats"][0]["memory"]
     assert memory["stored_images"] == 60 and memory["stored_image_bytes"] == 60 * 64
     assert memory["bytes"] == 4 * memory["classifier_parameters"] + 60 * 64
+    assert memory["values"] == memory["classifier_parameters"] + 60 * 64  # the release's count
     assert "memory kept between tasks" in (tmp_path / "summary.md").read_text()
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["aggregate"]["memory"] == memory
@@ -206,14 +207,15 @@ def _interrupt_once(monkeypatch, owner, name, at_call):
 
 @pytest.mark.parametrize("method,stage", [
     ("naive_rehearsal", "coreset update"), ("e2e", "balanced fine-tuning"),
-    ("bic", "bias fit")])
+    ("bic", "bias fit"), ("dgr", "autoencoder training")])
 def test_interrupt_in_an_end_of_task_stage_resumes_identically(digits_data_dir, tmp_path,
                                                                monkeypatch, method, stage):
     config = tiny_config(digits_data_dir, method=method, epochs=1, num_tasks=5)
     reference = experiment.run(config, tmp_path / "straight")
     owner, name = {"coreset update": (coreset.Coreset, "updated"),
                    "balanced fine-tuning": (experiment.RepeatRunner, "_train_stage"),
-                   "bias fit": (bic, "fit_bias")}[stage]
+                   "bias fit": (bic, "fit_bias"),
+                   "autoencoder training": (dgr.DGR, "vae_chunk")}[stage]
     real = _interrupt_once(monkeypatch, owner, name, at_call=2)  # at the end of task 3 or 2
     with pytest.raises(KeyboardInterrupt):
         experiment.run(config, tmp_path / "resumed")

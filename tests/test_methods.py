@@ -113,8 +113,8 @@ def test_a_new_method_plugs_in_and_its_state_is_checkpointed(digits_data_dir, tm
     assert ckpt.latest() == (5, 0)
     learner = train.create_train_state(models.create_classifier("resnet8", 10),
                                        jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
-    restored = ckpt.restore({"state": learner, "method": CountState(jnp.int32(0),
-                                                                    jnp.float32(0))})
+    _, restored, _ = ckpt.restore_latest({"state": learner,
+                                          "method": CountState(jnp.int32(0), jnp.float32(0))})
     assert int(restored["method"].tasks_ended) == 5
     assert float(restored["method"].head_sum) != 0.0
     ckpt.close()
@@ -124,27 +124,32 @@ def test_a_new_method_plugs_in_and_its_state_is_checkpointed(digits_data_dir, tm
 
 def test_interrupted_synthesis_resumes_to_identical_results(digits_data_dir, tmp_path,
                                                             monkeypatch):
-    """Ctrl-C inside the generator training after task 2: the rerun starts that task's
-    end-of-task hook again from the checkpoint taken when its training finished."""
+    """An exception (as a crash) inside the generator training after task 2, after its
+    progress checkpoint at iteration 10 of 20: the rerun continues that end-of-task hook
+    from the saved generator."""
     config = tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=5)
     reference = experiment.run(config, tmp_path / "straight")
     real = synthesis.Synthesizer.train
     calls = {"n": 0}
 
-    def interrupted(self, gen_state, teacher, num_seen, key, log=None, log_every=500):
+    def interrupted(self, gen_state, teacher, num_seen, key, log=None, log_every=500,
+                    **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the synthesis after task 2, half-way
+        if calls["n"] == 2:  # the synthesis after task 2, at its last log
             def stop(it, terms):
-                if it >= self.cfg.iterations // 2:
+                if it >= self.cfg.iterations:
                     raise KeyboardInterrupt
                 log(it, terms)
-            return real(self, gen_state, teacher, num_seen, key, stop, log_every)
-        return real(self, gen_state, teacher, num_seen, key, log, log_every)
+            return real(self, gen_state, teacher, num_seen, key, stop, log_every, **kwargs)
+        return real(self, gen_state, teacher, num_seen, key, log, log_every, **kwargs)
 
     monkeypatch.setattr(synthesis.Synthesizer, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         experiment.run(config, tmp_path / "resumed")
     monkeypatch.setattr(synthesis.Synthesizer, "train", real)
+    checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "resumed" / "checkpoints" / "repeat_0")
+    assert checkpointer.latest() == (1, ckpt_lib.END_TASK + 10)  # task 2's generator, it. 10
+    checkpointer.close()
     resumed = experiment.run(config, tmp_path / "resumed")
     assert [r["R_global"] for r in resumed["repeats"]] == [
         r["R_global"] for r in reference["repeats"]]

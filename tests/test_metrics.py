@@ -125,3 +125,28 @@ def test_metric_writer_appends(tmp_path):
     lines = [json.loads(s) for s in path.read_text().splitlines()]
     assert lines[0] == {"step": 1, "task": 0, "phase": "train", "loss": 0.5, "acc": 3.0}
     assert lines[1] == {"step": 2, "task": 1, "loss": None}
+
+
+def test_metric_writer_truncates_to_a_checkpointed_length(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with metrics.MetricWriter(path) as w:
+        w.write(1, {"loss": 1.0})
+        saved = w.tell()  # what a checkpoint records
+        w.write(2, {"loss": 2.0})  # logged after the checkpoint, then the run was killed
+    with metrics.MetricWriter(path) as w:  # the resumed run
+        w.truncate(saved)
+        assert w.tell() == saved
+        w.write(2, {"loss": 2.0})
+    assert [json.loads(s)["step"] for s in path.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("num_repeats", [1, 3])
+def test_accuracy_plot_has_a_fixed_axis_and_an_honest_legend(num_repeats):
+    runs = [_run(r, [[99, None], [97 - r, 95]], [[99, None], [97, 95]])
+            for r in range(num_repeats)]
+    fig = metrics.accuracy_figure(metrics.build_results(runs), "t")
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0, 100)  # not auto-zoomed to 95-99
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == (["1 repeat"] if num_repeats == 1 else ["mean ± std over 3 repeats"])
+    assert len(ax.collections) == (num_repeats > 1)  # the std band only with repeats

@@ -54,5 +54,5 @@ def test_run_table_writes_one_row_per_method(tmp_path):
                 "--config.synthesis.iterations=4", f"--config.data_dir={tmp_path / 'tfds'}"])
     table = (tmp_path / "table.md").read_text()
     assert "| base |" in table and "| abd_no_ft_ce |" in table and table in out
-    assert "memory (MiB)" in table and "| bic |" in table
+    assert "memory (M values)" in table and "| bic |" in table
     assert (tmp_path / "abd_no_ft_ce" / "results.json").exists()

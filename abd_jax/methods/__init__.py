@@ -8,13 +8,14 @@ from abd_jax.methods.base import Base, UpperBound
 from abd_jax.methods.bic import BiC
 from abd_jax.methods.coreset import LwFCoreset, NaiveRehearsal
 from abd_jax.methods.deepinversion import DeepInversion
+from abd_jax.methods.dgr import DGR
 from abd_jax.methods.e2e import E2E
 from abd_jax.methods.lifecycle import Method, Runtime, Task
 from abd_jax.methods.lwf import LwF, LwFMC, LwFSynthetic
 
 _CLASSES: dict[str, type] = {cls.name: cls for cls in (
     ABD, DeepInversion, LwFSynthetic, Base, UpperBound, LwF, LwFMC, NaiveRehearsal, LwFCoreset,
-    E2E, BiC)}
+    E2E, BiC, DGR)}
 
 METHODS = tuple(_CLASSES)
 

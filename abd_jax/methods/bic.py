@@ -18,7 +18,7 @@ from flax import struct
 from abd_jax import losses, train
 from abd_jax.methods import base
 from abd_jax.methods.coreset import Coreset, TeacherRehearsal, memory_by_class
-from abd_jax.methods.lifecycle import Runtime, Task
+from abd_jax.methods.lifecycle import Runtime, Task, classes_per_task
 from abd_jax.train import LossContext
 
 
@@ -75,21 +75,15 @@ class BiC(TeacherRehearsal):
         super().__init__(config, image_shape)
         self.config = config
         self.coreset = Coreset(config.memory, "herding")
-        self._losses: dict[int, train.LossFn] = {}
+        self.classes_per_task = classes_per_task(config)
+        self.first_task_loss = base.ce
+        self.distill_loss = functools.partial(bic_loss, classes_per_task=self.classes_per_task,
+                                              temperature=config.kd_temperature)
 
     def init_state(self, rt, learner):
         n = self.config.num_tasks
         return BiCState(teacher=train.teacher_of(learner), memory=self.coreset.empty(),
                         alpha=jnp.ones((n,), jnp.float32), beta=jnp.zeros((n,), jnp.float32))
-
-    def loss_fn(self, task):
-        if task.is_first:
-            return base.ce
-        per_task = task.num_seen - task.num_old
-        if per_task not in self._losses:
-            self._losses[per_task] = lambda ctx: bic_loss(ctx, per_task,
-                                                          self.config.kd_temperature)
-        return self._losses[per_task]
 
     # ---------------------------------------------------------------- the held-out split
     def held_out_per_class(self, task: Task) -> int:
@@ -132,7 +126,7 @@ class BiC(TeacherRehearsal):
             bic = self.config.bic
             a, b, loss = fit_bias(jnp.asarray(logits), jnp.asarray(rt.train_labels[held]),
                                   state.alpha, state.beta, task.index, task.num_seen,
-                                  task.num_seen - task.num_old, bic.steps, bic.lr)
+                                  self.classes_per_task, bic.steps, bic.lr)
             rt.log(task.index + 1, {"alpha": float(a), "beta": float(b), "held_out_ce":
                                     float(loss), "held_out_images": len(held)},
                    task=task.index + 1, phase="bias_correction")
@@ -143,5 +137,4 @@ class BiC(TeacherRehearsal):
 
     def eval_logits(self, state: BiCState, logits: np.ndarray, task: Task) -> np.ndarray:
         return np.asarray(losses.bias_correction(
-            jnp.asarray(logits), state.alpha, state.beta, task.num_seen - task.num_old,
-            task.num_seen))
+            jnp.asarray(logits), state.alpha, state.beta, self.classes_per_task, task.num_seen))

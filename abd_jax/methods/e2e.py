@@ -2,11 +2,14 @@
 term per past task, herding memory, and a class-balanced fine-tuning stage at lr/100."""
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from abd_jax import losses, train
 from abd_jax.methods import base
 from abd_jax.methods.coreset import Coreset, TeacherMemoryState, TeacherRehearsal
+from abd_jax.methods.lifecycle import classes_per_task
 from abd_jax.train import LossContext
 
 
@@ -30,23 +33,16 @@ class E2E(TeacherRehearsal):
         super().__init__(config, image_shape)
         self.config = config
         self.coreset = Coreset(config.memory, "herding")
-        self._losses: dict[int, train.LossFn] = {}
-
-    def loss_fn(self, task):
-        if task.is_first:
-            return base.ce
-        per_task = task.num_seen - task.num_old
-        if per_task not in self._losses:
-            self._losses[per_task] = lambda ctx: e2e_loss(ctx, per_task,
-                                                          self.config.kd_temperature)
-        return self._losses[per_task]
+        self.first_task_loss = base.ce
+        self.distill_loss = functools.partial(e2e_loss, classes_per_task=classes_per_task(config),
+                                              temperature=config.kd_temperature)
 
     def end_task(self, rt, learner, state, task):
         memory = self.new_memory(rt, learner, state, task)
         if not task.is_first:
             e2e = self.config.e2e
             learner = rt.train_stage(
-                learner, state, self.loss_fn(task), self.coreset.stored(memory),
+                learner, state, self.distill_loss, self.coreset.stored(memory),
                 epochs=e2e.balanced_epochs, lr=self.config.lr * e2e.balanced_lr_scale,
                 key=jax.random.fold_in(rt.method_key, 10_000 + task.index), task=task,
                 name="balanced_finetuning")

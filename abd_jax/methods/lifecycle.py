@@ -26,6 +26,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
+from abd_jax import data as data_lib
 from abd_jax import train
 
 
@@ -56,11 +57,18 @@ class Runtime:
     task_indices(t) / seen_indices(t) -> int32 training-example indices of task t's classes /
         of every class seen up to task t.
     train_labels: the (remapped) label of every training example, host int32 `[N]`.
+    device_images, device_labels: the training set on the mesh (uint8 images, labels), for a
+        method's own jitted loops; task_info(task, index, epochs, key) -> the `TaskInfo` that
+        samples `index` for `epochs` with `train.sample_batch`.
     predict_train(learner, index) -> (logits `[n, C]`, features `[n, D]`), host numpy: the
         eval-mode model on the (normalised, not augmented) training images `index`.
     train_stage(learner, state, loss_fn, index, *, epochs, lr, key, task, name) -> learner:
         `epochs` more SGD epochs of `loss_fn` over `index` at a constant `lr`, with a fresh
         optimiser (e.g. E2E's balanced fine-tuning), logged with phase=name.
+    checkpoint_progress(task, learner, state, progress) -> None: save a checkpoint inside
+        `end_task` (progress: an int > 0 that grows, e.g. generator iterations done). An
+        interrupt then resumes by calling `end_task` again with this `state`, so a method that
+        calls it must continue from the progress its state records.
     method_key: the repeat's PRNG key for the method's own randomness (fold_in per use).
     log(step, scalars, **tags): the run's metric writer (tagged with the repeat).
     save_samples(t, images, labels, title): a PNG grid of normalised images `[N, H, W, C]`
@@ -76,8 +84,12 @@ class Runtime:
     task_indices: Callable[[int], np.ndarray]
     seen_indices: Callable[[int], np.ndarray]
     train_labels: np.ndarray
+    device_images: Any
+    device_labels: Any
+    task_info: Callable[..., train.TaskInfo]
     predict_train: Callable[..., tuple]
     train_stage: Callable[..., train.TrainState]
+    checkpoint_progress: Callable[..., None]
     method_key: Any
     log: Callable[..., None]
     save_samples: Callable[..., None]
@@ -93,8 +105,15 @@ class Runtime:
         return cls(config=config, model=model, mesh=mesh, image_shape=tuple(image_shape),
                    steps_per_call=steps_per_call, fresh_learner=no_data, task_indices=no_data,
                    seen_indices=no_data, train_labels=np.zeros(0, np.int32),
-                   predict_train=no_data, train_stage=no_data, method_key=method_key,
+                   device_images=None, device_labels=None, task_info=no_data,
+                   predict_train=no_data, train_stage=no_data,
+                   checkpoint_progress=lambda *args: None, method_key=method_key,
                    log=lambda *args, **kwargs: None, save_samples=lambda *args: None)
+
+
+def classes_per_task(config) -> int:
+    """s = C / N of the run (every task owns s classes; `data.task_boundaries` checks it)."""
+    return data_lib.get_spec(config.dataset).num_classes // config.num_tasks
 
 
 @struct.dataclass
@@ -159,7 +178,7 @@ class Method:
 
     def memory_footprint(self, rt: Runtime, state) -> dict:
         """What the method keeps between tasks to run the next one, for the paper's memory
-        comparison: parameter counts and stored images (see `metrics.memory_bytes`)."""
+        comparison: parameter counts and stored images (see `metrics.memory_totals`)."""
         del state
         params = jax.eval_shape(lambda: rt.model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *rt.image_shape)), train=False))["params"]

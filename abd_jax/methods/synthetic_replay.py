@@ -74,9 +74,16 @@ class SyntheticReplay(TeacherMethod):
             return learner, state.replace(teacher=teacher)
         synth = self.synthesizer(rt)
         log = lambda it, terms: rt.log(it, terms, task=task.index + 1, phase="generator")
+        # G trains after every task but the last: after task t it has taken
+        # (t + 1) * iterations steps, also when resumed from a checkpoint taken part-way.
+        save = lambda generator, it: rt.checkpoint_progress(
+            task, learner, state.replace(generator=generator), it)
         generator = synth.train(state.generator, teacher, task.num_seen,
                                 jax.random.fold_in(rt.method_key, task.index + 1), log=log,
-                                log_every=self.config.synthesis_log_every)
+                                log_every=self.config.synthesis_log_every,
+                                until=(task.index + 1) * self.synthesis.iterations,
+                                checkpoint=save,
+                                checkpoint_every=self.config.synthesis_checkpoint_every)
         images, predicted = synth.labelled_samples(
             generator, teacher, task.num_seen, jax.random.fold_in(rt.method_key, 1000 + task.index),
             self.config.sample_grid_size)

@@ -1,0 +1,22 @@
+"""Start-up noise control: keep the libraries' warnings and errors, drop their routine INFO
+lines (orbax on every checkpoint write, TFDS on every dataset load, JAX's "Unable to
+initialize backend 'tpu'") and TFDS's OpenCV advice, so the run's own lines stand out."""
+from __future__ import annotations
+
+import logging as py_logging
+
+from absl import logging
+
+_QUIET_INFO = ("orbax", "tensorflow_datasets", "jax/_src/xla_bridge")
+_DROPPED = ("OpenCV is not installed",)
+
+
+def _keep(record: py_logging.LogRecord) -> bool:
+    path = record.pathname.replace("\\", "/")
+    if record.levelno < py_logging.WARNING and any(lib in path for lib in _QUIET_INFO):
+        return False
+    return not any(text in str(record.msg) for text in _DROPPED)
+
+
+def quiet_library_logs() -> None:
+    logging.get_absl_handler().addFilter(_keep)

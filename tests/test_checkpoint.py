@@ -1,0 +1,52 @@
+"""A damaged newest checkpoint: the run says which one and why, moves it aside, resumes from
+the one before, and finishes with the same numbers."""
+import shutil
+
+import pytest
+
+from abd_jax import experiment
+from helpers import tiny_config
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _data_file(step):
+    return sorted(p for p in (step / "state").rglob("d/*") if p.is_file())[0]
+
+
+DAMAGE = {
+    "truncated data file": lambda step: _truncate(_data_file(step)),
+    "truncated state/_METADATA": lambda step: _truncate(step / "state" / "_METADATA"),
+    "deleted meta/metadata": lambda step: (step / "meta" / "metadata").unlink(),
+    "deleted manifest.ocdbt": lambda step: (step / "state" / "manifest.ocdbt").unlink(),
+    "emptied step folder": lambda step: [shutil.rmtree(p) if p.is_dir() else p.unlink()
+                                         for p in list(step.iterdir())],
+}
+
+
+@pytest.fixture(scope="module")
+def clean_run(digits_data_dir, tmp_path_factory):
+    config = tiny_config(digits_data_dir, method="lwf", epochs=1)
+    workdir = tmp_path_factory.mktemp("clean")
+    return config, workdir, experiment.run(config, workdir)
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes(clean_run, tmp_path,
+                                                                       damage, caplog):
+    config, clean, reference = clean_run
+    workdir = tmp_path / "run"
+    shutil.copytree(clean, workdir)
+    steps = workdir / "checkpoints" / "repeat_0"
+    newest = max((p for p in steps.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    DAMAGE[damage](newest)
+    results = experiment.run(config, workdir)
+    assert [r["R_global"] for r in results["repeats"]] == [
+        r["R_global"] for r in reference["repeats"]]
+    moved = steps.with_name("repeat_0.damaged") / newest.name
+    assert moved.exists(), "the damaged checkpoint must be kept, not deleted"
+    warnings = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+    assert len(warnings) == 1 and f"checkpoint {newest.name}" in warnings[0]

@@ -1,0 +1,81 @@
+"""DGR (SPEC section 6): the release's autoencoder, its loss, replay labelled by the previous
+classifier, training after each task, memory, and resume through the autoencoder stage."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from abd_jax import experiment, losses, methods, models, train
+from abd_jax.methods import dgr
+from configs import digits
+from helpers import tiny_config
+
+
+def _torch_param_count(c, side, z):
+    """Parameters of the release's AutoEncoder(in_channel=c, img_sz=8 * side, z_size=z)."""
+    conv = lambda i, o: i * o * 16 + o
+    linear = lambda i, o: i * o + o
+    volume = 512 * side * side
+    return (conv(c, 64) + conv(64, 128) + conv(128, 512) + 2 * linear(volume, z)
+            + linear(z, volume) + conv(512, 256) + conv(256, 64) + conv(64, c))
+
+
+@pytest.mark.parametrize("size,channels,z", [(32, 3, 1024), (8, 1, 32)])
+def test_autoencoder_matches_the_release_and_outputs_images_in_0_1(size, channels, z):
+    vae = models.ConvVAE(image_size=size, channels=channels, z_dim=z)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, size, size, channels))
+    variables = vae.init(jax.random.PRNGKey(1), x, jax.random.PRNGKey(2))
+    count = sum(p.size for p in jax.tree.leaves(variables["params"]))
+    assert count == _torch_param_count(channels, size // 8, z)
+    recon, mean, logvar = vae.apply(variables, x, jax.random.PRNGKey(3))
+    assert recon.shape == x.shape and mean.shape == logvar.shape == (2, z)
+    assert float(recon.min()) >= 0 and float(recon.max()) <= 1
+
+
+def test_vae_loss_terms():
+    x = jnp.full((2, 4, 4, 1), 0.25)
+    zeros = jnp.zeros((2, 3))
+    exact = losses.vae_loss(x, x, zeros, zeros)  # KL 0; BCE is x's entropy
+    np.testing.assert_allclose(exact, -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), rtol=1e-5)
+    shifted = losses.vae_loss(x, x, jnp.ones((2, 3)), zeros)  # KL = 0.5 * 3 per sample
+    np.testing.assert_allclose(shifted - exact, 1.5 / 16, rtol=1e-5)
+    worse = jnp.concatenate([x[:1], jnp.full((1, 4, 4, 1), 0.9)])
+    weighted = losses.vae_loss(worse, x, zeros, zeros, jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(weighted, exact, rtol=1e-5)  # the zero-weight row is ignored
+
+
+def test_replay_is_labelled_by_the_previous_classifier_among_past_classes():
+    config = digits.get_config()
+    config.method = "dgr"
+    method = methods.get_method(config, (8, 8, 1))
+    model = models.CifarResNet(depth=8, num_classes=6, width=4)
+    learner = train.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
+    rt = methods.Runtime.outside_the_loop(config, model, None, (8, 8, 1), 1,
+                                          jax.random.PRNGKey(1))
+    state = method.init_state(rt, learner)
+    # A teacher whose head prefers class 1 among the past classes [0, 3), class 5 overall.
+    head = dict(state.teacher.params["head"])
+    head["bias"] = jnp.zeros(6).at[1].set(50.0).at[5].set(100.0)
+    teacher = state.teacher.replace(params={**state.teacher.params, "head": head})
+    state = state.replace(teacher=teacher)
+    ctx = train.LossContext(forward=None, model=model, params=learner.params,
+                            method_state=state, images=jnp.zeros((4, 8, 8, 1)),
+                            labels=jnp.array([3, 4, 3, 4]), num_old=jnp.int32(3),
+                            num_seen=jnp.int32(5), rng=jax.random.PRNGKey(2))
+    x, y = dgr.replay_batch(ctx, method.vae, method.mean, method.std)
+    assert x.shape == (8, 8, 8, 1)
+    np.testing.assert_array_equal(y, [3, 4, 3, 4, 1, 1, 1, 1])
+
+
+def test_dgr_trains_its_autoencoder_after_each_task_but_the_last(digits_data_dir, tmp_path):
+    config = tiny_config(digits_data_dir, method="dgr", epochs=2, num_tasks=5)
+    results = experiment.run(config, tmp_path)
+    memory = results["repeats"][0]["memory"]
+    assert memory["generator_parameters"] == _torch_param_count(1, 1, config.dgr.z_dim)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vae = [line for line in lines if line.get("phase") == "autoencoder"]
+    assert {line["task"] for line in vae} == {1, 2, 3, 4}
+    first = [line["loss"] for line in vae if line["task"] == 1]
+    assert first[-1] < first[0]  # the autoencoder learns
