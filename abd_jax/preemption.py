@@ -48,7 +48,7 @@ def check() -> None:
 
 
 def request(signum: int = signal.SIGTERM) -> None:
-    """Record a stop request as the handler would (tests, `--stop_after`-style hooks)."""
+    """Record a stop request as the handler would (for tests)."""
     global _requested
     _requested = signum
 
