@@ -55,6 +55,7 @@ class RunCheckpointer:
             item_names=("state", "meta"))
 
     def latest(self) -> Optional[tuple[int, int]]:
+        self.wait()
         step = self._manager.latest_step()
         return None if step is None else id_to_position(step)
 
@@ -72,12 +73,20 @@ class RunCheckpointer:
         return None
 
     def save(self, task: int, step: int, tree: dict, meta: dict) -> None:
+        """Start saving; returns once the arrays are copied off the device, and the files are
+        written by a background thread while training goes on (a save waits for the one
+        before it; `close` waits for the last). Until a save is committed it is invisible to
+        `restore_latest`, so a process killed mid-write resumes from the one before."""
         ckpt_id = position_to_id(task, step)
         if ckpt_id in self._manager.all_steps():
             return
+        meta = json.loads(json.dumps(meta))  # a snapshot: the caller keeps mutating its dicts
         self._manager.save(ckpt_id, args=ocp.args.Composite(
             state=ocp.args.StandardSave(serialization.to_state_dict(tree)),
             meta=ocp.args.JsonSave(meta)))
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
         self._manager.wait_until_finished()
 
     def _restore_meta(self, step: int) -> dict:

@@ -465,8 +465,10 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
         run_results = []
         for repeat in range(config.repeats):
             runner = RepeatRunner(config, workdir, splits, mesh, writer, repeat)
-            run_results.append(runner.run())
-            runner.checkpointer.close()
+            try:
+                run_results.append(runner.run())
+            finally:  # saves are written in the background: finish them, also when stopped
+                runner.checkpointer.close()
             results = metrics_lib.build_results(run_results, omega_reference)
             metrics_lib.write_results(workdir, results, config_dict, title)
     agg = results["aggregate"]["final_accuracy"]

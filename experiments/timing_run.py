@@ -5,7 +5,10 @@ random data shaped like the configured dataset, so no dataset is needed.
         --config.epochs=25 --config.synthesis.iterations=1000
 
 Accuracies are meaningless (random images and labels); the printed wall times are not. The
-run also writes the usual results files (with per-task wall times) to --workdir.
+run also writes the usual results files (with per-task wall times) to --workdir. SIGTERM or
+Ctrl-C stops it at the next jitted call with a checkpoint (exit 130); the same command resumes
+it, so a run longer than one sitting is timed as consecutive segments
+(`experiments/full_run_gpu.sh`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from abd_jax import data, experiment, logs  # noqa: E402
+from abd_jax import data, experiment, logs, preemption  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -44,8 +47,14 @@ def random_splits(config) -> experiment.Splits:
 def main(argv):
     del argv
     logs.quiet_library_logs()
+    preemption.install()
     tic = time.time()
-    results = experiment.run(FLAGS.config, FLAGS.workdir, random_splits(FLAGS.config))
+    try:
+        results = experiment.run(FLAGS.config, FLAGS.workdir, random_splits(FLAGS.config))
+    except KeyboardInterrupt:
+        print(f"stopped after {time.time() - tic:.1f} s with a checkpoint; the same command "
+              "resumes it")
+        raise SystemExit(130)
     total = time.time() - tic
     rep = results["repeats"][0]
     print(f"method {FLAGS.config.method}, {FLAGS.config.num_tasks} tasks, "
@@ -53,7 +62,7 @@ def main(argv):
           f"iterations/task, batch {FLAGS.config.batch_size}")
     print("wall seconds per task:", [round(s, 1) for s in rep["task_wall_seconds"]])
     print(f"seconds per training batch: {rep['train_seconds_per_batch']:.5f}")
-    print(f"total wall time: {total:.1f} s; peak memory {rep['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print(f"wall time of this process's run: {total:.1f} s; peak memory {rep['peak_memory_bytes'] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -50,3 +50,28 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes(clean_run,
     assert moved.exists(), "the damaged checkpoint must be kept, not deleted"
     warnings = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
     assert len(warnings) == 1 and f"checkpoint {newest.name}" in warnings[0]
+
+
+def test_a_save_is_a_snapshot_finished_in_the_background(tmp_path):
+    """`save` returns before the files are written; what it saves is the tree and meta as
+    they were at the call (the loop keeps appending to its timing lists), and `latest` and
+    `close` wait for the write."""
+    import jax.numpy as jnp
+    import numpy as np
+    from abd_jax import checkpoint as ckpt_lib
+
+    checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "ckpt")
+    tree = {"w": jnp.arange(4.0)}
+    meta = {"accuracy": {"rows": [1.0]}, "timing": {"task_wall_seconds": [3.0]}}
+    checkpointer.save(2, 7, tree, meta)
+    meta["accuracy"]["rows"].append(2.0)
+    meta["timing"]["task_wall_seconds"].append(4.0)
+    assert checkpointer.latest() == (2, 7)
+    checkpointer.close()
+
+    reopened = ckpt_lib.RunCheckpointer(tmp_path / "ckpt")
+    position, restored, saved_meta = reopened.restore_latest({"w": jnp.zeros(4)})
+    reopened.close()
+    assert position == (2, 7)
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    assert saved_meta == {"accuracy": {"rows": [1.0]}, "timing": {"task_wall_seconds": [3.0]}}
