@@ -31,7 +31,8 @@ EVALUATE = ID_STRIDE - 1
 # Config fields that do not change the numbers a run produces; they may differ on resume.
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data_dir", "download",
                      "eval_batch_size", "upper_bound_results", "synthesis_log_every",
-                     "synthesis_checkpoint_every", "sample_grid_size")
+                     "synthesis_checkpoint_every", "sample_grid_size", "keep_task_checkpoints",
+                     "tensorboard")
 
 
 def position_to_id(task: int, step: int) -> int:
@@ -45,14 +46,31 @@ def id_to_position(ckpt_id: int) -> tuple[int, int]:
 
 
 class RunCheckpointer:
-    """Save/restore `(pytree, meta)` at positions of one repeat, keeping the newest two."""
+    """Save/restore `(pytree, meta)` at positions of one repeat, keeping the newest two, and
+    with `keep_task_ends` also every finished task's `(t + 1, 0)` (for `abd_jax.analyze`)."""
 
-    def __init__(self, directory: os.PathLike):
+    def __init__(self, directory: os.PathLike, keep_task_ends: bool = False):
         self.directory = pathlib.Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=2, create=True, keep_period=ID_STRIDE if keep_task_ends else None),
             item_names=("state", "meta"))
+
+    def positions(self) -> list[tuple[int, int]]:
+        """Every stored position, oldest first."""
+        self.wait()
+        return [id_to_position(step) for step in sorted(self._manager.all_steps())]
+
+    def restore_at(self, task: int, step: int, template: dict) -> tuple[dict, dict]:
+        """(pytree shaped like template, meta) of the checkpoint at `(task, step)`."""
+        self.wait()
+        ckpt_id = position_to_id(task, step)
+        if ckpt_id not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint at task {task} step {step} in {self.directory} (stored: "
+                f"{self.positions()})")
+        return self._restore_tree(ckpt_id, template), self._restore_meta(ckpt_id)
 
     def latest(self) -> Optional[tuple[int, int]]:
         self.wait()

@@ -28,7 +28,7 @@ from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
 from abd_jax import methods as methods_lib
 from abd_jax import metrics as metrics_lib
-from abd_jax import models
+from abd_jax import logs, models
 from abd_jax import preemption
 from abd_jax import train
 
@@ -44,9 +44,25 @@ class Splits:
     test_labels: np.ndarray
 
 
-def validate_config(config, num_devices: int) -> None:
-    """Raise ValueError naming the fix for any setting the run cannot honour."""
-    spec = data_lib.get_spec(config.dataset)
+def config_with(config, overrides: dict):
+    """A copy of `config` with `overrides` (dotted keys for nested fields, e.g. `abd.mu`);
+    an int given for a float field is converted."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for key, value in overrides.items():
+            node = config
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = float(value) if isinstance(node[leaf], float) else value
+    return config
+
+
+def validate_config(config, num_devices: int,
+                    spec: Optional[data_lib.DatasetSpec] = None) -> None:
+    """Raise ValueError naming the fix for any setting the run cannot honour (`spec`: the
+    data's, when the caller supplies splits; else `config.dataset`'s)."""
+    spec = spec or data_lib.get_spec(config.dataset)
     methods_lib.get_method(config, spec.image_shape)
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
     data_lib.class_order(spec.num_classes, config.class_order, config.seed)
@@ -110,16 +126,6 @@ def task_accuracies(logits: np.ndarray, labels: np.ndarray, bounds, task: int):
     return out
 
 
-def format_duration(seconds: float) -> str:
-    """'1h 02m', '3m 20s' or '45s'."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
-
-
 def describe_step(step: int) -> str:
     """A checkpoint position's step in words (see `checkpoint`)."""
     if step == ckpt_lib.EVALUATE:
@@ -155,7 +161,8 @@ class RepeatRunner:
             lr_milestones=tuple(config.lr_milestones), lr_decay=config.lr_decay,
             augment=data_lib.AugmentConfig(**config.augment.to_dict()),
             mean=tuple(spec.mean), std=tuple(spec.std))
-        self.checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints" / f"repeat_{repeat}")
+        self.checkpointer = ckpt_lib.RunCheckpointer(
+            workdir / "checkpoints" / f"repeat_{repeat}", config.keep_task_checkpoints)
         self._chunk_fns: dict[tuple, Callable] = {}  # (loss_fn, StepConfig) -> jitted chunk
         self._warm: set = set()
         self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
@@ -346,9 +353,9 @@ class RepeatRunner:
         c = self.config
         walls = self.timing["task_wall_seconds"]
         tasks_left = (c.num_tasks - t - 1) + (c.repeats - self.repeat - 1) * c.num_tasks
-        left = (f"; roughly {format_duration(tasks_left * float(np.mean(walls)))} left "
+        left = (f"; roughly {logs.format_duration(tasks_left * float(np.mean(walls)))} left "
                 f"({tasks_left} tasks)" if tasks_left else "")
-        logging.info("task %d took %s%s", t + 1, format_duration(walls[-1]), left)
+        logging.info("task %d took %s%s", t + 1, logs.format_duration(walls[-1]), left)
 
     def _train_task(self, task, step, state, method_state, info):
         c = self.config
@@ -391,9 +398,10 @@ class RepeatRunner:
         self._write(step, {**means, "images_per_second": images_per_second}, task=t + 1,
                     **tags)
         terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "lr")
-        logging.info("task %d %sstep %d/%d %s lr %.4g %.0f img/s", t + 1,
+        logging.info("task %d %sstep %d/%d %s lr %.4g %.0f img/s, %s left", t + 1,
                      "".join(f"{v} " for v in tags.values()), step, total, terms, means["lr"],
-                     images_per_second)
+                     images_per_second,
+                     logs.format_duration((total - step) / max(steps_per_second, 1e-9)))
 
     def _evaluate(self, task: methods_lib.Task, learner, method_state) -> None:
         t = task.index
@@ -434,7 +442,7 @@ def run(config, workdir, splits: Optional[Splits] = None) -> dict:
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"workdir {workdir} is a file; pass a folder as --workdir")
     mesh = make_mesh(config.num_devices)
-    validate_config(config, mesh.size)
+    validate_config(config, mesh.size, splits.spec if splits is not None else None)
     config_dict = json.loads(config.to_json())
     ckpt_lib.check_or_write_fingerprint(workdir, config_dict, write=False)
     with ckpt_lib.WorkdirLock(workdir):
@@ -461,7 +469,8 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
                  config.model, config.batch_size, config.repeats, workdir / "config.json")
     title = f"{config.method} on {config.dataset}, {config.num_tasks} tasks"
     results = {}
-    with metrics_lib.MetricWriter(workdir / "metrics.jsonl") as writer:
+    tensorboard = workdir / "tensorboard" if config.tensorboard else None
+    with metrics_lib.MetricWriter(workdir / "metrics.jsonl", tensorboard) as writer:
         run_results = []
         for repeat in range(config.repeats):
             runner = RepeatRunner(config, workdir, splits, mesh, writer, repeat)

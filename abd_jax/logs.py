@@ -20,3 +20,13 @@ def _keep(record: py_logging.LogRecord) -> bool:
 
 def quiet_library_logs() -> None:
     logging.get_absl_handler().addFilter(_keep)
+
+
+def format_duration(seconds: float) -> str:
+    """'1h 02m', '3m 20s' or '45s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"

@@ -364,23 +364,54 @@ def save_sample_grid(path, images: np.ndarray, labels: np.ndarray, mean, std,
     _atomic_write_bytes(pathlib.Path(path), buf.getvalue())
 
 
+def tensorboard_run(tags: dict) -> pathlib.PurePath:
+    """The TensorBoard run (sub-folder) of a metrics line: `repeat_<r>/eval` for the accuracy
+    after each task, else `repeat_<r>/task_<t>/<phase>` (`train` for the learner), so that
+    every run has one step axis."""
+    run = pathlib.PurePath(f"repeat_{tags.get('repeat', 0)}")
+    if "task" not in tags:
+        return run / "eval"
+    return run / f"task_{tags['task']}" / str(tags.get("phase", "train"))
+
+
 class MetricWriter:
-    """Append-only JSON-lines scalar log: one ``{"step", **tags, **scalars}`` object per line.
+    """Append-only JSON-lines scalar log: one ``{"step", **tags, **scalars}`` object per line,
+    and the same scalars as TensorBoard event files under `tensorboard_dir` (one run per
+    `tensorboard_run`; written with tensorboardX, no TensorFlow).
 
     Scalars are converted with ``float``; non-finite values are written as ``null`` so every
     line is strict JSON. Opened in append mode so resumed runs keep earlier lines; a checkpoint
-    records `tell()` and a resume `truncate`s back to it, so no line appears twice.
+    records `tell()` and a resume `truncate`s back to it, so no line appears twice. In
+    TensorBoard the same is done by opening each run with `purge_step` = its first step
+    written by this process: TensorBoard drops that run's older events from that step on.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, tensorboard_dir=None):
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(path, "a", encoding="utf-8")
+        self._tb_dir = None if tensorboard_dir is None else pathlib.Path(tensorboard_dir)
+        self._tb: dict = {}  # run -> tensorboardX.SummaryWriter
 
     def write(self, step: int, scalars: dict, **tags) -> None:
         record = {"step": int(step), **tags, **{k: float(v) for k, v in scalars.items()}}
         self._f.write(json.dumps(_json_safe(record), allow_nan=False, default=str) + "\n")
         self._f.flush()
+        if self._tb_dir is not None:
+            self._write_tensorboard(int(step), scalars, tags)
+
+    def _write_tensorboard(self, step: int, scalars: dict, tags: dict) -> None:
+        run = tensorboard_run(tags)
+        writer = self._tb.get(run)
+        if writer is None:
+            from tensorboardX import SummaryWriter
+            for other in [r for r in self._tb if r.parent != run.parent and r.name != "eval"]:
+                self._tb.pop(other).close()  # a finished task's runs (one thread each)
+            writer = self._tb[run] = SummaryWriter(str(self._tb_dir / run), purge_step=step,
+                                                   flush_secs=10)
+        for name, value in scalars.items():
+            if np.isfinite(float(value)):
+                writer.add_scalar(name, float(value), step)
 
     def tell(self) -> int:
         """Bytes written so far (the file's length)."""
@@ -394,6 +425,9 @@ class MetricWriter:
 
     def close(self) -> None:
         self._f.close()
+        for writer in self._tb.values():
+            writer.close()
+        self._tb.clear()
 
     def __enter__(self) -> "MetricWriter":
         return self

@@ -25,7 +25,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from abd_jax import losses, models, preemption, train
+from abd_jax import logs, losses, models, preemption, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +200,10 @@ class Synthesizer:
             means = {k: float(np.mean(v[active])) for k, v in metrics.items()}
             if log is not None:
                 log(done, means)
-            logging.info("generator %d/%d %s (%.1f it/s)", done, self.cfg.iterations,
-                         " ".join(f"{k} {v:.4f}" for k, v in means.items()),
-                         (done - start) / max(time.time() - tic, 1e-9))
+            rate = (done - start) / max(time.time() - tic, 1e-9)
+            logging.info("generator %d/%d %s (%.1f it/s, %s left)", done, self.cfg.iterations,
+                         " ".join(f"{k} {v:.4f}" for k, v in means.items()), rate,
+                         logs.format_duration((self.cfg.iterations - done) / max(rate, 1e-9)))
             if (checkpoint is not None and checkpoint_every and done < self.cfg.iterations
                     and done - last_saved >= checkpoint_every):
                 checkpoint(gen_state, done)

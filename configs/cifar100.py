@@ -72,6 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_devices = 0          # data-parallel over this many local devices (0 = all)
     c.eval_batch_size = 1000
     c.log_every_steps = 100
+    c.tensorboard = True       # also write the logged scalars to <workdir>/tensorboard
     c.steps_per_call = 0       # steps fused into one jitted call (0 = auto: 1 on CPU, 50 else)
     c.checkpoint_every_steps = 2000
+    c.keep_task_checkpoints = False  # keep each finished task's checkpoint (analyze)
     return c

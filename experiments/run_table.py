@@ -1,16 +1,19 @@
-"""Run several methods (or ABD's Table 3 ablations) with one base config; print a table.
+"""Run several methods (or ABD's Table 3 ablations) with one base config; write the table.
 
     python experiments/run_table.py --config=configs/cifar100.py --workdir=runs/table \
-        --table=methods [--config.num_tasks=5 ...]
+        --table=methods --tasks=5,10,20
     python experiments/run_table.py --config=configs/cifar100.py --workdir=runs/ablations \
         --table=ablations
     python experiments/run_table.py ... --rows=base,abd,abd_no_ft_ce
 
-Each row runs `abd_jax.experiment.run` in `<workdir>/<row>` (so an interrupted table resumes
-row by row); `upper_bound`, when listed, runs first and provides Omega for the others. The
-table (final accuracy A_N mean +- std over repeats, Omega, the memory a method keeps between
-tasks, seconds per batch) is printed and written to `<workdir>/table.md`. Tables: `methods`
-(all rows of the paper's Table 1/2), `data_free`, `coreset`, `ablations` (Table 3).
+Each cell (row, task count) runs `abd_jax.experiment.run` in `<workdir>/<row>`, or
+`<workdir>/tasks_<n>/<row>` with `--tasks`, so an interrupted table resumes cell by cell;
+`upper_bound`, when listed, runs first for each task count and provides Omega for the others.
+The table, rows = methods, columns = task counts (final accuracy A_N mean +- std over
+repeats, and Omega when there is an upper bound), then the memory a method keeps between
+tasks and seconds per batch (of the largest task count), is printed and written to
+`<workdir>/table.md`, with every number in `<workdir>/table.csv`. Tables: `methods` (all rows
+of the paper's Tables 1/2), `data_free`, `coreset`, `ablations` (Table 3).
 """
 from __future__ import annotations
 
@@ -56,28 +59,45 @@ TABLES = {
 }
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Folder for the rows' workdirs and table.md.")
-flags.DEFINE_enum("table", "methods", sorted(TABLES), "Which predefined list of rows.")
-flags.DEFINE_list("rows", None, f"Explicit rows instead of --table; known: {sorted(ROWS)}")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def row_config(base, overrides: dict):
-    config = base.copy_and_resolve_references()
-    with config.unlocked():
-        for key, value in overrides.items():
-            node = config
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
-    return config
 
 
 def _pm(stat) -> str:
     return "n/a" if stat is None or stat.get("mean") is None else \
         f"{stat['mean']:.2f} +- {stat['std']:.2f}"
+
+
+def format_table(rows: list[str], task_counts: list[int], cells: dict) -> tuple[str, str]:
+    """(Markdown, CSV) of `cells[(row, num_tasks)]` = a results.json `aggregate`; a missing
+    cell (still to run) shows as `...`. Omega columns appear when any cell has Omega."""
+    with_omega = any(c.get("omega") for c in cells.values())
+    head = ["row"]
+    for n in task_counts:
+        head += [f"A_N (%), {n} tasks"] + ([f"Omega, {n} tasks"] if with_omega else [])
+    head += ["memory (M values)", "s / batch"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    csv = ["row,num_tasks,A_N_mean,A_N_std,omega_mean,omega_std,memory_values,"
+           "seconds_per_batch,repeats"]
+    for row in rows:
+        line, last = [row], None
+        for n in task_counts:
+            agg = cells.get((row, n))
+            if agg is None:
+                line += ["..."] * (2 if with_omega else 1)
+                continue
+            last = agg
+            line.append(_pm(agg["final_accuracy"]))
+            if with_omega:
+                line.append(_pm(agg.get("omega")))
+            acc, omega = agg["final_accuracy"], agg.get("omega") or {}
+            csv.append(",".join(str(v) for v in (
+                row, n, acc["mean"], acc["std"], omega.get("mean", ""), omega.get("std", ""),
+                agg.get("memory", {}).get("values", ""), agg["train_seconds_per_batch"]["mean"],
+                acc["n"])))
+        memory = None if last is None else last.get("memory", {}).get("values")
+        line.append("n/a" if memory is None else f"{memory / 1e6:.2f}")
+        line.append("..." if last is None else f"{last['train_seconds_per_batch']['mean']:.4f}")
+        md.append("| " + " | ".join(line) + " |")
+    return "\n".join(md) + "\n", "\n".join(csv) + "\n"
 
 
 def main(argv):
@@ -87,30 +107,41 @@ def main(argv):
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise app.UsageError(f"unknown rows {unknown}; known: {sorted(ROWS)}")
+    task_counts = [int(n) for n in FLAGS.tasks] if FLAGS.tasks else [FLAGS.config.num_tasks]
     workdir = pathlib.Path(FLAGS.workdir)
     rows = sorted(rows, key=lambda r: r != "upper_bound")  # upper bound first, for Omega
-    lines = ["| row | final accuracy A_N (%) | Omega | memory (M values) | s / batch |",
-             "|---|---|---|---|---|"]
-    upper_bound_path = ""
-    for row in rows:
-        overrides = dict(ROWS[row])
-        if row != "upper_bound" and upper_bound_path:
-            overrides["upper_bound_results"] = upper_bound_path
-        logging.info("row %s: %s", row, overrides)
-        results = experiment.run(row_config(FLAGS.config, overrides), workdir / row)
-        if row == "upper_bound":
-            upper_bound_path = str(workdir / row / "results.json")
-        agg = results["aggregate"]
-        memory = agg.get("memory", {}).get("values")
-        memory = "n/a" if memory is None else f"{memory / 1e6:.2f}"
-        lines.append(f"| {row} | {_pm(agg['final_accuracy'])} | {_pm(agg.get('omega'))} | "
-                     f"{memory} | {agg['train_seconds_per_batch']['mean']:.4f} |")
-        table = "\n".join(lines) + "\n"
-        (workdir / "table.md").write_text(table)
-    config_line = json.dumps({k: FLAGS.config[k] for k in ("dataset", "num_tasks", "model",
-                                                           "epochs", "repeats")})
+    cells = {}
+    for n in task_counts:
+        folder = workdir / f"tasks_{n}" if FLAGS.tasks else workdir
+        upper_bound_path = ""
+        for row in rows:
+            overrides = {"num_tasks": n, **ROWS[row]}
+            if row != "upper_bound" and upper_bound_path:
+                overrides["upper_bound_results"] = upper_bound_path
+            logging.info("row %s, %d tasks: %s", row, n, overrides)
+            cells[(row, n)] = experiment.run(experiment.config_with(FLAGS.config, overrides),
+                                             folder / row)["aggregate"]
+            if row == "upper_bound":
+                upper_bound_path = str(folder / row / "results.json")
+            table, csv = format_table(rows, task_counts, cells)
+            (workdir / "table.md").write_text(table)
+            (workdir / "table.csv").write_text(csv)
+    config_line = json.dumps({k: FLAGS.config[k] for k in ("dataset", "model", "epochs",
+                                                           "repeats")})
     print(f"\n{config_line}\n{table}")
 
 
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so tests can import it)."""
+    config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Folder for the rows' workdirs and table.md.")
+    flags.DEFINE_enum("table", "methods", sorted(TABLES), "Which predefined list of rows.")
+    flags.DEFINE_list("rows", None, f"Explicit rows instead of --table; known: {sorted(ROWS)}")
+    flags.DEFINE_list("tasks", None, "Task counts, one column each (e.g. 5,10,20; default: the "
+                      "config's num_tasks).")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

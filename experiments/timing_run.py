@@ -62,7 +62,8 @@ def main(argv):
           f"iterations/task, batch {FLAGS.config.batch_size}")
     print("wall seconds per task:", [round(s, 1) for s in rep["task_wall_seconds"]])
     print(f"seconds per training batch: {rep['train_seconds_per_batch']:.5f}")
-    print(f"wall time of this process's run: {total:.1f} s; peak memory {rep['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print(f"wall time of this process's run: {total:.1f} s; peak memory "
+          f"{rep['peak_memory_bytes'] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

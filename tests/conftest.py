@@ -4,8 +4,17 @@ Must run before jax is imported anywhere.
 """
 import os
 
+import tempfile  # noqa: E402
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests build the same tiny runs, each with fresh jitted closures: JAX's persistent cache
+# (keyed by the compiled program) compiles each program once per session, subprocesses
+# included (about 40% off tests/test_experiment.py). ABD_TEST_COMPILE_CACHE keeps it across
+# sessions.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get(
+    "ABD_TEST_COMPILE_CACHE") or tempfile.mkdtemp(prefix="abd_jax_test_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pathlib  # noqa: E402
 

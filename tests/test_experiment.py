@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("method", ["base", "lwf", "abd", "deepinversion"])
 def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, method):
-    results = experiment.run(tiny_config(digits_data_dir, method=method), tmp_path)
+    # The whole loop data-parallel over the 4 simulated devices.
+    results = experiment.run(tiny_config(digits_data_dir, method=method, num_devices=0), tmp_path)
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["num_tasks"] == 5
     rep = stored["repeats"][0]
@@ -36,6 +37,9 @@ def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, met
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in line for line in lines)
+    board = tmp_path / "tensorboard" / "repeat_0"
+    assert list((board / "task_1" / "train").glob("events.out.tfevents.*"))
+    assert list((board / "eval").glob("events.out.tfevents.*"))
     if method == "lwf":
         assert any("kd" in line for line in lines)
     if method in ("abd", "deepinversion"):
@@ -160,7 +164,7 @@ def test_nan_loss_stops_with_the_step(digits_data_dir, tmp_path):
     ({"dataset": "mnist"}, "known datasets"),
     ({"num_tasks": 3}, "valid task counts"),
     ({"model": "resnet7"}, "6n\\+2"),
-    ({"batch_size": 30}, "divisible by the 4 devices"),
+    ({"batch_size": 30, "num_devices": 0}, "divisible by the 4 devices"),
     ({"class_order": "1,2"}, "permutation"),
 ])
 def test_bad_configs_name_the_fix(digits_data_dir, tmp_path, overrides, message):

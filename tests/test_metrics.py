@@ -150,3 +150,50 @@ def test_accuracy_plot_has_a_fixed_axis_and_an_honest_legend(num_repeats):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == (["1 repeat"] if num_repeats == 1 else ["mean ± std over 3 repeats"])
     assert len(ax.collections) == (num_repeats > 1)  # the std band only with repeats
+
+
+def read_events(run_dir):
+    """Every event in a TensorBoard run folder, oldest file first (TFRecord framing: length
+    u64, its crc u32, the Event proto, its crc u32)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    events = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+            pos += 12 + length + 4
+    return events
+
+
+def scalars(events):
+    return [(e.step, v.tag, round(v.simple_value, 5)) for e in events for v in e.summary.value]
+
+
+def test_metric_writer_writes_tensorboard_runs_and_purges_on_resume(tmp_path):
+    tb = tmp_path / "tb"
+    with metrics.MetricWriter(tmp_path / "m.jsonl", tb) as writer:
+        writer.write(4, {"loss": 2.0, "ce": 1.5}, repeat=0, task=1)
+        writer.write(8, {"loss": 1.0, "ce": float("nan")}, repeat=0, task=1)
+        writer.write(10, {"loss": 7.0}, repeat=0, task=1, phase="generator")
+        writer.write(1, {"A": 90.0}, repeat=0, eval=1)
+        writer.write(4, {"loss": 3.0}, repeat=0, task=2)
+    assert scalars(read_events(tb / "repeat_0" / "task_1" / "train")) == [
+        (4, "loss", 2.0), (4, "ce", 1.5), (8, "loss", 1.0)]  # a NaN is left out
+    assert scalars(read_events(tb / "repeat_0" / "task_1" / "generator")) == [(10, "loss", 7.0)]
+    assert scalars(read_events(tb / "repeat_0" / "eval")) == [(1, "A", 90.0)]
+    assert scalars(read_events(tb / "repeat_0" / "task_2" / "train")) == [(4, "loss", 3.0)]
+
+    # A resumed process rewrites task 1 from step 8: its run starts with a purge at step 8,
+    # so TensorBoard drops the old step-8 point.
+    with metrics.MetricWriter(tmp_path / "m.jsonl", tb) as writer:
+        writer.write(8, {"loss": 0.5}, repeat=0, task=1)
+    events = read_events(tb / "repeat_0" / "task_1" / "train")
+    starts = [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]
+    assert starts[-1] == 8
+    assert scalars(events)[-1] == (8, "loss", 0.5)
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[1])["ce"] is None

@@ -48,11 +48,42 @@ def test_benchmark_reports_the_recompilation_of_issue_10():
     assert "RECOMPILED while timed" in out, out
 
 
-def test_run_table_writes_one_row_per_method(tmp_path):
+def test_run_table_writes_one_row_per_method_and_a_column_per_task_count(tmp_path):
     out = _run(["experiments/run_table.py", "--config=configs/digits.py",
                 f"--workdir={tmp_path}", "--rows=base,abd_no_ft_ce,bic", "--config.epochs=1",
-                "--config.synthesis.iterations=4", f"--config.data_dir={tmp_path / 'tfds'}"])
+                "--config.synthesis.iterations=4", f"--config.data_dir={tmp_path / 'tfds'}",
+                "--tasks=5,2"])
     table = (tmp_path / "table.md").read_text()
+    assert table.startswith("| row | A_N (%), 5 tasks | A_N (%), 2 tasks | memory (M values)")
     assert "| base |" in table and "| abd_no_ft_ce |" in table and table in out
-    assert "memory (M values)" in table and "| bic |" in table
-    assert (tmp_path / "abd_no_ft_ce" / "results.json").exists()
+    assert "| bic |" in table and "..." not in table
+    assert (tmp_path / "tasks_5" / "abd_no_ft_ce" / "results.json").exists()
+    csv = (tmp_path / "table.csv").read_text().splitlines()
+    assert len(csv) == 1 + 3 * 2 and csv[1].startswith("base,5,")
+
+
+def _run_table_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("run_table", REPO / "experiments" /
+                                                  "run_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_layout_cells_omega_and_pending():
+    agg = lambda a, o=None: {"final_accuracy": {"mean": a, "std": 1.0, "n": 3},
+                             "train_seconds_per_batch": {"mean": 0.5},
+                             "memory": {"values": 2e6}, **({"omega": {"mean": o, "std": 0.01}}
+                                                           if o is not None else {})}
+    cells = {("upper_bound", 5): agg(70.0), ("abd", 5): agg(40.0, 0.62),
+             ("upper_bound", 10): agg(65.0)}
+    md, csv = _run_table_module().format_table(["upper_bound", "abd"], [5, 10], cells)
+    lines = md.splitlines()
+    assert lines[0] == ("| row | A_N (%), 5 tasks | Omega, 5 tasks | A_N (%), 10 tasks | "
+                        "Omega, 10 tasks | memory (M values) | s / batch |")
+    assert lines[2] == "| upper_bound | 70.00 +- 1.00 | n/a | 65.00 +- 1.00 | n/a | 2.00 | 0.5000 |"
+    assert lines[3] == "| abd | 40.00 +- 1.00 | 0.62 +- 0.01 | ... | ... | 2.00 | 0.5000 |"
+    assert csv.splitlines()[1:] == ["upper_bound,5,70.0,1.0,,,2000000.0,0.5,3",
+                                    "upper_bound,10,65.0,1.0,,,2000000.0,0.5,3",
+                                    "abd,5,40.0,1.0,0.62,0.01,2000000.0,0.5,3"]

@@ -1,0 +1,147 @@
+"""The paper's feature-space diagnostics (Section 5, Appendices B and C): how far synthetic
+replay is from the real data it stands for, in the penultimate features of the model after
+task T.
+
+- MID (SPEC section 7): `|| (mu_ref - mu_X) / sd_ref ||_2`, mean feature vectors `mu` and
+  the reference sample's per-feature std `sd_ref`.
+- MMD (Appendix B): the unbiased estimate of MMD^2 with a Gaussian kernel
+  `k(a, b) = exp(-||a - b||^2 / (2 s^2))`, `s` the median pairwise distance of the pooled
+  sample.
+
+`feature_sets` loads a run's checkpoints (kept with `--config.keep_task_checkpoints=True`) and
+returns the three feature sets the paper compares: real task 1, real task T and synthetic
+task 1 (the generator the learner replayed from during task T).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from abd_jax import data as data_lib
+from abd_jax import experiment, train
+
+EPS = 1e-8
+
+
+def mean_image_distance(reference: np.ndarray, sample: np.ndarray) -> float:
+    """MID of `sample [M, D]` from `reference [N, D]`: `||(mu_ref - mu_X) / sd_ref||_2`
+    (a feature the reference never varies, `sd_ref = 0`, is divided by `EPS`)."""
+    reference, sample = np.asarray(reference, np.float64), np.asarray(sample, np.float64)
+    sd = reference.std(axis=0)
+    return float(np.linalg.norm((reference.mean(axis=0) - sample.mean(axis=0))
+                                / np.maximum(sd, EPS)))
+
+
+def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.maximum(d, 0.0)
+
+
+def median_bandwidth(x: np.ndarray, y: np.ndarray) -> float:
+    """The median distance between distinct points of the pooled sample `[x; y]`."""
+    pooled = np.concatenate([x, y]).astype(np.float64)
+    d = np.sqrt(_sq_distances(pooled, pooled))
+    return float(np.median(d[np.triu_indices(len(pooled), 1)]))
+
+
+def gaussian_mmd2(x: np.ndarray, y: np.ndarray, bandwidth: Optional[float] = None) -> float:
+    """Unbiased MMD^2 of `x [M, D]` and `y [N, D]` (M, N >= 2):
+    `mean_{i!=j} k(x_i, x_j) + mean_{i!=j} k(y_i, y_j) - 2 mean_{i,j} k(x_i, y_j)`
+    (can be slightly negative when the two samples come from one distribution)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    s = median_bandwidth(x, y) if bandwidth is None else bandwidth
+    k = lambda a, b: np.exp(-_sq_distances(a, b) / (2.0 * max(s, EPS) ** 2))
+    m, n = len(x), len(y)
+    kxx, kyy = k(x, x), k(y, y)
+    within = lambda kk, c: (kk.sum() - np.trace(kk)) / (c * (c - 1))
+    return float(within(kxx, m) + within(kyy, n) - 2.0 * k(x, y).mean())
+
+
+def compare(real_first: np.ndarray, real_current: np.ndarray,
+            synthetic_first: np.ndarray) -> dict:
+    """The paper's two pairs, each measured from real task 1: against real task T (how far
+    apart two real tasks are) and against synthetic task 1 (the replay's domain gap)."""
+    pairs = {"real1_vs_realT": real_current, "real1_vs_synthetic1": synthetic_first}
+    return {name: {"mid": mean_image_distance(real_first, other),
+                   "mmd2": gaussian_mmd2(real_first, other)} for name, other in pairs.items()}
+
+
+@dataclasses.dataclass
+class FeatureSets:
+    """Penultimate features `[n, D]` of the model after task `task` (1-based)."""
+
+    method: str
+    task: int
+    real_first: np.ndarray
+    real_current: np.ndarray
+    synthetic_first: np.ndarray
+
+
+def load_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+    path = workdir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json); pass the --workdir "
+                                "of a run made with abd_jax.main")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def feature_sets(workdir: pathlib.Path, task: int = 2, repeat: int = 0, split: str = "test",
+                 max_per_set: int = 1000, seed: int = 0) -> FeatureSets:
+    """Features of real task 1, real task `task` (`split` images, at most `max_per_set` each)
+    and as many synthetic task-1 images, from the checkpoints at the ends of tasks `task - 1`
+    (the generator replayed during task `task`) and `task` (the model)."""
+    config = load_config(workdir)
+    if not 2 <= task <= config.num_tasks:
+        raise ValueError(f"task must be in [2, {config.num_tasks}] (the model after task T is "
+                         f"compared with the replay it learned from), got {task}")
+    splits = experiment.load_splits(config)
+    runner = experiment.RepeatRunner(config, workdir, splits,
+                                     experiment.make_mesh(config.num_devices), None, repeat)
+    method = runner.method
+    if not hasattr(method, "synthesizer"):
+        raise ValueError(f"method {config.method!r} replays no generator; the diagnostics "
+                         "compare synthetic with real data (use abd, deepinversion or "
+                         "lwf_synthetic)")
+    learner = runner._fresh_state(runner.init_key)
+    template = {"state": learner, "method": method.init_state(runner.rt, learner)}
+    try:
+        model_tree, _ = runner.checkpointer.restore_at(task, 0, template)
+        replay_tree, _ = runner.checkpointer.restore_at(task - 1, 0, template)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}. Rerun with --config.keep_task_checkpoints=True to "
+                                "keep every finished task's checkpoint") from None
+    finally:
+        runner.checkpointer.close()
+    model = train.teacher_of(model_tree["state"])
+
+    images = splits.test_images if split == "test" else splits.train_images
+    labels = runner.test_labels if split == "test" else runner.train_labels
+    rng = np.random.RandomState(seed)
+
+    def real(t: int) -> np.ndarray:
+        lo, hi = runner.bounds[t]
+        idx = np.flatnonzero((labels >= lo) & (labels < hi))
+        if len(idx) > max_per_set:
+            idx = np.sort(rng.choice(idx, max_per_set, replace=False))
+        return np.asarray(data_lib.normalize(images[idx], splits.spec.mean, splits.spec.std))
+
+    real_first, real_current = real(0), real(task - 1)
+    synth = method.synthesizer(runner.rt)
+    old_teacher = replay_tree["method"].teacher
+    synthetic, _ = synth.labelled_samples(replay_tree["method"].generator, old_teacher,
+                                          runner.bounds[task - 2][1],
+                                          jax.random.PRNGKey(seed), len(real_first))
+    features = jax.jit(lambda x: train.teacher_apply(runner.model, model, x)[1])
+
+    def featurize(x: np.ndarray, batch: int = 500) -> np.ndarray:
+        return np.concatenate([np.asarray(features(x[i:i + batch]), np.float32)
+                               for i in range(0, len(x), batch)])
+
+    return FeatureSets(config.method, task, featurize(real_first), featurize(real_current),
+                       featurize(synthetic))
