@@ -180,8 +180,14 @@ class WorkdirLock:
             self._fd = None
 
 
+# Result fields added after runs were made, with the value that reproduces those runs: a
+# stored config without one of them resumes as if it had that value.
+ADDED_FIELDS = {"image_size": 0}
+
+
 def result_fields(config_dict: dict) -> dict:
-    return {k: v for k, v in config_dict.items() if k not in NON_RESULT_FIELDS}
+    return {**ADDED_FIELDS, **{k: v for k, v in config_dict.items()
+                               if k not in NON_RESULT_FIELDS}}
 
 
 def check_or_write_fingerprint(workdir: os.PathLike, config_dict: dict,

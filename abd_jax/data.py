@@ -18,6 +18,7 @@ class DatasetSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     label_key: str = "label"
+    prepared_dir: str = ""  # read from this prepared TFDS folder (own folders, other datasets)
 
 
 # Tiny-ImageNet is left out: TFDS has no builder for it.
@@ -37,11 +38,35 @@ def expand_path(path) -> pathlib.Path:
     return pathlib.Path(os.path.expandvars(os.path.expanduser(str(path))))
 
 
-def get_spec(name: str) -> DatasetSpec:
-    """The registered DatasetSpec called `name`."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
-    return DATASETS[name]
+def get_spec(name: str, data_dir=None, image_size: int = 0) -> DatasetSpec:
+    """The DatasetSpec of `name`: a registered dataset (`DATASETS`); `folder:<root>`, a folder
+    of `root/{train,test}/<class>/*` images, prepared into data_dir on first use (resized to
+    image_size x image_size when image_size > 0); or the name of any TFDS dataset with
+    `image` and `label` features already prepared in data_dir. Class count, image shape and
+    mean/std of the last two come from their training split (computed once)."""
+    if name in DATASETS:
+        return DATASETS[name]
+    from abd_jax import datasets  # noqa: PLC0415 (keeps TFDS out of model-only uses)
+    data_dir = str(expand_path(data_dir)) if data_dir else None
+    if name.startswith("folder:"):
+        version_dir = datasets.prepare_folder(expand_path(name[len("folder:"):]), data_dir,
+                                              image_size)
+    else:
+        version_dir = datasets.prepared_version_dir(name, data_dir)
+        if version_dir is None:
+            raise ValueError(
+                f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}, "
+                "folder:/path/to/root (root/train/<class>/*, root/test/<class>/*), or the name "
+                f"of a TFDS dataset prepared in data_dir={data_dir or '~/tensorflow_datasets'}")
+    stats = datasets.dataset_stats(version_dir)
+    return DatasetSpec(name, stats["num_classes"], tuple(stats["image_shape"]),
+                       tuple(stats["mean"]), tuple(stats["std"]),
+                       prepared_dir=str(version_dir))
+
+
+def spec_of(config) -> DatasetSpec:
+    """The spec of a run's `config.dataset` (with its data_dir and image_size)."""
+    return get_spec(config.dataset, config.data_dir, config.get("image_size", 0))
 
 
 def _not_prepared_message(spec: DatasetSpec, data_dir) -> str:
@@ -64,6 +89,9 @@ def load_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = Fa
     import tensorflow_datasets as tfds  # noqa: PLC0415 (keeps TFDS out of model-only uses)
 
     from abd_jax import datasets  # noqa: PLC0415
+    if spec.prepared_dir:
+        source = tfds.builder_from_directory(spec.prepared_dir).as_data_source(split=split)
+        return _read_all(source, spec, chunk_size)
     if spec.tfds_name == "sklearn_digits":
         try:
             datasets.download_and_prepare(spec.tfds_name, data_dir)
@@ -84,6 +112,10 @@ def load_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = Fa
         if tfds.builder(spec.tfds_name, data_dir=data_dir).is_prepared():
             raise
         raise FileNotFoundError(_not_prepared_message(spec, data_dir)) from err
+    return _read_all(source, spec, chunk_size)
+
+
+def _read_all(source, spec: DatasetSpec, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
     n = len(source)
     images = np.empty((n, *spec.image_shape), np.uint8)
     labels = np.empty((n,), np.int32)

@@ -4,16 +4,22 @@
   the binary archive in the manual dir instead of the network. They write to the same place
   as the registered builders, so `tfds.data_source("cifar10", data_dir=...)` reads the result.
 * `SklearnDigits` (registered as `sklearn_digits`): scikit-learn's 8x8 digits, for quick runs.
+* `ImageFolder`: users' own `root/{train,test}/<class>/*` images (`--config.dataset=folder:root`).
 
 Images are yielded as PNG bytes encoded with PIL (TFDS's numpy image encoder needs TF).
 """
 import gzip
+import hashlib
 import io
+import json
 import os
+import pathlib
+import re
 import tarfile
 import tempfile
 import urllib.request
 import zlib
+from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -206,3 +212,163 @@ def download_and_prepare(name: str, data_dir=None, manual_dir=None,
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir, try_download_gcs=False))
     return builder
+
+
+# ---------------------------------------------------------------- users' own image folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+STATS_FILE = "abd_stats.json"
+
+
+def folder_layout(root: pathlib.Path) -> tuple[list[str], dict[str, list]]:
+    """(class names sorted, {split: [(image path, label), ...]}) of `root/{train,test}/<class>/*`;
+    errors say what is missing."""
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(
+                f"{root / split} is not a folder; a folder dataset needs root/train/<class>/* "
+                "and root/test/<class>/* (class = sub-folder name, images PNG/JPEG/...)")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{root / 'train'} has no class sub-folders")
+    extra = sorted(d.name for d in (root / "test").iterdir()
+                   if d.is_dir() and d.name not in classes)
+    if extra:
+        raise ValueError(f"{root / 'test'} has classes that train lacks: {extra[:5]}")
+    files = {}
+    for split in ("train", "test"):
+        files[split] = [(p, label) for label, name in enumerate(classes)
+                        if (root / split / name).is_dir()
+                        for p in sorted((root / split / name).iterdir())
+                        if p.suffix.lower() in IMAGE_SUFFIXES]
+        counts = np.bincount([label for _, label in files[split]], minlength=len(classes))
+        if split == "train" and (counts == 0).any():
+            empty = [classes[i] for i in np.flatnonzero(counts == 0)[:5]]
+            raise ValueError(f"{root / 'train'}: class folders without images: {empty}")
+    return classes, files
+
+
+def read_image(path: pathlib.Path, image_size: int, channels: int) -> np.ndarray:
+    """uint8 [H, W, channels] (1: grey, 3: RGB), resized (bilinear) to image_size x
+    image_size when image_size > 0."""
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        if image_size:
+            image = image.resize((image_size, image_size), Image.BILINEAR)
+        pixels = np.asarray(image, np.uint8)
+    return pixels[..., None] if channels == 1 else pixels
+
+
+def folder_config_name(root: pathlib.Path, image_size: int) -> str:
+    """A TFDS config name unique to the folder's absolute path and the size setting."""
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+    slug = re.sub(r"[^a-z0-9]+", "_", root.name.lower()).strip("_") or "root"
+    return f"{slug}_{digest}_{'size' + str(image_size) if image_size else 'native'}"
+
+
+class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """`root/{train,test}/<class>/*` images prepared as array_record (classes sorted by folder
+    name). Grey images stay one channel when the first training image is grey."""
+
+    name = "image_folder"
+    VERSION = tfds.core.Version("1.0.0")
+    url_infos = None  # no downloads; see _OfflineCifarMixin
+
+    def __init__(self, *, root, image_size: int = 0, **kwargs):
+        self._root = pathlib.Path(root).resolve()
+        self._image_size = image_size
+        self._classes, self._files = folder_layout(self._root)
+        with Image.open(self._files["train"][0][0]) as first:
+            self._channels = 1 if first.mode in ("1", "L", "I", "I;16", "F") else 3
+        self._shape = read_image(self._files["train"][0][0], image_size, self._channels).shape
+        super().__init__(config=tfds.core.BuilderConfig(
+            name=folder_config_name(self._root, image_size)), **kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, description=f"Images of {self._root}",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=self._shape),
+                "label": tfds.features.ClassLabel(names=self._classes)}),
+            supervised_keys=("image", "label"),
+            disable_shuffling=True)  # stored in folder order: classes, then file names
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in ("train", "test")}
+
+    def _generate_examples(self, split):
+        """Yields (relative path, {"image": PNG bytes, "label"}); every image must have the
+        first one's size unless image_size resizes them all."""
+        for path, label in self._files[split]:
+            image = read_image(path, self._image_size, self._channels)
+            if image.shape != self._shape:
+                raise ValueError(
+                    f"{path} is {image.shape[1]}x{image.shape[0]}, but "
+                    f"{self._files['train'][0][0]} is {self._shape[1]}x{self._shape[0]}; pass "
+                    "--config.image_size=N to resize every image to N x N")
+            yield str(path.relative_to(self._root)), {"image": _png_bytes(image),
+                                                      "label": label}
+
+
+def prepared_version_dir(name: str, data_dir) -> Optional[pathlib.Path]:
+    """The newest prepared version folder of TFDS dataset `name` ("ds" or "ds/config") in
+    data_dir, or None."""
+    folder = pathlib.Path(data_dir or pathlib.Path.home() / "tensorflow_datasets") / name
+    versions = [d for d in folder.glob("*") if (d / "dataset_info.json").exists()] \
+        if folder.is_dir() else []
+    if not versions:
+        return None
+    return max(versions, key=lambda d: tuple(int(p) for p in d.name.split(".")
+                                             if p.isdigit()))
+
+
+def dataset_stats(version_dir: pathlib.Path, chunk_size: int = 4096) -> dict:
+    """Class count, image shape and per-channel pixel mean/std (in [0, 1]) of a prepared
+    dataset's train split, cached in `<version_dir>/abd_stats.json` (when writable)."""
+    cache = version_dir / STATS_FILE
+    if cache.exists():
+        return json.loads(cache.read_text())
+    builder = tfds.builder_from_directory(str(version_dir))
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise ValueError(f"{version_dir} has no 'image' and 'label' features; abd-jax reads "
+                         "image-classification datasets only")
+    shape = tuple(features["image"].shape)
+    if None in shape:
+        raise ValueError(f"{version_dir}: images of varying size {shape}; prepare it as a "
+                         "folder dataset with --config.image_size")
+    source = builder.as_data_source(split="train")
+    sums, squares, count = np.zeros(shape[-1]), np.zeros(shape[-1]), 0
+    for start in range(0, len(source), chunk_size):
+        batch = np.stack([ex["image"] for ex in source.__getitems__(
+            list(range(start, min(start + chunk_size, len(source)))))]).astype(np.float64) / 255
+        sums += batch.sum(axis=(0, 1, 2))
+        squares += np.square(batch).sum(axis=(0, 1, 2))
+        count += batch.shape[0] * batch.shape[1] * batch.shape[2]
+    mean = sums / count
+    stats = {"num_classes": int(features["label"].num_classes), "image_shape": list(shape),
+             "mean": mean.tolist(),
+             "std": np.sqrt(np.maximum(squares / count - mean ** 2, 0)).tolist()}
+    try:
+        cache.write_text(json.dumps(stats))
+    except OSError as err:
+        logging.warning("could not cache the dataset's statistics in %s (%s)", cache, err)
+    return stats
+
+
+def prepare_folder(root, data_dir=None, image_size: int = 0) -> pathlib.Path:
+    """Prepares `root` (see `ImageFolder`) once into data_dir; returns its version folder.
+    A folder prepared before is not read again (delete that version folder to redo it)."""
+    root = pathlib.Path(root).expanduser().resolve()
+    name = f"{ImageFolder.name}/{folder_config_name(root, image_size)}"
+    prepared = prepared_version_dir(name, data_dir)
+    if prepared is None:
+        builder = ImageFolder(root=root, image_size=image_size, data_dir=data_dir,
+                              file_format="array_record")
+        logging.info("preparing %s into %s", root, builder.data_dir)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False))
+        prepared = pathlib.Path(builder.data_dir)
+    dataset_stats(prepared)
+    return prepared

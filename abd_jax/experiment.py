@@ -62,8 +62,8 @@ def validate_config(config, num_devices: int,
                     spec: Optional[data_lib.DatasetSpec] = None) -> None:
     """Raise ValueError naming the fix for any setting the run cannot honour (`spec`: the
     data's, when the caller supplies splits; else `config.dataset`'s)."""
-    spec = spec or data_lib.get_spec(config.dataset)
-    methods_lib.get_method(config, spec.image_shape)
+    spec = spec or data_lib.spec_of(config)
+    methods_lib.get_method(config, spec)
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
     data_lib.class_order(spec.num_classes, config.class_order, config.seed)
     models.create_classifier(config.model, spec.num_classes, config.dtype, config.conv_impl)
@@ -97,7 +97,7 @@ def validate_task_sizes(config, splits: Splits) -> None:
 
 
 def load_splits(config) -> Splits:
-    spec = data_lib.get_spec(config.dataset)
+    spec = data_lib.spec_of(config)
     data_dir = str(data_lib.expand_path(config.data_dir)) if config.data_dir else None
     train_x, train_y = data_lib.load_split(spec, "train", data_dir, config.download)
     test_x, test_y = data_lib.load_split(spec, "test", data_dir, config.download)
@@ -146,7 +146,7 @@ class RepeatRunner:
         self.repeat = repeat
         self.seed = config.seed + repeat
         spec = splits.spec
-        self.method = methods_lib.get_method(config, spec.image_shape)
+        self.method = methods_lib.get_method(config, spec)
         self.order = data_lib.class_order(spec.num_classes, config.class_order, self.seed)
         self.train_labels = data_lib.remap_labels(splits.train_labels, self.order)
         self.test_labels = data_lib.remap_labels(splits.test_labels, self.order)

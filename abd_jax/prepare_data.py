@@ -2,30 +2,45 @@
 
     python -m abd_jax.prepare_data --dataset=cifar10 --manual_dir=../shared/data \
         [--data_dir=~/tensorflow_datasets]
+    python -m abd_jax.prepare_data --dataset=folder:/path/to/root [--image_size=64]
+
+(A folder dataset is also prepared on its first use by a run.)
 """
 from absl import app, flags
 
 from abd_jax import data, datasets, logs
 
-_DATASET = flags.DEFINE_enum("dataset", None, sorted(datasets.OFFLINE_BUILDERS),
-                             "Dataset to prepare.", required=True)
+_DATASET = flags.DEFINE_string(
+    "dataset", None, f"One of {sorted(datasets.OFFLINE_BUILDERS)}, or folder:<root> for "
+    "root/{train,test}/<class>/* images.", required=True)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "folder: resize to N x N (0 = keep).")
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None, "Folder holding cifar-10-binary.tar.gz / cifar-100-binary.tar.gz.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_dir to write.")
 
 
-def prepare(dataset: str, data_dir, manual_dir=None) -> dict[str, int]:
-    """Prepares `dataset` (cifar10 | cifar100 | sklearn_digits); returns {split: size}."""
-    builder = datasets.download_and_prepare(
-        dataset, str(data.expand_path(data_dir)),
-        str(data.expand_path(manual_dir)) if manual_dir else None)
+def prepare(dataset: str, data_dir, manual_dir=None, image_size: int = 0) -> dict[str, int]:
+    """Prepares `dataset` (cifar10 | cifar100 | sklearn_digits | folder:<root>); returns
+    {split: size}."""
+    if dataset.startswith("folder:"):
+        version_dir = datasets.prepare_folder(data.expand_path(dataset[len("folder:"):]),
+                                              str(data.expand_path(data_dir)), image_size)
+        builder = datasets.tfds.builder_from_directory(str(version_dir))
+    elif dataset in datasets.OFFLINE_BUILDERS:
+        builder = datasets.download_and_prepare(
+            dataset, str(data.expand_path(data_dir)),
+            str(data.expand_path(manual_dir)) if manual_dir else None)
+    else:
+        raise app.UsageError(f"--dataset={dataset}: choose one of "
+                             f"{sorted(datasets.OFFLINE_BUILDERS)} or folder:<root>")
     return {str(name): split.num_examples for name, split in builder.info.splits.items()}
 
 
 def main(argv):
     del argv
     logs.quiet_library_logs()
-    for split, size in prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value).items():
+    for split, size in prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value,
+                               _IMAGE_SIZE.value).items():
         print(f"{_DATASET.value} {split}: {size} examples")
 
 

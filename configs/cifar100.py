@@ -11,6 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Data.
     c.dataset = "cifar100"
     c.data_dir = ""            # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
+    c.image_size = 0           # folder:<root> datasets: resize to N x N (0 = keep; all equal)
     c.download = True          # let TFDS download when the dataset is not prepared
     c.train_per_class = 0      # keep only the first N training images per class (0 = all)
     c.augment = ml_collections.ConfigDict(

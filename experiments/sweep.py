@@ -89,7 +89,7 @@ def sweep(config, workdir: pathlib.Path, points: list[dict], folds: int) -> dict
         raise ValueError(f"--folds must be >= 2, got {folds}")
     if config.num_tasks < 2:
         raise ValueError("the search uses the first half of the tasks: num_tasks must be >= 2")
-    spec = data_lib.get_spec(config.dataset)
+    spec = data_lib.spec_of(config)
     data_dir = str(data_lib.expand_path(config.data_dir)) if config.data_dir else None
     images, labels = data_lib.load_split(spec, "train", data_dir, config.download)
     tasks = config.num_tasks // 2

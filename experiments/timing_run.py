@@ -33,7 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def random_splits(config) -> experiment.Splits:
-    spec = data.get_spec(config.dataset)
+    spec = data.spec_of(config)
     rng = np.random.RandomState(0)
 
     def split(per_class):

@@ -75,3 +75,15 @@ def test_a_save_is_a_snapshot_finished_in_the_background(tmp_path):
     assert position == (2, 7)
     np.testing.assert_array_equal(restored["w"], np.arange(4.0))
     assert saved_meta == {"accuracy": {"rows": [1.0]}, "timing": {"task_wall_seconds": [3.0]}}
+
+
+def test_a_run_made_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    """config.json of an older run lacks `image_size`; it stands for the default (0)."""
+    from abd_jax import checkpoint as ckpt_lib
+
+    ckpt_lib.check_or_write_fingerprint(tmp_path, {"method": "abd", "lr": 0.1})
+    ckpt_lib.check_or_write_fingerprint(tmp_path, {"method": "abd", "lr": 0.1,
+                                                   "image_size": 0}, write=False)
+    with pytest.raises(ValueError, match="image_size: 0 -> 32"):
+        ckpt_lib.check_or_write_fingerprint(tmp_path, {"method": "abd", "lr": 0.1,
+                                                       "image_size": 32}, write=False)

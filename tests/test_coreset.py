@@ -90,7 +90,7 @@ def test_memory_is_class_balanced_deterministic_and_shrinks(selection):
 def test_rehearsal_trains_on_the_task_plus_the_memory():
     config = digits.get_config()
     config.method, config.memory = "naive_rehearsal", 8
-    method = methods.get_method(config, (8, 8, 1))
+    method = methods.get_method(config)
     rt = FakeRuntime()
     state = method.init_state(rt, None)
     np.testing.assert_array_equal(method.train_index(rt, state, _task(0)), rt.task_indices(0))
@@ -102,7 +102,7 @@ def test_rehearsal_trains_on_the_task_plus_the_memory():
 def test_e2e_fine_tunes_on_the_balanced_memory_at_lr_over_100():
     config = digits.get_config()
     config.method, config.memory = "e2e", 8
-    method = methods.get_method(config, (8, 8, 1))
+    method = methods.get_method(config)
     rt = FakeRuntime()
     model = models.CifarResNet(depth=8, num_classes=4, width=4)
     learner = train.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
@@ -156,7 +156,7 @@ def test_bic_holds_out_part_of_the_memory_and_of_the_new_data():
     config = digits.get_config()
     config.method, config.memory, config.num_tasks = "bic", 8, 2
     config.bic.val_fraction = 0.5
-    method = methods.get_method(config, (8, 8, 1))
+    method = methods.get_method(config)
     rt = FakeRuntime()
     model = models.CifarResNet(depth=8, num_classes=4, width=4)
     learner = train.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)

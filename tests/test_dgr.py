@@ -49,7 +49,7 @@ def test_vae_loss_terms():
 def test_replay_is_labelled_by_the_previous_classifier_among_past_classes():
     config = digits.get_config()
     config.method = "dgr"
-    method = methods.get_method(config, (8, 8, 1))
+    method = methods.get_method(config)
     model = models.CifarResNet(depth=8, num_classes=6, width=4)
     learner = train.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
     rt = methods.Runtime.outside_the_loop(config, model, None, (8, 8, 1), 1,

@@ -37,7 +37,7 @@ def test_the_task_loop_names_no_method():
 def test_every_method_builds_with_its_first_and_later_losses(name):
     config = digits.get_config()
     config.method = name
-    method = methods.get_method(config, (8, 8, 1))
+    method = methods.get_method(config)
     first = method.loss_fn(methods.Task(0, 5, 0, 2))
     later = method.loss_fn(methods.Task(1, 5, 2, 4))
     assert method.loss_fn(methods.Task(2, 5, 4, 6)) is later  # one compilation for tasks > 1
@@ -64,7 +64,7 @@ def _ctx(model, params, batch_stats, x, y, method_state=None):
 def test_lwf_mc_trains_its_first_task_with_bce():
     config = digits.get_config()
     config.method = "lwf_mc"
-    method = methods.get_method(config, (8, 8, 1))
+    method = methods.get_method(config)
     model = models.CifarResNet(depth=8, num_classes=6, width=4)
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 8, 8, 1))
     y = jnp.array([0, 1, 2, 3, 1])

@@ -1,4 +1,6 @@
 """Model inversion and the synthetic-replay learners (SPEC sections 3-6)."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from abd_jax import experiment, losses, methods, models, synthesis, train
+from abd_jax import data, experiment, losses, methods, models, synthesis, train
 from abd_jax.methods import synthetic_replay
 from configs import digits
 
@@ -107,7 +109,8 @@ def _learner_setup(method_name, mesh_devices, **overrides):
     config.synthesis.z_dim = 16
     for k, v in overrides.items():
         config.abd[k] = v
-    method = methods.get_method(config, IMAGE_SHAPE)
+    spec = dataclasses.replace(data.get_spec("digits"), image_shape=IMAGE_SHAPE)
+    method = methods.get_method(config, spec)
     model, teacher = _teacher()
     state = train.create_train_state(model, jax.random.PRNGKey(7), IMAGE_SHAPE, 0.1, 0.9, 2e-4)
     mesh = experiment.make_mesh(mesh_devices)

@@ -1,7 +1,11 @@
 """Methods: each is its losses plus task-boundary hooks with its own typed state (see
 `lifecycle`), plugged into the one shared task loop (`abd_jax.experiment`).
-`get_method(config, image_shape)` builds one by name."""
+`get_method(config, spec)` builds one by name."""
 from __future__ import annotations
+
+from typing import Optional
+
+from abd_jax import data as data_lib
 
 from abd_jax.methods.abd import ABD
 from abd_jax.methods.base import Base, UpperBound
@@ -20,11 +24,13 @@ _CLASSES: dict[str, type] = {cls.name: cls for cls in (
 METHODS = tuple(_CLASSES)
 
 
-def get_method(config, image_shape=(32, 32, 3)) -> Method:
+def get_method(config, spec: Optional[data_lib.DatasetSpec] = None) -> Method:
+    """The method `config.method` for data described by `spec` (default: the registered
+    `config.dataset`'s)."""
     if config.method not in _CLASSES:
         raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)} "
                          "(e.g. --config.method=lwf)")
-    return _CLASSES[config.method](config, tuple(image_shape))
+    return _CLASSES[config.method](config, spec or data_lib.spec_of(config))
 
 
 __all__ = ["Method", "METHODS", "Runtime", "Task", "get_method"]

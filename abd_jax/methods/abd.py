@@ -64,8 +64,8 @@ def abd_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOption
 class ABD(SyntheticReplay):
     name = "abd"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.first_task_loss = base.ce
         self.distill_loss = functools.partial(abd_loss, generator=self.generator,
                                               z_dim=self.synthesis.z_dim,

@@ -71,11 +71,11 @@ def fit_bias(logits, labels, alpha, beta, task_index, num_seen, classes_per_task
 class BiC(TeacherRehearsal):
     name = "bic"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.config = config
         self.coreset = Coreset(config.memory, "herding")
-        self.classes_per_task = classes_per_task(config)
+        self.classes_per_task = classes_per_task(config, spec)
         self.first_task_loss = base.ce
         self.distill_loss = functools.partial(bic_loss, classes_per_task=self.classes_per_task,
                                               temperature=config.kd_temperature)

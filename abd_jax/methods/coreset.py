@@ -163,8 +163,8 @@ class NaiveRehearsal(RehearsalMixin, Method):
 
     name = "naive_rehearsal"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.coreset = Coreset(config.memory, "random")
 
     def init_state(self, rt, learner):
@@ -195,8 +195,8 @@ class LwFCoreset(TeacherRehearsal):
 
     name = "lwf_coreset"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.coreset = Coreset(config.memory, "random")
         self.first_task_loss = base.ce
-        self.distill_loss = lwf.LwF(config, image_shape).distill_loss
+        self.distill_loss = lwf.LwF(config, spec).distill_loss

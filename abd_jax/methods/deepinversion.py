@@ -31,8 +31,8 @@ def deepinversion_loss(ctx: LossContext, generator: nn.Module, z_dim: int, mu: f
 class DeepInversion(SyntheticReplay):
     name = "deepinversion"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.first_task_loss = base.ce
         self.distill_loss = functools.partial(
             deepinversion_loss, generator=self.generator, z_dim=self.synthesis.z_dim,

@@ -18,7 +18,6 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from abd_jax import data as data_lib
 from abd_jax import losses, models, train
 from abd_jax.methods import base
 from abd_jax.methods.lifecycle import Runtime, Task, TeacherMethod
@@ -94,13 +93,12 @@ def make_vae_step(vae: models.ConvVAE, batch_size: int, mesh):
 class DGR(TeacherMethod):
     name = "dgr"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.config = config
-        height, _, channels = image_shape
+        height, _, channels = spec.image_shape
         self.vae = models.ConvVAE(image_size=height, channels=channels,
                                   z_dim=config.dgr.z_dim)
-        spec = data_lib.get_spec(config.dataset)
         self.mean, self.std = tuple(spec.mean), tuple(spec.std)
         self.first_task_loss = base.ce
         self.distill_loss = functools.partial(dgr_loss, vae=self.vae, mean=self.mean,

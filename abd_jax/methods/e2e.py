@@ -29,13 +29,14 @@ class E2E(TeacherRehearsal):
 
     name = "e2e"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.config = config
         self.coreset = Coreset(config.memory, "herding")
         self.first_task_loss = base.ce
-        self.distill_loss = functools.partial(e2e_loss, classes_per_task=classes_per_task(config),
-                                              temperature=config.kd_temperature)
+        self.distill_loss = functools.partial(
+            e2e_loss, classes_per_task=classes_per_task(config, spec),
+            temperature=config.kd_temperature)
 
     def end_task(self, rt, learner, state, task):
         memory = self.new_memory(rt, learner, state, task)

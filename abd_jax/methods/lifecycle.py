@@ -111,9 +111,9 @@ class Runtime:
                    log=lambda *args, **kwargs: None, save_samples=lambda *args: None)
 
 
-def classes_per_task(config) -> int:
+def classes_per_task(config, spec: data_lib.DatasetSpec) -> int:
     """s = C / N of the run (every task owns s classes; `data.task_boundaries` checks it)."""
-    return data_lib.get_spec(config.dataset).num_classes // config.num_tasks
+    return spec.num_classes // config.num_tasks
 
 
 @struct.dataclass
@@ -137,9 +137,10 @@ class Method:
 
     name: str = ""
 
-    def __init__(self, config, image_shape: tuple):
-        """Built by `methods.get_method` from the run's config and the dataset's image shape."""
-        del config, image_shape
+    def __init__(self, config, spec: data_lib.DatasetSpec):
+        """Built by `methods.get_method` from the run's config and its data's spec (classes,
+        image shape, mean/std)."""
+        del config, spec
 
     def init_state(self, rt: Runtime, learner: train.TrainState) -> Any:
         """The state before the first task, with the structure it keeps all run."""

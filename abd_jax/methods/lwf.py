@@ -56,8 +56,8 @@ def lwf_synthetic_loss(ctx: LossContext, generator: nn.Module, z_dim: int, mu: f
 class LwF(TeacherMethod):
     name = "lwf"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.first_task_loss = base.ce
         self.distill_loss = functools.partial(lwf_loss, mu=config.lwf_mu,
                                               temperature=config.kd_temperature)
@@ -68,8 +68,8 @@ class LwFMC(TeacherMethod):
 
     name = "lwf_mc"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.first_task_loss = functools.partial(lwf_mc_loss, with_teacher=False)
         self.distill_loss = functools.partial(lwf_mc_loss, with_teacher=True)
 
@@ -77,8 +77,8 @@ class LwFMC(TeacherMethod):
 class LwFSynthetic(SyntheticReplay):
     name = "lwf_synthetic"
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.first_task_loss = base.ce
         self.distill_loss = functools.partial(
             lwf_synthetic_loss, generator=self.generator, z_dim=self.synthesis.z_dim,

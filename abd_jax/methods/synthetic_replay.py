@@ -45,11 +45,11 @@ class SyntheticReplay(TeacherMethod):
     the new teacher and a labelled sample grid is saved; later tasks use `distill_loss`, which
     reads the teacher and the generator from `ctx.method_state`."""
 
-    def __init__(self, config, image_shape):
-        super().__init__(config, image_shape)
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
         self.config = config
         self.synthesis = synthesis_config(config)
-        height, _, channels = image_shape
+        height, _, channels = spec.image_shape
         self.generator = models.create_generator(height, channels, self.synthesis.z_dim,
                                                  self.synthesis.inner_bn_eps)
         self._synthesizer: Optional[synthesis.Synthesizer] = None
