@@ -21,7 +21,6 @@ class DatasetSpec:
     prepared_dir: str = ""  # read from this prepared TFDS folder (own folders, other datasets)
 
 
-# Tiny-ImageNet is left out: TFDS has no builder for it.
 DATASETS = {
     "cifar10": DatasetSpec("cifar10", 10, (32, 32, 3),
                            (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -29,6 +28,9 @@ DATASETS = {
                             (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     # Pixel mean/std of the sklearn_digits train split (1442 images) after uint8 -> [0, 1].
     "digits": DatasetSpec("sklearn_digits", 10, (8, 8, 1), (0.3052,), (0.3760,)),
+    # SPEC section 1's Tiny-ImageNet statistics; our builder (`datasets.TinyImagenet`).
+    "tiny_imagenet": DatasetSpec("tiny_imagenet", 200, (64, 64, 3),
+                                 (0.4389, 0.4114, 0.3682), (0.2402, 0.2350, 0.2268)),
 }
 
 
@@ -70,8 +72,8 @@ def spec_of(config) -> DatasetSpec:
 
 
 def _not_prepared_message(spec: DatasetSpec, data_dir) -> str:
-    archive = {"cifar10": "cifar-10-binary.tar.gz", "cifar100": "cifar-100-binary.tar.gz"}.get(
-        spec.tfds_name, "the dataset files")
+    archive = {"cifar10": "cifar-10-binary.tar.gz", "cifar100": "cifar-100-binary.tar.gz",
+               "tiny_imagenet": "tiny-imagenet-200.zip"}.get(spec.tfds_name, "the dataset files")
     return (f"TFDS dataset {spec.tfds_name!r} is not prepared in data_dir={data_dir} "
             f"(default: ~/tensorflow_datasets). Prepare it offline with:\n"
             f"  python -m abd_jax.prepare_data --dataset={spec.tfds_name} "

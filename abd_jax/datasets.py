@@ -4,6 +4,7 @@
   the binary archive in the manual dir instead of the network. They write to the same place
   as the registered builders, so `tfds.data_source("cifar10", data_dir=...)` reads the result.
 * `SklearnDigits` (registered as `sklearn_digits`): scikit-learn's 8x8 digits, for quick runs.
+* `TinyImagenet` (registered as `tiny_imagenet`): from the official `tiny-imagenet-200.zip`.
 * `ImageFolder`: users' own `root/{train,test}/<class>/*` images (`--config.dataset=folder:root`).
 
 Images are yielded as PNG bytes encoded with PIL (TFDS's numpy image encoder needs TF).
@@ -18,6 +19,7 @@ import re
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 import zlib
 from typing import Optional
 
@@ -172,12 +174,73 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
             yield int(i), {"image": _png_bytes(images[i]), "label": int(labels[i])}
 
 
+class TinyImagenet(tfds.core.GeneratorBasedBuilder):
+    """Tiny-ImageNet (200 classes, 64x64) from `<manual_dir>/tiny-imagenet-200.zip`, read in
+    place: `train` = the 500 labelled training images per class, `test` = the labelled `val`
+    set (labels from `val/val_annotations.txt`; the official `test` images have none).
+    Classes are the sorted wnids; grey images are converted to RGB."""
+
+    name = "tiny_imagenet"
+    VERSION = tfds.core.Version("1.0.0")
+    url_infos = None  # no downloads through TFDS; see _OfflineCifarMixin
+    ARCHIVE = "tiny-imagenet-200.zip"
+    URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place {ARCHIVE} (the official zip) in the manual dir."
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, description="Tiny-ImageNet 200 (CS231n), labelled train and val.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(64, 64, 3)),
+                "label": tfds.features.ClassLabel(num_classes=200)}),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        try:
+            manual_dir = dl_manager.manual_dir
+        except AssertionError as err:
+            raise FileNotFoundError(str(err)) from None
+        archive = os.path.join(manual_dir, self.ARCHIVE)
+        if not os.path.isfile(archive):
+            raise FileNotFoundError(f"{archive} not found; copy the official {self.ARCHIVE} "
+                                    f"({self.URL}) into the manual dir")
+        try:
+            names = zipfile.ZipFile(archive).namelist()
+        except zipfile.BadZipFile as err:
+            raise ValueError(f"{archive} is corrupt or truncated ({err})") from None
+        prefix = "tiny-imagenet-200/"
+        wnids = sorted({n[len(prefix) + 6:].split("/")[0] for n in names
+                        if n.startswith(prefix + "train/") and n.lower().endswith(".jpeg")})
+        if len(wnids) != 200:
+            raise ValueError(f"{archive} has {len(wnids)} training classes, not 200; it is not "
+                             "the official tiny-imagenet-200.zip")
+        label = {w: i for i, w in enumerate(wnids)}
+        with zipfile.ZipFile(archive) as zf:
+            annotations = zf.read(prefix + "val/val_annotations.txt").decode().splitlines()
+        train = [(n, label[n[len(prefix) + 6:].split("/")[0]]) for n in sorted(names)
+                 if n.startswith(prefix + "train/") and n.lower().endswith(".jpeg")]
+        test = [(f"{prefix}val/images/{fields[0]}", label[fields[1]])
+                for fields in (line.split("\t") for line in annotations if line.strip())]
+        return {"train": self._generate_examples(archive, train),
+                "test": self._generate_examples(archive, test)}
+
+    def _generate_examples(self, archive, members):
+        """Yields (member name, {"image": PNG bytes of [64, 64, 3], "label"})."""
+        with zipfile.ZipFile(archive) as zf:
+            for member, label in members:
+                with Image.open(io.BytesIO(zf.read(member))) as image:
+                    pixels = np.asarray(image.convert("RGB"), np.uint8)
+                if pixels.shape != (64, 64, 3):
+                    raise ValueError(f"{member} in {archive} is {pixels.shape}, not 64x64")
+                yield member, {"image": _png_bytes(pixels), "label": label}
+
+
 OFFLINE_BUILDERS = {"cifar10": OfflineCifar10, "cifar100": OfflineCifar100,
-                    "sklearn_digits": SklearnDigits}
+                    "sklearn_digits": SklearnDigits, "tiny_imagenet": TinyImagenet}
 
 
 def fetch_archive(name: str, folder) -> epath.Path:
-    """Downloads the official binary archive of `name` (cifar10 | cifar100) into `folder`
+    """Downloads the official archive of `name` (cifar10 | cifar100 | tiny_imagenet) into `folder`
     (skipped when already there) with plain urllib: TFDS's own downloader needs TF."""
     builder_cls = OFFLINE_BUILDERS[name]
     folder = epath.Path(folder).expanduser()
