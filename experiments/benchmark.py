@@ -98,7 +98,8 @@ def _method_config(name: str):
 
 
 def _method(name: str) -> methods.Method:
-    return methods.get_method(_method_config(name), (32, 32, 3))
+    spec = dataclasses.replace(data_lib.get_spec("cifar100"), num_classes=FLAGS.num_classes)
+    return methods.get_method(_method_config(name), spec)
 
 
 def _steps_per_call() -> int:
