@@ -83,6 +83,15 @@ def _not_prepared_message(spec: DatasetSpec, data_dir) -> str:
 def load_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = False,
                chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Reads a whole split in stored order: (images uint8 [N, H, W, C], labels int32 [N]).
+    See `open_split` for preparation and errors."""
+    return _read_all(open_split(spec, split, data_dir, download), spec, chunk_size)
+
+
+def open_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = False,
+               decoders=None):
+    """Random access to one split: a TFDS data source (`len`, `__getitems__(indices)` ->
+    example dicts), read from its array_record files; `decoders` as in `tfds.data_source`
+    (e.g. `{"image": tfds.decode.SkipDecoding()}` to read labels only).
 
     `sklearn_digits` is prepared into data_dir on first use (no network needed). Other
     datasets must be prepared already (or downloadable when `download`); otherwise a
@@ -92,8 +101,8 @@ def load_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = Fa
 
     from abd_jax import datasets  # noqa: PLC0415
     if spec.prepared_dir:
-        source = tfds.builder_from_directory(spec.prepared_dir).as_data_source(split=split)
-        return _read_all(source, spec, chunk_size)
+        return tfds.builder_from_directory(spec.prepared_dir).as_data_source(
+            split=split, decoders=decoders)
     if spec.tfds_name == "sklearn_digits":
         try:
             datasets.download_and_prepare(spec.tfds_name, data_dir)
@@ -108,13 +117,12 @@ def load_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = Fa
             raise FileNotFoundError(f"downloading {spec.tfds_name} failed ({err}).\n"
                                     + _not_prepared_message(spec, data_dir)) from err
     try:
-        source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir,
-                                  download=download)
+        return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir,
+                                download=download, decoders=decoders)
     except Exception as err:  # An unprepared dataset fails in various ways (or the download).
         if tfds.builder(spec.tfds_name, data_dir=data_dir).is_prepared():
             raise
         raise FileNotFoundError(_not_prepared_message(spec, data_dir)) from err
-    return _read_all(source, spec, chunk_size)
 
 
 def _read_all(source, spec: DatasetSpec, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
+from abd_jax import input_pipeline
 from abd_jax import methods as methods_lib
 from abd_jax import metrics as metrics_lib
 from abd_jax import logs, models
@@ -35,13 +36,18 @@ from abd_jax import train
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """Host copies of one dataset (original labels)."""
+    """One dataset on the host (original labels). Images are uint8 `[N, H, W, C]` arrays, or
+    `input_pipeline.SourceImages` read on demand when the run streams its data."""
 
     spec: data_lib.DatasetSpec
-    train_images: np.ndarray  # uint8 [N, H, W, C]
+    train_images: np.ndarray | input_pipeline.SourceImages
     train_labels: np.ndarray  # int32 [N]
-    test_images: np.ndarray
+    test_images: np.ndarray | input_pipeline.SourceImages
     test_labels: np.ndarray
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train_images, input_pipeline.SourceImages)
 
 
 def config_with(config, overrides: dict):
@@ -67,6 +73,9 @@ def validate_config(config, num_devices: int,
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
     data_lib.class_order(spec.num_classes, config.class_order, config.seed)
     models.create_classifier(config.model, spec.num_classes, config.dtype, config.conv_impl)
+    if config.input_pipeline not in input_pipeline.PIPELINES:
+        raise ValueError(f"input_pipeline={config.input_pipeline!r}: use one of "
+                         f"{input_pipeline.PIPELINES} (--config.input_pipeline)")
     for name in ("batch_size", "eval_batch_size", "repeats", "epochs", "log_every_steps",
                  "checkpoint_every_steps"):
         if config[name] < 1:
@@ -97,11 +106,22 @@ def validate_task_sizes(config, splits: Splits) -> None:
 
 
 def load_splits(config) -> Splits:
+    """The run's dataset: read whole into host memory, or (streaming) labels only."""
     spec = data_lib.spec_of(config)
     data_dir = str(data_lib.expand_path(config.data_dir)) if config.data_dir else None
-    train_x, train_y = data_lib.load_split(spec, "train", data_dir, config.download)
-    test_x, test_y = data_lib.load_split(spec, "test", data_dir, config.download)
-    return Splits(spec, train_x, train_y, test_x, test_y)
+    train_labels_source = data_lib.open_split(spec, "train", data_dir, config.download,
+                                              input_pipeline.labels_only())
+    if not input_pipeline.use_stream(config, spec, len(train_labels_source)):
+        train_x, train_y = data_lib.load_split(spec, "train", data_dir, config.download)
+        test_x, test_y = data_lib.load_split(spec, "test", data_dir, config.download)
+        return Splits(spec, train_x, train_y, test_x, test_y)
+    sources = {split: data_lib.open_split(spec, split, data_dir) for split in ("train", "test")}
+    test_labels_source = data_lib.open_split(spec, "test", data_dir,
+                                             decoders=input_pipeline.labels_only())
+    return Splits(spec, input_pipeline.SourceImages(sources["train"], spec),
+                  input_pipeline.split_labels(train_labels_source),
+                  input_pipeline.SourceImages(sources["test"], spec),
+                  input_pipeline.split_labels(test_labels_source))
 
 
 def peak_memory_bytes() -> int:
@@ -166,8 +186,10 @@ class RepeatRunner:
         self._chunk_fns: dict[tuple, Callable] = {}  # (loss_fn, StepConfig) -> jitted chunk
         self._warm: set = set()
         self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
-        self.images = jax.device_put(splits.train_images, self.replicated)
-        self.labels = jax.device_put(self.train_labels.astype(np.int32), self.replicated)
+        self.images = self.labels = None  # the training split on the mesh (device path)
+        if not splits.streamed:
+            self.images = jax.device_put(splits.train_images, self.replicated)
+            self.labels = jax.device_put(self.train_labels.astype(np.int32), self.replicated)
         self.predict = train.make_predict(self.model, tuple(spec.mean), tuple(spec.std), mesh)
         self.rt = methods_lib.Runtime(
             config=config, model=self.model, mesh=mesh, image_shape=spec.image_shape,
@@ -237,6 +259,16 @@ class RepeatRunner:
             total_steps=jnp.int32(steps_per_epoch * epochs), key=key)
         return jax.device_put(info, self.replicated)
 
+    def _data(self, info: train.TaskInfo, start: int):
+        """The chunk's data argument for steps `[start, info.total_steps)`: the split on the
+        mesh, or a grain feed of host-read batches (`input_pipeline`)."""
+        if not self.splits.streamed:
+            return train.DeviceData(self.images, self.labels)
+        c = self.config
+        return input_pipeline.StreamFeed(
+            self.splits.train_images.source, self.splits.spec, self.train_labels, info, start,
+            c.batch_size, self.steps_per_call, self.mesh, c.stream_workers, c.stream_prefetch)
+
     def _chunk_fn(self, loss_fn: Callable, step_config: train.StepConfig) -> Callable:
         """The jitted training chunk of `loss_fn` (one compilation per loss and config)."""
         if (loss_fn, step_config) not in self._chunk_fns:
@@ -253,13 +285,14 @@ class RepeatRunner:
         info = self._task_info(task, index, epochs, key)
         learner = self._placed(train.reset_optimizer(learner))
         step, total = 0, int(info.total_steps)
+        data = self._data(info, step)
         logging.info("repeat %d task %d: %s, %d images, %d steps at lr %g", self.repeat,
                      task.index + 1, name, len(index), total, lr)
         while step < total:
             tic = time.time()
             learner, metrics = train.run_steps(
                 chunk_fn, learner, min(self.config.log_every_steps, total - step),
-                self.steps_per_call, method_state, self.images, self.labels, info)
+                self.steps_per_call, method_state, data, info)
             active = self._check_finite(metrics, task, step, f"{name} of ")
             step += int(active.sum())
             self._log(task.index, step, total, metrics, active,
@@ -366,12 +399,13 @@ class RepeatRunner:
                      self.repeat, t + 1, c.num_tasks, task.num_old, task.num_seen,
                      int(info.count), total, c.epochs)
         last_saved = step
+        data = self._data(info, step)
         try:
             while step < total:
                 tic = time.time()
                 new_state, metrics = train.run_steps(
                     chunk_fn, state, min(c.log_every_steps, total - step), self.steps_per_call,
-                    method_state, self.images, self.labels, info)
+                    method_state, data, info)
                 elapsed = time.time() - tic
                 active = self._check_finite(metrics, task, step, last_saved=last_saved)
                 state, n = new_state, int(active.sum())
@@ -460,6 +494,10 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
                                     "results.json")
         omega_reference = json.loads(path.read_text())
     splits = splits or load_splits(config)
+    if splits.streamed and methods_lib.get_method(config, splits.spec).needs_device_data:
+        raise ValueError(f"{config.method} trains on the split held on device; this run "
+                         "streams its data: set --config.input_pipeline=device (the split "
+                         "must then fit in device memory)")
     validate_task_sizes(config, splits)
     ckpt_lib.check_or_write_fingerprint(workdir, config_dict)  # written once all is checked
     logging.info("devices: %s; dataset %s: %d train / %d test images", mesh.devices.tolist(),

@@ -146,24 +146,71 @@ def learning_rate(step, steps_per_epoch, cfg: StepConfig):
     return cfg.base_lr * jnp.power(cfg.lr_decay, decays)
 
 
-def sample_batch(images, labels, task: TaskInfo, step, batch_size):
-    """The `step`-th batch of the task's epoch-wise shuffled examples (last partial batch
-    dropped). The permutation is a function of (task.key, epoch) only."""
-    epoch = step // task.steps_per_epoch
-    position = step % task.steps_per_epoch
+def epoch_order(task: TaskInfo, epoch) -> jax.Array:
+    """int32 `[M]` positions into `task.index` in epoch `epoch`'s shuffled order (the `count`
+    valid ones first). A function of (task.key, epoch) only."""
     m = task.index.shape[0]
     keys = jax.random.uniform(jax.random.fold_in(task.key, 2 * epoch + 1), (m,))
-    order = jnp.argsort(jnp.where(jnp.arange(m) < task.count, keys, 2.0))
-    chosen = task.index[jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,))]
+    return jnp.argsort(jnp.where(jnp.arange(m) < task.count, keys, 2.0)).astype(jnp.int32)
+
+
+def batch_indices(task: TaskInfo, step, batch_size) -> jax.Array:
+    """int32 `[B]` training-example indices of the task's `step`-th batch: epoch-wise shuffled
+    examples, the last partial batch of an epoch dropped."""
+    epoch = step // task.steps_per_epoch
+    position = step % task.steps_per_epoch
+    order = epoch_order(task, epoch)
+    return task.index[jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,))]
+
+
+def sample_batch(images, labels, task: TaskInfo, step, batch_size):
+    """The `step`-th batch `(images[chosen], labels[chosen])` (see `batch_indices`)."""
+    chosen = batch_indices(task, step, batch_size)
     return images[chosen], labels[chosen]
 
 
-def task_batch(images, labels, task: TaskInfo, step, rng, cfg: StepConfig, mesh: Mesh,
+@struct.dataclass
+class DeviceData:
+    """The whole training split on the mesh (input_pipeline "device"): every step gathers its
+    own batch on device. images uint8 `[N, H, W, C]`, labels int32 `[N]` (remapped)."""
+
+    images: jax.Array
+    labels: jax.Array
+
+    def batch(self, task: TaskInfo, step, batch_size):
+        return sample_batch(self.images, self.labels, task, step, batch_size)
+
+
+@struct.dataclass
+class StreamedBatches:
+    """`S` consecutive batches read on the host (input_pipeline "stream"), the first for step
+    `first_step`: images uint8 `[S, B, H, W, C]`, labels int32 `[S, B]` (remapped)."""
+
+    images: jax.Array
+    labels: jax.Array
+    first_step: jax.Array
+
+    def batch(self, task: TaskInfo, step, batch_size):
+        del task, batch_size
+        i = jnp.clip(step - self.first_step, 0, self.images.shape[0] - 1)
+        return self.images[i], self.labels[i]
+
+
+class Feed:
+    """Host side of a data argument that changes between jitted calls: `run_steps` replaces
+    it by `next_call()` (the data for the next `steps_per_call` steps) before every call."""
+
+    def next_call(self):
+        raise NotImplementedError
+
+
+def task_batch(data, task: TaskInfo, step, rng, cfg: StepConfig, mesh: Mesh,
                augment: bool = True):
-    """The `step`-th batch of the task, on device: (x float32 `[B, H, W, C]` augmented (if
-    `augment`) and normalised, sharded over the batch; y `[B]`)."""
+    """The `step`-th batch of the task from `data` (`DeviceData` or `StreamedBatches`), on
+    device: (x float32 `[B, H, W, C]` augmented (if `augment`) and normalised, sharded over
+    the batch; y `[B]`)."""
     batch_sharding = NamedSharding(mesh, P("data"))
-    x_uint8, y = sample_batch(images, labels, task, step, cfg.batch_size)
+    x_uint8, y = data.batch(task, step, cfg.batch_size)
     x_uint8 = jax.lax.with_sharding_constraint(x_uint8, batch_sharding)
     if augment:
         x = data_lib.augment_batch(rng, x_uint8, cfg.augment, cfg.mean, cfg.std)
@@ -206,15 +253,15 @@ def sgd_update(state: TrainState, grads, new_batch_stats, lr) -> TrainState:
 
 
 def make_train_step(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh):
-    """Pure `(state, method_state, images, labels, task) -> (state, metrics)`: one SGD step on
-    the `state.step`-th batch of the task (sampled, augmented and sharded on device)."""
+    """Pure `(state, method_state, data, task) -> (state, metrics)`: one SGD step on the
+    `state.step`-th batch of the task (from `data`, augmented and sharded on device)."""
     replicated = NamedSharding(mesh, P())
 
-    def one_step(state: TrainState, method_state, images, labels, task: TaskInfo):
+    def one_step(state: TrainState, method_state, data, task: TaskInfo):
         step = state.step
         rng = jax.random.fold_in(task.key, 2 * step)
         aug_rng, loss_rng = jax.random.split(rng)
-        x, y = task_batch(images, labels, task, step, aug_rng, cfg, mesh)
+        x, y = task_batch(data, task, step, aug_rng, cfg, mesh)
         (loss, (new_bs, metrics)), grads = loss_and_grads(model, loss_fn, state, method_state,
                                                           x, y, task, loss_rng)
         lr = learning_rate(step, task.steps_per_epoch, cfg)
@@ -271,7 +318,8 @@ def fuse_steps(step_fn: Callable, chunk: int, skip: str = "cond") -> Callable:
 
 def run_steps(fused: Callable, state, num_steps: int, steps_per_call: int, *args):
     """Host loop: call `fused(state, *args)` (a jitted `fuse_steps` function) enough times to
-    cover `num_steps`; returns (state, {name: numpy [calls * steps_per_call]}).
+    cover `num_steps`; returns (state, {name: numpy [calls * steps_per_call]}). An argument
+    that is a `Feed` is replaced by its `next_call()` before every call.
 
     A stop request (`preemption`) ends the loop early between calls: the steps done so far
     are returned (the caller then calls `preemption.check()` where its state is saved), or
@@ -282,18 +330,20 @@ def run_steps(fused: Callable, state, num_steps: int, steps_per_call: int, *args
             if not outputs:
                 preemption.check()
             break
-        state, out = fused(state, *args)
+        state, out = fused(state, *(a.next_call() if isinstance(a, Feed) else a
+                                    for a in args))
         outputs.append(out)
     return state, {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
 
 
 def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh,
                      chunk: int, skip: str = "cond"):
-    """Pure `(state, method_state, images, labels, task) -> (state, metrics [chunk])`: `chunk`
-    train steps, stopping at `task.total_steps` (see `fuse_steps`); wrap it in `jax.jit`."""
+    """Pure `(state, method_state, data, task) -> (state, metrics [chunk])`: `chunk` train
+    steps on `data` (`DeviceData` or `StreamedBatches`), stopping at `task.total_steps` (see
+    `fuse_steps`); wrap it in `jax.jit`."""
     fused = fuse_steps(make_train_step(model, loss_fn, cfg, mesh), chunk, skip)
-    return lambda state, method_state, images, labels, task: fused(
-        state, task.total_steps, method_state, images, labels, task)
+    return lambda state, method_state, data, task: fused(
+        state, task.total_steps, method_state, data, task)
 
 
 def default_steps_per_call() -> int:

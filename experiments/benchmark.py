@@ -116,13 +116,12 @@ class Learner:
     mesh: Any
     state: train.TrainState
     method_state: Any
-    images: jax.Array
-    labels: jax.Array
+    data: train.DeviceData
     task: train.TaskInfo
 
     @property
     def args(self):
-        return self.method_state, self.images, self.labels, self.task
+        return self.method_state, self.data, self.task
 
 
 def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learner:
@@ -155,7 +154,8 @@ def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learne
         replicated = NamedSharding(mesh, P())
         state, method_state, images, labels, task = jax.device_put(
             (state, method_state, images, labels, task), replicated)
-    return Learner(model, loss_fn, cfg, mesh, state, method_state, images, labels, task)
+    return Learner(model, loss_fn, cfg, mesh, state, method_state,
+                   train.DeviceData(images, labels), task)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -236,7 +236,7 @@ def vmapped_learner(case: str, dtype: str, conv_impl: str, repeats: int):
     fn = jax.jit(jax.vmap(chunk))
     states = _stack([x.state for x in learners])
     args = tuple(_stack([x.args[i] for x in learners]) if learners[0].args[i] is not None
-                 else None for i in range(4))
+                 else None for i in range(3))
     return fn, states, args
 
 
@@ -244,7 +244,7 @@ def vmapped_learner(case: str, dtype: str, conv_impl: str, repeats: int):
 
 
 def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
-    """[(name, fn(state, method_state, images, labels, task), carries_state, steps/call)]."""
+    """[(name, fn(state, method_state, data, task), carries_state, steps/call)]."""
     model, loss_fn, cfg, mesh = lr.model, lr.loss_fn, lr.cfg, lr.mesh
     # A fixed, already-normalised batch for the rungs before sampling.
     fixed = np.random.RandomState(5).randint(0, 256, (cfg.batch_size, 32, 32, 3))
@@ -256,29 +256,29 @@ def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
         return train.method_loss(model, loss_fn, state, method_state, x, y_fixed, task, key,
                                  params)[0]
 
-    def forward(state, method_state, images, labels, task):
+    def forward(state, method_state, data, task):
         return loss_value(state, method_state, task, x_fixed, state.params)
 
-    def input_grad(state, method_state, images, labels, task):
+    def input_grad(state, method_state, data, task):
         return jax.grad(lambda x: loss_value(state, method_state, task, x, state.params))(
             x_fixed)
 
-    def fwd_bwd(state, method_state, images, labels, task):
+    def fwd_bwd(state, method_state, data, task):
         return train.loss_and_grads(model, loss_fn, state, method_state, x_fixed, y_fixed,
                                     task, key)
 
     def with_update(batch_fn):
-        def step(state, method_state, images, labels, task):
-            x, y = batch_fn(state, images, labels, task)
+        def step(state, method_state, data, task):
+            x, y = batch_fn(state, data, task)
             (loss, (new_bs, _)), grads = train.loss_and_grads(model, loss_fn, state,
                                                               method_state, x, y, task, key)
             lr_now = train.learning_rate(state.step, task.steps_per_epoch, cfg)
             return train.sgd_update(state, grads, new_bs, lr_now), loss
         return step
 
-    fixed_batch = lambda state, images, labels, task: (x_fixed, y_fixed)
-    sampled = lambda state, images, labels, task: train.task_batch(
-        images, labels, task, state.step, key, cfg, mesh, augment=False)
+    fixed_batch = lambda state, data, task: (x_fixed, y_fixed)
+    sampled = lambda state, data, task: train.task_batch(data, task, state.step, key, cfg,
+                                                         mesh, augment=False)
     one_step = train.make_train_step(model, loss_fn, cfg, mesh)
     k = _steps_per_call()
     rungs = [

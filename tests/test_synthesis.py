@@ -129,7 +129,7 @@ def _learner_setup(method_name, mesh_devices, **overrides):
                           key=jax.random.PRNGKey(9))
     loss_fn = method.loss_fn(methods.Task(index=1, num_tasks=2, num_old=3, num_seen=6))
     step = train.make_train_chunk(model, loss_fn, cfg, mesh, 2)
-    return step, state, (method_state, images, labels, task), method, model
+    return step, state, (method_state, train.DeviceData(images, labels), task), method, model
 
 
 @pytest.mark.parametrize("method_name", ["abd", "deepinversion"])
@@ -154,8 +154,8 @@ def test_abd_ablations_train(ablation):
 
 
 def _ctx(method_name="abd"):
-    step, state, (method_state, images, labels, task), method, model = _learner_setup(
-        method_name, 1)
+    step, state, (method_state, data, task), method, model = _learner_setup(method_name, 1)
+    labels = data.labels
     x = jax.random.normal(jax.random.PRNGKey(10), (8, *IMAGE_SHAPE))
 
     def forward(inputs, params=state.params):

@@ -43,7 +43,7 @@ def test_one_and_four_devices_agree(loss_name):
     for n in (1, 4):
         fn, state, frozen, images, labels, task = _setup(loss_fn, mesh_devices=n,
                                                          with_teacher=loss_name == "lwf")
-        outs.append(jax.jit(fn)(state, frozen, images, labels, task))
+        outs.append(jax.jit(fn)(state, frozen, train.DeviceData(images, labels), task))
     (s1, m1), (s4, m4) = outs
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(s1.params, s4.params, rtol=1e-4, atol=1e-6)
@@ -57,15 +57,15 @@ class JitEquivalenceTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_train_chunk(self):
         fn, state, frozen, images, labels, task = _setup()
-        new_state, metrics = self.variant(fn)(state, frozen, images, labels, task)
-        ref_state, ref_metrics = jax.jit(fn)(state, frozen, images, labels, task)
+        new_state, metrics = self.variant(fn)(state, frozen, train.DeviceData(images, labels), task)
+        ref_state, ref_metrics = jax.jit(fn)(state, frozen, train.DeviceData(images, labels), task)
         np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
         chex.assert_trees_all_close(new_state.params, ref_state.params, rtol=1e-4, atol=1e-6)
 
 
 def test_chunk_stops_at_total_steps_and_schedule_decays():
     fn, state, frozen, images, labels, task = _setup(chunk=5)  # total_steps=3
-    new_state, metrics = jax.jit(fn)(state, frozen, images, labels, task)
+    new_state, metrics = jax.jit(fn)(state, frozen, train.DeviceData(images, labels), task)
     assert int(new_state.step) == 3
     np.testing.assert_array_equal(metrics["active"], [1, 1, 1, 0, 0])
     # 2 steps per epoch, milestone after epoch 1: steps 0,1 at 0.1, step 2 at 0.01.
@@ -101,7 +101,7 @@ def test_skipping_by_mask_equals_skipping_by_cond():
                                std=(0.25,) * 3)
         fn = train.make_train_chunk(model, base.ce, cfg,
                                     experiment.make_mesh(1), 5, skip)
-        outs.append(jax.jit(fn)(state, frozen, images, labels, task))
+        outs.append(jax.jit(fn)(state, frozen, train.DeviceData(images, labels), task))
     (s_cond, m_cond), (s_mask, m_mask) = outs
     assert int(s_mask.step) == 3
     np.testing.assert_array_equal(m_mask["active"], [1, 1, 1, 0, 0])

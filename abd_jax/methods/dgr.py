@@ -92,6 +92,7 @@ def make_vae_step(vae: models.ConvVAE, batch_size: int, mesh):
 
 class DGR(TeacherMethod):
     name = "dgr"
+    needs_device_data = True  # the VAE's training loop samples the split on device
 
     def __init__(self, config, spec):
         super().__init__(config, spec)

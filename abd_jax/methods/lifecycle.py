@@ -58,7 +58,8 @@ class Runtime:
         of every class seen up to task t.
     train_labels: the (remapped) label of every training example, host int32 `[N]`.
     device_images, device_labels: the training set on the mesh (uint8 images, labels), for a
-        method's own jitted loops; task_info(task, index, epochs, key) -> the `TaskInfo` that
+        method's own jitted loops (None when the run streams its data: a method that needs
+        them sets `needs_device_data`); task_info(task, index, epochs, key) -> the `TaskInfo` that
         samples `index` for `epochs` with `train.sample_batch`.
     predict_train(learner, index) -> (logits `[n, C]`, features `[n, D]`), host numpy: the
         eval-mode model on the (normalised, not augmented) training images `index`.
@@ -136,6 +137,7 @@ class Method:
     """
 
     name: str = ""
+    needs_device_data: bool = False  # its hooks read `Runtime.device_images` (no streaming)
 
     def __init__(self, config, spec: data_lib.DatasetSpec):
         """Built by `methods.get_method` from the run's config and its data's spec (classes,

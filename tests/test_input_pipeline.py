@@ -1,0 +1,174 @@
+"""The streaming input path (`input_pipeline="stream"`): the same batches as the on-device
+path, hence the same numbers; resumable mid-epoch from the checkpoint's (task, step)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from abd_jax import data as data_lib
+from abd_jax import experiment, input_pipeline, preemption, train
+from helpers import tiny_config
+
+SPEC = data_lib.DatasetSpec("fake", 5, (4, 4, 1), (0.5,), (0.25,))
+
+
+class FakeSource:
+    """A data source whose image `i` is filled with the value `i` (mod 256)."""
+
+    def __init__(self, n):
+        self.n, self.reads = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitems__(self, indices):
+        self.reads += len(indices)
+        return [{"image": np.full(SPEC.image_shape, i % 256, np.uint8), "label": i % 5}
+                for i in indices]
+
+
+@pytest.fixture(autouse=True)
+def no_pending_stop():
+    preemption.clear()
+    yield
+    preemption.clear()
+
+
+def _task(count=23, capacity=30, steps_per_epoch=5, total=13):
+    index = np.zeros(capacity, np.int32)
+    index[:count] = np.arange(100, 100 + count)
+    return train.TaskInfo(index=jnp.asarray(index), count=jnp.int32(count),
+                          num_old=jnp.int32(0), num_seen=jnp.int32(5),
+                          steps_per_epoch=jnp.int32(steps_per_epoch),
+                          total_steps=jnp.int32(total), key=jax.random.PRNGKey(3))
+
+
+@pytest.mark.parametrize("start,steps_per_call", [(0, 1), (7, 3)])
+def test_stream_feed_reads_the_batches_the_device_path_samples(start, steps_per_call):
+    """Across epoch boundaries, from a mid-epoch start, with a padded last call."""
+    task, batch = _task(), 4
+    labels = np.arange(200, dtype=np.int32) % 7
+    images = np.arange(200, dtype=np.int32) % 256
+    feed = input_pipeline.StreamFeed(FakeSource(200), SPEC, labels, task, start, batch,
+                                     steps_per_call, experiment.make_mesh(2))
+    step = start
+    while step < 13:
+        got = feed.next_call()
+        assert got.images.shape == (steps_per_call, batch, *SPEC.image_shape)
+        assert int(got.first_step) == step
+        for i in range(steps_per_call):
+            want_x, want_y = train.sample_batch(jnp.asarray(images), jnp.asarray(labels), task,
+                                                min(step + i, 12), batch)
+            x, y = got.batch(task, jnp.int32(step + i), batch)
+            np.testing.assert_array_equal(np.asarray(x)[:, 0, 0, 0], np.asarray(want_x))
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(want_y))
+        step += steps_per_call
+    with pytest.raises(RuntimeError, match="past the stage"):
+        feed.next_call()
+
+
+def test_every_example_once_per_epoch():
+    task = _task(count=20, steps_per_epoch=5, total=10)
+    feed = input_pipeline.StreamFeed(FakeSource(200), SPEC, np.zeros(200, np.int32), task, 0,
+                                     4, 5, experiment.make_mesh(1))
+    for _ in range(2):
+        seen = np.asarray(feed.next_call().images)[..., 0, 0, 0].ravel()
+        assert sorted(seen) == list(range(100, 120))
+
+
+def test_source_images_read_on_demand():
+    source = FakeSource(50)
+    images = input_pipeline.SourceImages(source, SPEC)
+    assert len(images) == 50 and images.shape == (50, 4, 4, 1)
+    picked = images[np.arange(50) % 2 == 0][np.array([3, 1, 4])]  # mask, then indices
+    assert source.reads == 0 and len(picked) == 3
+    np.testing.assert_array_equal(picked[:][:, 0, 0, 0], [6, 2, 8])
+    assert source.reads == 3
+    assert picked[3:].shape == (0, 4, 4, 1)
+
+
+def test_auto_streams_only_large_splits():
+    config = tiny_config("")
+    assert not input_pipeline.use_stream(config, SPEC, 1000)
+    config.stream_above_gb = 1e-6  # ~1 KiB of pixels
+    assert input_pipeline.use_stream(config, SPEC, 1000)
+    config.input_pipeline = "device"
+    assert not input_pipeline.use_stream(config, SPEC, 1000)
+    config.input_pipeline = "disk"
+    with pytest.raises(ValueError, match="input_pipeline"):
+        input_pipeline.use_stream(config, SPEC, 1000)
+
+
+def _log(workdir):
+    lines = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "images_per_second"} for line in lines]
+
+
+def test_stream_and_device_paths_give_the_same_run(digits_data_dir, tmp_path):
+    """E2E: task training, a balanced fine-tuning stage, herding on predicted features and
+    evaluation all read through the stream path, on 2 devices."""
+    runs = {}
+    for pipeline in ("device", "stream"):
+        config = tiny_config(digits_data_dir, method="e2e", num_tasks=2, epochs=1,
+                             num_devices=2, input_pipeline=pipeline)
+        config.e2e.balanced_epochs = 1
+        runs[pipeline] = experiment.run(config, tmp_path / pipeline)
+    assert runs["stream"]["repeats"][0]["R_global"] == runs["device"]["repeats"][0]["R_global"]
+    assert _log(tmp_path / "stream") == _log(tmp_path / "device")
+
+
+def test_dgr_refuses_the_stream_path(digits_data_dir, tmp_path):
+    config = tiny_config(digits_data_dir, method="dgr", num_tasks=2, input_pipeline="stream")
+    with pytest.raises(ValueError, match="input_pipeline=device"):
+        experiment.run(config, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def cifar10_data_dir(tmp_path_factory):
+    """CIFAR-10 prepared offline from the shared archive (skips without it)."""
+    from conftest import SHARED_DATA
+    from abd_jax import datasets
+    if not (SHARED_DATA / "cifar-10-binary.tar.gz").exists():
+        pytest.skip(f"offline CIFAR-10 archive not found in {SHARED_DATA}; set "
+                    "ABD_SHARED_DATA to the folder holding cifar-10-binary.tar.gz")
+    data_dir = tmp_path_factory.mktemp("tfds_cifar10")
+    datasets.download_and_prepare("cifar10", str(data_dir), manual_dir=str(SHARED_DATA))
+    return str(data_dir)
+
+
+def test_cifar10_stream_resumes_mid_epoch_identically(cifar10_data_dir, tmp_path,
+                                                      monkeypatch):
+    """Forced stream on real CIFAR-10: 5 steps per epoch, stopped after step 8 (mid epoch
+    2, checkpoint there), resumed: the same numbers and metrics log as without the stop."""
+    config = tiny_config(cifar10_data_dir, dataset="cifar10", method="lwf", num_tasks=2,
+                         batch_size=16, train_per_class=16, input_pipeline="stream",
+                         eval_batch_size=500)
+    config.model = "resnet8"
+    straight = experiment.run(config, tmp_path / "straight")
+    assert experiment.load_splits(config).streamed
+
+    real_log = experiment.RepeatRunner._log
+    calls = {"n": 0}
+
+    def stop_after_second_log(self, *args, **kwargs):
+        real_log(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 8 of task 1
+            preemption.request()
+
+    monkeypatch.setattr(experiment.RepeatRunner, "_log", stop_after_second_log)
+    with pytest.raises(preemption.Preempted):
+        experiment.run(config, tmp_path / "resumed")
+    monkeypatch.setattr(experiment.RepeatRunner, "_log", real_log)
+    preemption.clear()
+    from abd_jax import checkpoint as ckpt_lib
+    checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "resumed" / "checkpoints" / "repeat_0")
+    try:
+        assert checkpointer.latest() == (0, 8)  # mid epoch (epochs are 5 steps)
+    finally:
+        checkpointer.close()
+    resumed = experiment.run(config, tmp_path / "resumed")
+    assert resumed["repeats"][0]["R_global"] == straight["repeats"][0]["R_global"]
+    assert _log(tmp_path / "resumed") == _log(tmp_path / "straight")
