@@ -184,7 +184,7 @@ class WorkdirLock:
 
 # Result fields added after runs were made, with the value that reproduces those runs: a
 # stored config without one of them resumes as if it had that value.
-ADDED_FIELDS = {"image_size": 0}
+ADDED_FIELDS = {"image_size": 0, "num_classes": 0}
 
 
 def result_fields(config_dict: dict) -> dict:

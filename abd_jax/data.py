@@ -71,6 +71,19 @@ def spec_of(config) -> DatasetSpec:
     return get_spec(config.dataset, config.data_dir, config.get("image_size", 0))
 
 
+def classes_in_use(spec: DatasetSpec, num_classes: int = 0) -> DatasetSpec:
+    """`spec` for a run on the first `num_classes` classes of its class order (0: all): the
+    classifier's head and the task split follow its `num_classes`, while the class order
+    still permutes every class of the dataset (`class_order(dataset_spec.num_classes, ...)`).
+    """
+    if not num_classes or num_classes == spec.num_classes:
+        return spec
+    if not 1 <= num_classes <= spec.num_classes:
+        raise ValueError(f"num_classes={num_classes}: the dataset has {spec.num_classes} "
+                         "classes; set --config.num_classes between 1 and that (0 = all)")
+    return dataclasses.replace(spec, num_classes=num_classes)
+
+
 def _not_prepared_message(spec: DatasetSpec, data_dir) -> str:
     archive = {"cifar10": "cifar-10-binary.tar.gz", "cifar100": "cifar-100-binary.tar.gz",
                "tiny_imagenet": "tiny-imagenet-200.zip"}.get(spec.tfds_name, "the dataset files")

@@ -69,9 +69,10 @@ def validate_config(config, num_devices: int,
     """Raise ValueError naming the fix for any setting the run cannot honour (`spec`: the
     data's, when the caller supplies splits; else `config.dataset`'s)."""
     spec = spec or data_lib.spec_of(config)
+    data_lib.class_order(spec.num_classes, config.class_order, config.seed)
+    spec = data_lib.classes_in_use(spec, config.num_classes)
     methods_lib.get_method(config, spec)
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
-    data_lib.class_order(spec.num_classes, config.class_order, config.seed)
     models.create_classifier(config.model, spec.num_classes, config.dtype, config.conv_impl)
     if config.input_pipeline not in input_pipeline.PIPELINES:
         raise ValueError(f"input_pipeline={config.input_pipeline!r}: use one of "
@@ -96,7 +97,8 @@ def validate_task_sizes(config, splits: Splits) -> None:
     spec = splits.spec
     order = data_lib.class_order(spec.num_classes, config.class_order, config.seed)
     labels = data_lib.remap_labels(splits.train_labels, order)
-    for t, (lo, hi) in enumerate(data_lib.task_boundaries(spec.num_classes, config.num_tasks)):
+    used = data_lib.classes_in_use(spec, config.num_classes).num_classes
+    for t, (lo, hi) in enumerate(data_lib.task_boundaries(used, config.num_tasks)):
         count = len(data_lib.class_indices(labels, lo, hi, config.train_per_class))
         if count < config.batch_size:
             raise ValueError(
@@ -133,16 +135,19 @@ def peak_memory_bytes() -> int:
 
 
 def task_accuracies(logits: np.ndarray, labels: np.ndarray, bounds, task: int):
-    """[(global, local)] accuracy (%) on tasks 0..task; global among logits [0, K_new),
-    local within task j's own logits [lo_j, hi_j)."""
+    """[(global, local, global top-5)] accuracy (%) on tasks 0..task; global among logits
+    [0, K_new), local within task j's own logits [lo_j, hi_j); top-5: the label is among
+    the 5 largest of the K_new logits (SPEC section 7: reported for ImageNet)."""
     num_seen = bounds[task][1]
     out = []
     for lo, hi in bounds[:task + 1]:
         mask = (labels >= lo) & (labels < hi)
-        z, y = logits[mask], labels[mask]
-        global_acc = float(np.mean(np.argmax(z[:, :num_seen], axis=1) == y)) * 100
+        z, y = logits[mask][:, :num_seen], labels[mask]
+        global_acc = float(np.mean(np.argmax(z, axis=1) == y)) * 100
         local_acc = float(np.mean(np.argmax(z[:, lo:hi], axis=1) + lo == y)) * 100
-        out.append((global_acc, local_acc))
+        top5 = np.argpartition(-z, min(5, num_seen) - 1, axis=1)[:, :5]
+        top5_acc = float(np.mean((top5 == y[:, None]).any(axis=1))) * 100
+        out.append((global_acc, local_acc, top5_acc))
     return out
 
 
@@ -165,9 +170,10 @@ class RepeatRunner:
         self.workdir = workdir
         self.repeat = repeat
         self.seed = config.seed + repeat
-        spec = splits.spec
+        self.order = data_lib.class_order(splits.spec.num_classes, config.class_order,
+                                          self.seed)
+        spec = self.spec = data_lib.classes_in_use(splits.spec, config.num_classes)
         self.method = methods_lib.get_method(config, spec)
-        self.order = data_lib.class_order(spec.num_classes, config.class_order, self.seed)
         self.train_labels = data_lib.remap_labels(splits.train_labels, self.order)
         self.test_labels = data_lib.remap_labels(splits.test_labels, self.order)
         self.bounds = data_lib.task_boundaries(spec.num_classes, config.num_tasks)
@@ -443,9 +449,9 @@ class RepeatRunner:
         logits = train.predict_all(self.predict, learner, self.splits.test_images[seen],
                                    self.config.eval_batch_size, self.mesh.size)[0]
         logits = self.method.eval_logits(method_state, logits, task)
-        for j, (g, l) in enumerate(task_accuracies(logits, self.test_labels[seen],
+        for j, (g, l, top5) in enumerate(task_accuracies(logits, self.test_labels[seen],
                                                    self.bounds, t)):
-            self.acc.record(t, j, g, l)
+            self.acc.record(t, j, g, l, top5)
         row = self.acc.global_acc[t, :t + 1]
         logging.info("after task %d: accuracy per task %s, A_%d = %.2f%%", t + 1,
                      np.round(row, 2).tolist(), t + 1, float(np.mean(row)))
@@ -494,7 +500,8 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
                                     "results.json")
         omega_reference = json.loads(path.read_text())
     splits = splits or load_splits(config)
-    if splits.streamed and methods_lib.get_method(config, splits.spec).needs_device_data:
+    spec = data_lib.classes_in_use(splits.spec, config.num_classes)
+    if splits.streamed and methods_lib.get_method(config, spec).needs_device_data:
         raise ValueError(f"{config.method} trains on the split held on device; this run "
                          "streams its data: set --config.input_pipeline=device (the split "
                          "must then fit in device memory)")

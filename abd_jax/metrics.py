@@ -74,39 +74,47 @@ def omega(A, A_upper) -> float:
 
 
 class AccuracyMatrix:
-    """Global (class-incremental) and local (task-incremental) accuracy matrices.
+    """Global (class-incremental), local (task-incremental) and global top-5 accuracy
+    matrices.
 
-    ``global_acc`` and ``local_acc`` are float arrays [N, N], NaN where not yet measured.
+    ``global_acc``, ``local_acc`` and ``top5_acc`` are float arrays [N, N], NaN where not
+    yet measured.
     """
 
     def __init__(self, num_tasks: int):
         self.global_acc = np.full((num_tasks, num_tasks), np.nan)
         self.local_acc = np.full((num_tasks, num_tasks), np.nan)
+        self.top5_acc = np.full((num_tasks, num_tasks), np.nan)
 
     @property
     def num_tasks(self) -> int:
         return self.global_acc.shape[0]
 
-    def record(self, task_i: int, task_j: int, global_acc: float, local_acc: float) -> None:
+    def record(self, task_i: int, task_j: int, global_acc: float, local_acc: float,
+               top5_acc: float = np.nan) -> None:
         """Store the accuracies on task ``task_j`` after learning task ``task_i`` (0-based)."""
         if not 0 <= task_j <= task_i < self.num_tasks:
             raise ValueError(f"need 0 <= task_j <= task_i < {self.num_tasks}, "
                              f"got task_i={task_i}, task_j={task_j}")
         self.global_acc[task_i, task_j] = float(global_acc)
         self.local_acc[task_i, task_j] = float(local_acc)
+        self.top5_acc[task_i, task_j] = float(top5_acc)
 
     def to_dict(self) -> dict:
-        """JSON-safe ``{"R_global": [[...]], "R_local": [[...]]}`` with NaN -> None."""
-        return {"R_global": _json_safe(self.global_acc), "R_local": _json_safe(self.local_acc)}
+        """JSON-safe ``{"R_global", "R_local", "R_global_top5": [[...]]}``, NaN -> None."""
+        return {"R_global": _json_safe(self.global_acc), "R_local": _json_safe(self.local_acc),
+                "R_global_top5": _json_safe(self.top5_acc)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AccuracyMatrix":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (top-5 NaN when absent: runs older than it)."""
         g, l = _as_matrix(d["R_global"]), _as_matrix(d["R_local"])
         if g.shape != l.shape:
             raise ValueError(f"R_global {g.shape} and R_local {l.shape} differ in shape")
         m = cls(g.shape[0])
         m.global_acc, m.local_acc = g, l
+        if d.get("R_global_top5") is not None:
+            m.top5_acc = _as_matrix(d["R_global_top5"])
         return m
 
 
@@ -149,6 +157,7 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
             raise ValueError(f"repeats disagree on the number of tasks: "
                              f"{Rg.shape[0]} vs {len(A_g[0])}")
         a_g, a_l = average_accuracy(Rg), average_accuracy(Rl)
+        top5 = run.get("R_global_top5")
         rep = {
             "seed": run["seed"],
             "class_order": list(run["class_order"]),
@@ -159,6 +168,10 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
             "task_wall_seconds": list(run["task_wall_seconds"]),
             "peak_memory_bytes": run.get("peak_memory_bytes"),
         }
+        if top5 is not None:
+            a_5 = average_accuracy(_as_matrix(top5))
+            rep.update(R_global_top5=_as_matrix(top5), A_global_top5=a_5,
+                       final_top5_accuracy=a_5[-1])
         if run.get("memory") is not None:
             rep["memory"] = dict(run["memory"])
         if A_ub is not None:
@@ -180,6 +193,9 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
         "task_wall_seconds": _summarize_per_task(walls),
         "peak_memory_bytes": max(peaks) if peaks else None,
     }
+    if all("final_top5_accuracy" in r for r in repeats):
+        aggregate["final_top5_accuracy"] = summarize_repeats(
+            [r["final_top5_accuracy"] for r in repeats])
     if "memory" in repeats[0]:
         aggregate["memory"] = repeats[0]["memory"]  # the same for every repeat
     if A_ub is not None:
@@ -254,6 +270,8 @@ def _summary_markdown(results: dict, config_dict: dict, title: str) -> str:
     if "omega" in agg:
         lines.append(f"- Omega: {_pm(agg['omega'], 4)}")
     lines.append(f"- final local (task-incremental) accuracy: {_pm(agg['final_local_accuracy'])} %")
+    if "final_top5_accuracy" in agg:
+        lines.append(f"- final top-5 accuracy: {_pm(agg['final_top5_accuracy'])} %")
     lines.append(f"- seconds per training batch: {_pm(agg['train_seconds_per_batch'], 4)}")
     peak = agg["peak_memory_bytes"]
     lines.append(f"- peak memory: {'n/a' if peak is None else f'{peak / 2**20:.1f} MiB'}")

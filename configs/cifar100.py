@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Protocol.
     c.num_tasks = 10           # 5 / 10 / 20 tasks of 20 / 10 / 5 classes
     c.class_order = "shuffle"  # "shuffle" (by seed), "identity", or "3,17,42,..." explicit
+    c.num_classes = 0          # use only the first N classes of the class order (0 = all)
     c.seed = 0                 # repeat r uses seed + r (its own class order)
     c.repeats = 1
     c.method = "abd"           # abd | deepinversion | lwf_synthetic | base | upper_bound |

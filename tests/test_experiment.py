@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from abd_jax import experiment
+from abd_jax import metrics as metrics_lib
 from helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,3 +177,44 @@ def test_missing_prepared_dataset_says_how_to_prepare(tmp_path):
     with pytest.raises(FileNotFoundError, match="abd_jax.prepare_data --dataset=cifar10"):
         experiment.run(tiny_config(str(tmp_path / "empty"), dataset="cifar10", download=False,
                                    model="resnet8"), tmp_path / "run")
+
+
+def test_task_accuracies_global_local_and_top5_by_hand():
+    bounds = [(0, 2), (2, 4), (4, 6)]
+    # 3 test images of task 1 (labels 0, 1, 1) and 1 of task 2 (label 3), after task 2
+    # (K_new = 4: logit columns 4-5 must be ignored even where they are largest).
+    logits = np.array([[5, 1, 0, 0, 9, 9],    # label 0: global hit
+                       [5, 1, 0, 0, 9, 9],    # label 1: global miss, local miss, top-5 hit
+                       [0, 1, 2, 0, 9, 9],    # label 1: global miss (2), local hit
+                       [0, 0, 4, 3, 9, 9]],   # label 3: global miss (2), local miss
+                      np.float32)
+    labels = np.array([0, 1, 1, 3])
+    (g1, l1, t1), (g2, l2, t2) = experiment.task_accuracies(logits, labels, bounds, 1)
+    assert (g1, l1, t1) == pytest.approx((100 / 3, 200 / 3, 100.0))
+    assert (g2, l2, t2) == (0.0, 0.0, 100.0)
+    # 7 valid classes, top-5 excludes the two smallest logits
+    bounds7 = [(0, 7)]
+    z = np.array([[6, 5, 4, 3, 2, 1, 0], [6, 5, 4, 3, 2, 1, 0]], np.float32)
+    assert experiment.task_accuracies(z, np.array([4, 5]), bounds7, 0)[0][2] == 50.0
+
+
+def test_a_run_on_the_first_classes_of_the_order(digits_data_dir, tmp_path):
+    config = tiny_config(digits_data_dir, method="lwf", num_tasks=3, num_classes=6,
+                         epochs=1)
+    results = experiment.run(config, tmp_path)
+    rep = results["repeats"][0]
+    assert len(rep["R_global"]) == 3 and len(rep["class_order"]) == 10
+    splits = experiment.load_splits(config)
+    with metrics_lib.MetricWriter(tmp_path / "probe.jsonl") as writer:
+        runner = experiment.RepeatRunner(config, tmp_path / "probe", splits,
+                                         experiment.make_mesh(1), writer, 0)
+        runner.checkpointer.close()
+    assert runner.bounds == [(0, 2), (2, 4), (4, 6)]
+    assert runner.model.num_classes == 6
+    used = set(rep["class_order"][:6])
+    assert all(splits.train_labels[i] in used
+               for t in range(3) for i in runner.rt.task_indices(t))
+    for bad, message in ((11, "between 1 and"), (7, "valid task counts")):
+        config = tiny_config(digits_data_dir, num_tasks=3, num_classes=bad)
+        with pytest.raises(ValueError, match=message):
+            experiment.validate_config(config, 1)

@@ -64,6 +64,24 @@ def test_accuracy_matrix_round_trip():
         m.record(0, 1, 1.0, 1.0)  # above the diagonal
 
 
+def test_top5_is_recorded_and_older_records_without_it_still_load():
+    m = metrics.AccuracyMatrix(2)
+    m.record(0, 0, 50.0, 60.0, 99.0)
+    m.record(1, 0, 40.0, 55.0, 90.0)
+    m.record(1, 1, 30.0, 70.0, 80.0)
+    d = json.loads(json.dumps(m.to_dict()))
+    assert d["R_global_top5"] == [[99.0, None], [90.0, 80.0]]
+    np.testing.assert_array_equal(metrics.AccuracyMatrix.from_dict(d).top5_acc, m.top5_acc)
+    old = {k: v for k, v in d.items() if k != "R_global_top5"}
+    assert np.isnan(metrics.AccuracyMatrix.from_dict(old).top5_acc).all()
+    run = {**_run(0, d["R_global"], d["R_local"]), "R_global_top5": d["R_global_top5"]}
+    res = metrics.build_results([run])
+    assert res["repeats"][0]["A_global_top5"] == [99.0, 85.0]
+    assert res["aggregate"]["final_top5_accuracy"]["mean"] == 85.0
+    assert "final_top5_accuracy" not in metrics.build_results([_run(0, d["R_global"],
+                                                                    d["R_local"])])["aggregate"]
+
+
 def test_build_results_values():
     runs = [_run(0, [[90, None], [40, 80]], [[90, None], [85, 95]], spb=0.04),
             _run(1, [[80, None], [50, 70]], [[80, None], [75, 85]], spb=0.06, peak=None)]
