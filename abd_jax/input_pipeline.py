@@ -11,6 +11,10 @@ run reads the same batches from there on.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import os
+
 import numpy as np
 
 import jax
@@ -85,26 +89,37 @@ class SourceImages:
 
     def __getitem__(self, key):
         if isinstance(key, slice):
-            return read_images(self.source, self.index[key], self.spec, self.transform)
+            return read_images(self.source, self.index[key], self.spec, self.transform,
+                               threads=os.cpu_count() or 1)
         return SourceImages(self.source, self.spec, self.index[np.asarray(key)],
                             self.transform)
 
 
 def read_images(source, index: np.ndarray, spec: data_lib.DatasetSpec, transform=None,
-                seeds=None) -> np.ndarray:
+                seeds=None, threads: int = 1) -> np.ndarray:
     """uint8 `[n, H, W, C]` images of examples `index` (any order, repeats allowed), each
     passed through `transform(image, rng)` when given (a stored image of any size -> the
-    spec's shape), with rng = `np.random.default_rng(seeds[i])`."""
+    spec's shape), with rng = `np.random.default_rng(seeds[i])`; decoded on `threads`
+    threads (image decoding releases the GIL)."""
     out = np.empty((len(index), *spec.image_shape), np.uint8)
-    if len(index):
-        examples = source.__getitems__([int(i) for i in index])
-        if transform is None:
-            out[:] = [ex["image"] for ex in examples]
-        else:
-            for i, ex in enumerate(examples):
-                out[i] = transform(ex["image"], np.random.default_rng(
-                    None if seeds is None else seeds[i]))
+
+    def read(lo: int, hi: int) -> None:
+        examples = source.__getitems__([int(i) for i in index[lo:hi]])
+        for i, ex in enumerate(examples, lo):
+            out[i] = ex["image"] if transform is None else transform(
+                ex["image"], np.random.default_rng(None if seeds is None else seeds[i]))
+
+    bounds = np.linspace(0, len(index), max(1, min(threads, len(index) // 32)) + 1).astype(int)
+    if len(bounds) == 2:
+        read(0, len(index))
+    else:
+        list(_pool(threads).map(read, bounds[:-1], bounds[1:]))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="read_images")
 
 
 class _ReadBatch:
