@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.image_size = 0           # folder:<root> datasets: resize to N x N (0 = keep; all equal)
     c.download = True          # let TFDS download when the dataset is not prepared
     c.train_per_class = 0      # keep only the first N training images per class (0 = all)
+    c.input_pipeline = "auto"  # "device" (whole split on device), "stream" (grain, host reads), "auto": stream for variable-size or large data
     c.augment = ml_collections.ConfigDict(
         dict(brightness=63 / 255, contrast=0.8, flip=True, crop_padding=4))
     # Protocol.
