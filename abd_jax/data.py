@@ -19,6 +19,9 @@ class DatasetSpec:
     std: tuple[float, ...]
     label_key: str = "label"
     prepared_dir: str = ""  # read from this prepared TFDS folder (own folders, other datasets)
+    # Stored images differ in size (ImageNet): `image_shape` is the model input, and every
+    # image must pass `transforms.train_transform` / `test_transform` before batching.
+    variable_size: bool = False
 
 
 DATASETS = {
@@ -31,6 +34,11 @@ DATASETS = {
     # SPEC section 1's Tiny-ImageNet statistics; our builder (`datasets.TinyImagenet`).
     "tiny_imagenet": DatasetSpec("tiny_imagenet", 200, (64, 64, 3),
                                  (0.4389, 0.4114, 0.3682), (0.2402, 0.2350, 0.2268)),
+    # ILSVRC-2012 as JPEGs of varying size (`datasets.Imagenet2012`; test = the validation
+    # set), cropped to the 224x224 model input on the host; the usual ImageNet mean/std.
+    "imagenet2012": DatasetSpec("imagenet2012", 1000, (224, 224, 3),
+                                (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                variable_size=True),
 }
 
 

@@ -2,6 +2,8 @@
 
     python -m abd_jax.prepare_data --dataset=cifar10 --manual_dir=../shared/data \
         [--data_dir=~/tensorflow_datasets]
+    python -m abd_jax.prepare_data --dataset=imagenet2012 --manual_dir=<folder with
+        ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar> [--data_dir=...]
     python -m abd_jax.prepare_data --dataset=folder:/path/to/root [--image_size=64]
 
 (A folder dataset is also prepared on its first use by a run.)
@@ -15,13 +17,15 @@ _DATASET = flags.DEFINE_string(
     "root/{train,test}/<class>/* images.", required=True)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "folder: resize to N x N (0 = keep).")
 _MANUAL_DIR = flags.DEFINE_string(
-    "manual_dir", None, "Folder holding cifar-10-binary.tar.gz / cifar-100-binary.tar.gz.")
+    "manual_dir", None, "Folder holding the official archive: cifar-10-binary.tar.gz / "
+    "cifar-100-binary.tar.gz / tiny-imagenet-200.zip / ILSVRC2012_img_train.tar and "
+    "ILSVRC2012_img_val.tar.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_dir to write.")
 
 
 def prepare(dataset: str, data_dir, manual_dir=None, image_size: int = 0) -> dict[str, int]:
-    """Prepares `dataset` (cifar10 | cifar100 | sklearn_digits | folder:<root>); returns
-    {split: size}."""
+    """Prepares `dataset` (a key of `datasets.OFFLINE_BUILDERS`, e.g. cifar100, tiny_imagenet,
+    imagenet2012, or folder:<root>); returns {split: size}."""
     if dataset.startswith("folder:"):
         version_dir = datasets.prepare_folder(data.expand_path(dataset[len("folder:"):]),
                                               str(data.expand_path(data_dir)), image_size)

@@ -1,0 +1,194 @@
+"""ImageNet (ILSVRC-2012) prepared from fake tars in the official layout (3 of the 1000
+classes: per-class tars inside the train tar, flat validation JPEGs), read back through
+`tfds.data_source`; configs/imagenet.py and ResNet-18 at 224x224."""
+import io
+import json
+import shutil
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from abd_jax import data as data_lib
+from abd_jax import datasets, experiment, models, transforms
+from configs import imagenet
+
+WNIDS = datasets.IMAGENET_LABELS_FILE.read_text().split()
+VAL_WNIDS = datasets.IMAGENET_VAL_LABELS_FILE.read_text().split()
+CLASSES = (0, 417, 999)  # class ids (lines of labels.txt) the fake archive holds
+
+
+def _smooth(rng, height, width):
+    """uint8 [height, width, 3]: a random colour gradient (JPEG keeps it close)."""
+    corners = rng.uniform(0, 255, (2, 2, 3))
+    y, x = np.linspace(0, 1, height)[:, None, None], np.linspace(0, 1, width)[None, :, None]
+    top = corners[0, 0] * (1 - x) + corners[0, 1] * x
+    bottom = corners[1, 0] * (1 - x) + corners[1, 1] * x
+    return np.round(top * (1 - y) + bottom * y).astype(np.uint8)
+
+
+def _encode(pixels, mode="RGB", fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_archives(folder, seed=0):
+    """Writes ILSVRC2012_img_{train,val}.tar into `folder`; returns {split: {file name:
+    (original pixels, label, stored as is)}} (CMYK and PNG files are re-encoded)."""
+    rng = np.random.default_rng(seed)
+    expected = {"train": {}, "test": {}}
+    folder.mkdir(parents=True, exist_ok=True)
+    # The middle class also holds a grey and a CMYK JPEG, and a PNG named .JPEG (as ImageNet).
+    kinds = [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG")]
+    with tarfile.open(folder / "ILSVRC2012_img_train.tar", "w") as train:
+        for c in CLASSES:
+            class_tar = io.BytesIO()
+            with tarfile.open(fileobj=class_tar, mode="w") as inner:
+                for i, (mode, fmt) in enumerate(kinds if c == CLASSES[1] else kinds[:1] * 2):
+                    name = f"{WNIDS[c]}_{10 * i + 7}.JPEG"
+                    pixels = _smooth(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90)))
+                    _add(inner, name, _encode(pixels, mode, fmt))
+                    if mode == "L":
+                        pixels = np.repeat(np.asarray(Image.fromarray(pixels).convert("L"))
+                                           [..., None], 3, axis=-1)
+                    expected["train"][name] = (pixels, c, mode != "CMYK" and fmt == "JPEG")
+            _add(train, f"{WNIDS[c]}.tar", class_tar.getvalue())
+    with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as val:
+        for c in CLASSES:
+            numbers = [i + 1 for i, w in enumerate(VAL_WNIDS) if w == WNIDS[c]][:2]
+            for number in numbers:
+                name = f"ILSVRC2012_val_{number:08d}.JPEG"
+                pixels = _smooth(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90)))
+                _add(val, name, _encode(pixels))
+                expected["test"][name] = (pixels, c, True)
+    return expected
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    expected = make_archives(root / "manual")
+    datasets.download_and_prepare("imagenet2012", root / "tfds", root / "manual")
+    return root, expected
+
+
+def test_both_splits_read_back_as_rgb_images_of_their_own_size(prepared):
+    root, expected = prepared
+    for split in ("train", "test"):
+        source = tfds.data_source("imagenet2012", split=split, data_dir=str(root / "tfds"))
+        assert len(source) == len(expected[split])
+        examples = source.__getitems__(list(range(len(source))))
+        for ex in examples:
+            name = ex["file_name"].decode()
+            pixels, label, stored_as_is = expected[split][name]
+            assert ex["label"] == label
+            assert ex["image"].dtype == np.uint8 and ex["image"].shape == pixels.shape
+            # JPEG is lossy: the smooth originals come back within a few levels.
+            error = np.abs(ex["image"].astype(int) - pixels)
+            assert error.mean() < 2 and error.max() < 24, name
+        assert sorted(ex["file_name"].decode() for ex in examples) == sorted(expected[split])
+
+
+def test_jpegs_are_stored_as_they_are_and_decode_as_pil_decodes_them(prepared):
+    root, expected = prepared
+    source = tfds.data_source("imagenet2012", split="train", data_dir=str(root / "tfds"))
+    with tarfile.open(root / "manual" / "ILSVRC2012_img_train.tar") as train:
+        originals = {}
+        for member in train.getmembers():
+            with tarfile.open(fileobj=io.BytesIO(train.extractfile(member).read())) as inner:
+                originals.update({m.name: inner.extractfile(m).read()
+                                  for m in inner.getmembers()})
+    for ex in source.__getitems__(list(range(len(source)))):
+        name = ex["file_name"].decode()
+        with Image.open(io.BytesIO(originals[name])) as image:
+            decoded = np.asarray(image.convert("RGB"))
+        if expected["train"][name][2]:  # RGB / grey JPEG: the same bytes, so the same pixels
+            np.testing.assert_array_equal(ex["image"], decoded)
+        else:  # CMYK / PNG: re-encoded as RGB JPEG at quality 100
+            assert np.abs(ex["image"].astype(int) - decoded).mean() < 1.5
+    # The raw records hold the original JPEG bytes of the RGB and grey images.
+    for name, (_, _, stored_as_is) in expected["train"].items():
+        assert stored_as_is == (datasets.rgb_or_grey_jpeg(originals[name]) is originals[name])
+
+
+def test_labels_are_labels_txt_lines_of_1000_classes(prepared):
+    root, _ = prepared
+    builder = tfds.builder("imagenet2012", data_dir=str(root / "tfds"))
+    assert builder.info.features["label"].num_classes == 1000
+    assert builder.info.features["label"].names == sorted(WNIDS)
+    assert set(builder.info.splits) == {"train", "test"}
+    # Prepared once, it needs no manual dir any more (and passes the split check).
+    assert datasets.download_and_prepare("imagenet2012", root / "tfds").info.splits[
+        "test"].num_examples == 6
+    spec = data_lib.DATASETS["imagenet2012"]
+    assert (spec.tfds_name, spec.num_classes, spec.image_shape, spec.variable_size) == (
+        "imagenet2012", 1000, (224, 224, 3), True)
+    source = tfds.data_source("imagenet2012", split="test", data_dir=str(root / "tfds"))
+    for ex in source.__getitems__(list(range(len(source)))):
+        number = int(ex["file_name"].decode()[len("ILSVRC2012_val_"):-len(".JPEG")])
+        assert WNIDS[ex["label"]] == VAL_WNIDS[number - 1]
+        image = transforms.test_transform(spec)(ex["image"], None)
+        assert image.shape == (224, 224, 3)
+
+
+def test_missing_or_wrong_archives_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar and .*"
+                                                "ILSVRC2012_img_val.tar not found"):
+        datasets.download_and_prepare("imagenet2012", tmp_path / "tfds", tmp_path)
+    make_archives(tmp_path / "manual")
+    (tmp_path / "manual" / "ILSVRC2012_img_val.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ILSVRC2012_img_val\.tar not found; Place"):
+        datasets.download_and_prepare("imagenet2012", tmp_path / "tfds", tmp_path / "manual")
+    with tarfile.open(tmp_path / "manual" / "ILSVRC2012_img_val.tar", "w") as val:
+        _add(val, "val_1.JPEG", _encode(np.zeros((8, 8, 3), np.uint8)))
+    with pytest.raises(ValueError, match=r"val_1\.JPEG, not an ILSVRC2012_val_"):
+        datasets.download_and_prepare("imagenet2012", tmp_path / "tfds", tmp_path / "manual")
+    with tarfile.open(tmp_path / "manual" / "ILSVRC2012_img_train.tar", "w") as train:
+        _add(train, "n99999999.tar", b"")
+    with pytest.raises(ValueError, match="n99999999.tar, not a <wnid>.tar"):
+        datasets.download_and_prepare("imagenet2012", tmp_path / "tfds", tmp_path / "manual")
+
+
+def test_tfds_own_preparation_is_refused_with_a_fix(prepared, tmp_path):
+    # TFDS's imagenet2012 (labelled 'validation', unlabelled 'test') in the same data_dir.
+    root, _ = prepared
+    shutil.copytree(root / "tfds", tmp_path / "tfds")
+    info_file = next((tmp_path / "tfds" / "imagenet2012").glob("*/dataset_info.json"))
+    info = json.loads(info_file.read_text())
+    info["splits"] = [dict(split, name="validation") if split["name"] == "test" else split
+                      for split in info["splits"]]
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"splits \['train', 'validation'\].*another data_dir"):
+        datasets.download_and_prepare("imagenet2012", tmp_path / "tfds", root / "manual")
+
+
+def test_imagenet_config_and_resnet18_at_224():
+    c = imagenet.get_config()
+    assert (c.dataset, c.model, c.batch_size, c.weight_decay, c.epochs, c.num_tasks,
+            c.seed) == ("imagenet2012", "resnet18", 256, 1e-4, 100, 10, 1993)
+    assert tuple(c.lr_milestones) == (30, 60, 80, 90)
+    assert (c.augment.brightness, c.augment.contrast, c.augment.flip,
+            c.augment.crop_padding) == (0, 0, True, 0)
+    assert c.synthesis.iterations == 50_000 and c.input_pipeline == "stream"
+    experiment.validate_config(c, num_devices=1)
+    model = models.create_classifier(c.model, 1000, c.dtype, c.conv_impl)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 224, 224, 3)), jnp.float32)
+    # Random variables of the right shapes (model.init's 11.7M draws take ~20 s on 2 CPUs).
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: np.abs(rng.normal(0, 0.05, s.shape)).astype(s.dtype),
+                             shapes)
+    logits, features = jax.jit(model.apply)(variables, images)
+    assert logits.shape == (2, 1000) and features.shape == (2, 512)
+    assert np.isfinite(logits).all()
