@@ -120,9 +120,11 @@ def load_splits(config) -> Splits:
     sources = {split: data_lib.open_split(spec, split, data_dir) for split in ("train", "test")}
     test_labels_source = data_lib.open_split(spec, "test", data_dir,
                                              decoders=input_pipeline.labels_only())
-    return Splits(spec, input_pipeline.SourceImages(sources["train"], spec),
+    return Splits(spec, input_pipeline.SourceImages(sources["train"], spec, transform=(
+                      input_pipeline.test_transform(spec))),  # herding etc.: no random crop
                   input_pipeline.split_labels(train_labels_source),
-                  input_pipeline.SourceImages(sources["test"], spec),
+                  input_pipeline.SourceImages(sources["test"], spec,
+                                              transform=input_pipeline.test_transform(spec)),
                   input_pipeline.split_labels(test_labels_source))
 
 
@@ -273,7 +275,8 @@ class RepeatRunner:
         c = self.config
         return input_pipeline.StreamFeed(
             self.splits.train_images.source, self.splits.spec, self.train_labels, info, start,
-            c.batch_size, self.steps_per_call, self.mesh, c.stream_workers, c.stream_prefetch)
+            c.batch_size, self.steps_per_call, self.mesh, c.stream_workers, c.stream_prefetch,
+            input_pipeline.train_transform(self.splits.spec))
 
     def _chunk_fn(self, loss_fn: Callable, step_config: train.StepConfig) -> Callable:
         """The jitted training chunk of `loss_fn` (one compilation per loss and config)."""

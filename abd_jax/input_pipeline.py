@@ -22,33 +22,36 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import data as data_lib
-from abd_jax import train
+from abd_jax import train, transforms
 
 PIPELINES = ("auto", "device", "stream")
 
 
 def use_stream(config, spec: data_lib.DatasetSpec, num_train: int) -> bool:
     """Whether the run streams its training data: `input_pipeline` "stream", or "auto" and
-    the split's pixels (`num_train` images) exceed `stream_above_gb`."""
+    the images vary in size or their pixels (`num_train` images) exceed `stream_above_gb`."""
     mode = config.input_pipeline
     if mode not in PIPELINES:
         raise ValueError(f"input_pipeline={mode!r}: use one of {PIPELINES}")
+    if mode == "device" and spec.variable_size:
+        raise ValueError(f"{spec.tfds_name} stores images of varying size, which only the "
+                         "stream path crops to one size: set --config.input_pipeline=stream")
     if mode != "auto":
         return mode == "stream"
-    return num_train * int(np.prod(spec.image_shape)) > config.stream_above_gb * 2 ** 30
+    return spec.variable_size or (
+        num_train * int(np.prod(spec.image_shape)) > config.stream_above_gb * 2 ** 30)
 
 
 def train_transform(spec: data_lib.DatasetSpec):
-    """The host transform `(image, rng) -> uint8 [H, W, C]` of a stored training image, or
-    None when images are stored at the model's input size."""
-    del spec
-    return None
+    """The host transform `(image, rng) -> uint8 [H, W, C]` of a stored training image
+    (`transforms.train_transform`: random-resized crop for variable-size data), or None when
+    images are stored at the model's input size."""
+    return transforms.train_transform(spec) if spec.variable_size else None
 
 
 def test_transform(spec: data_lib.DatasetSpec):
-    """As `train_transform`, for evaluation (deterministic)."""
-    del spec
-    return None
+    """As `train_transform`, for evaluation (deterministic: resize + centre crop)."""
+    return transforms.test_transform(spec) if spec.variable_size else None
 
 
 def split_labels(source_without_images) -> np.ndarray:

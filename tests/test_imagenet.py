@@ -192,3 +192,41 @@ def test_imagenet_config_and_resnet18_at_224():
     logits, features = jax.jit(model.apply)(variables, images)
     assert logits.shape == (2, 1000) and features.shape == (2, 512)
     assert np.isfinite(logits).all()
+
+
+def test_a_streamed_two_task_run_on_the_fake_archive(prepared, tmp_path):
+    """configs/imagenet.py end to end on the fake archive (a small net and schedule): the
+    stream path crops the varying sizes on the host (random-resized for training, resize +
+    centre crop for testing); top-5 lands in results.json."""
+    c = imagenet.get_config()
+    c.data_dir = str(prepared[0] / "tfds")
+    c.download = False
+    c.class_order = "identity"  # task 1: ids 0-499 (classes 0, 417), task 2: 999
+    c.num_tasks = 2
+    c.model = "resnet8"
+    c.method = "base"
+    c.batch_size = 2
+    c.epochs = 1
+    c.num_devices = 1
+    c.eval_batch_size = 4
+    c.tensorboard = False
+    splits = experiment.load_splits(c)
+    assert splits.streamed and len(splits.train_images) == 8
+    batch = splits.test_images[:2]
+    assert batch.shape == (2, 224, 224, 3) and batch.dtype == np.uint8
+    results = experiment.run(c, tmp_path)
+    rep = results["repeats"][0]
+    assert len(rep["R_global"]) == 2
+    top1, top5 = (np.array(rep[k], dtype=float) for k in ("R_global", "R_global_top5"))
+    assert np.all(np.tril(top5) >= np.tril(top1))
+    c.input_pipeline = "device"
+    with pytest.raises(ValueError, match="input_pipeline=stream"):
+        experiment.run(c, tmp_path / "device")
+
+
+def test_imagenet50_is_the_first_50_classes_in_5_tasks():
+    from configs import imagenet50
+    c = imagenet50.get_config()
+    spec = data_lib.classes_in_use(data_lib.get_spec(c.dataset), c.num_classes)
+    assert (spec.num_classes, c.num_tasks, c.model, c.seed) == (50, 5, "resnet18", 1993)
+    experiment.validate_config(c, 1)
