@@ -194,6 +194,9 @@ class RepeatRunner:
         self._chunk_fns: dict[tuple, Callable] = {}  # (loss_fn, StepConfig) -> jitted chunk
         self._warm: set = set()
         self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
+        if splits.streamed and not config.steps_per_call:  # one call's batches travel at once
+            self.steps_per_call = input_pipeline.steps_per_call_for(
+                self.steps_per_call, config.batch_size, spec.image_shape)
         self.images = self.labels = None  # the training split on the mesh (device path)
         if not splits.streamed:
             self.images = jax.device_put(splits.train_images, self.replicated)

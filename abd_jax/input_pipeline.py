@@ -54,6 +54,13 @@ def test_transform(spec: data_lib.DatasetSpec):
     return transforms.test_transform(spec) if spec.variable_size else None
 
 
+def steps_per_call_for(default: int, batch_size: int, image_shape,
+                       max_bytes: int = 2 ** 28) -> int:
+    """Steps per jitted call on the stream path: `default`, fewer where one call's uint8
+    batches would exceed `max_bytes` (ImageNet, batch 256: 6 steps, 231 MB)."""
+    return max(1, min(default, max_bytes // (batch_size * int(np.prod(image_shape)))))
+
+
 def split_labels(source_without_images) -> np.ndarray:
     """int32 `[N]` labels of a split opened with images left undecoded (`open_split(...,
     decoders=LABELS_ONLY)`), read in chunks."""

@@ -7,13 +7,16 @@ repeats for every worker count.
 
     python experiments/stream_benchmark.py --dataset=cifar10 --data_dir=/tmp/tfds \
         --workers=0,2
-    # 224x224: a generated folder of JPEGs (smooth random images), prepared once
-    python experiments/stream_benchmark.py --fake_images=2000 --fake_size=224 \
-        --data_dir=/tmp/tfds --workers=0,2
+    # ImageNet-shaped: generated ILSVRC2012 tars (500x375 JPEGs), prepared once, streamed
+    # with the random-resized crop to 224x224
+    python experiments/stream_benchmark.py --fake_imagenet=2000 --data_dir=/tmp/tfds \
+        --workers=0,2
 """
+import io
 import os
 import pathlib
 import sys
+import tarfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -30,10 +33,10 @@ from abd_jax import experiment, input_pipeline, train  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "cifar10", "a prepared dataset name or folder:<root>")
 flags.DEFINE_string("data_dir", "", "TFDS data dir")
-flags.DEFINE_integer("fake_images", 0, "if > 0: generate this many training JPEGs (10 "
-                     "classes) of --fake_size in <data_dir>/stream_benchmark_<size> and "
-                     "stream that folder dataset")
-flags.DEFINE_integer("fake_size", 224, "side of the generated images")
+flags.DEFINE_integer("fake_imagenet", 0, "if > 0: write ILSVRC2012 tars with this many "
+                     "training JPEGs (10 classes, 500x375, photo-sized) into "
+                     "<data_dir>/fake_ilsvrc, prepare imagenet2012 from them in "
+                     "<data_dir>/fake_imagenet and stream that")
 flags.DEFINE_list("workers", ["0", "2"], "grain worker process counts to time")
 flags.DEFINE_integer("batch_size", 128, "images per batch")
 flags.DEFINE_integer("steps", 30, "batches timed per repeat")
@@ -41,21 +44,42 @@ flags.DEFINE_integer("repeats", 3, "timed repeats per worker count")
 flags.DEFINE_integer("prefetch", 4, "batches read ahead")
 
 
-def make_fake_folder(root: pathlib.Path, count: int, size: int) -> pathlib.Path:
-    """`root/{train,test}/c<k>/*.jpg`: smooth random colour images (JPEG-sized like photos,
-    not noise), 10 classes; written once."""
-    if (root / "done").exists():
-        return root
+def make_fake_imagenet(folder: pathlib.Path, count: int) -> None:
+    """ILSVRC2012_img_{train,val}.tar in `folder`: `count` training JPEGs of 500x375 over
+    the first 10 classes of TFDS's labels.txt (smooth random images, photo-sized files),
+    and 10 validation JPEGs; written once."""
+    from abd_jax import datasets  # noqa: PLC0415
+    if (folder / "ILSVRC2012_img_val.tar").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    wnids = datasets.IMAGENET_LABELS_FILE.read_text().split()[:10]
+    val_wnids = datasets.IMAGENET_VAL_LABELS_FILE.read_text().split()
     rng = np.random.default_rng(0)
-    for split, n in (("train", count), ("test", max(10, count // 10))):
-        for i in range(n):
-            folder = root / split / f"c{i % 10}"
-            folder.mkdir(parents=True, exist_ok=True)
-            coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            image = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
-            image.save(folder / f"{i:06d}.jpg", quality=90)
-    (root / "done").write_text("")
-    return root
+
+    def jpeg() -> bytes:
+        coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(coarse).resize((500, 375), Image.BICUBIC).save(buf, "JPEG",
+                                                                      quality=90)
+        return buf.getvalue()
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(folder / "ILSVRC2012_img_train.tar", "w") as train_tar:
+        for c, wnid in enumerate(wnids):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as class_tar:
+                for i in range(c, count, len(wnids)):
+                    add(class_tar, f"{wnid}_{i}.JPEG", jpeg())
+            add(train_tar, f"{wnid}.tar", inner.getvalue())
+    with tarfile.open(folder / "ILSVRC2012_img_val.tar.part", "w") as val_tar:
+        for wnid in wnids:
+            number = val_wnids.index(wnid) + 1
+            add(val_tar, f"ILSVRC2012_val_{number:08d}.JPEG", jpeg())
+    (folder / "ILSVRC2012_img_val.tar.part").rename(folder / "ILSVRC2012_img_val.tar")
 
 
 def time_feed(source, spec, labels, workers: int) -> list[float]:
@@ -86,12 +110,13 @@ def main(argv):
     del argv
     name = FLAGS.dataset
     data_dir = FLAGS.data_dir or None
-    image_size = 0
-    if FLAGS.fake_images:
-        base = pathlib.Path(FLAGS.data_dir or "/tmp") / f"stream_benchmark_{FLAGS.fake_size}"
-        name = "folder:" + str(make_fake_folder(base, FLAGS.fake_images, FLAGS.fake_size))
-        image_size = FLAGS.fake_size
-    spec = data_lib.get_spec(name, data_dir, image_size)
+    if FLAGS.fake_imagenet:
+        from abd_jax import datasets  # noqa: PLC0415
+        base = pathlib.Path(FLAGS.data_dir or "/tmp")
+        make_fake_imagenet(base / "fake_ilsvrc", FLAGS.fake_imagenet)
+        name, data_dir = "imagenet2012", str(base / "fake_imagenet")
+        datasets.download_and_prepare(name, data_dir, base / "fake_ilsvrc")
+    spec = data_lib.get_spec(name, data_dir)
     source = data_lib.open_split(spec, "train", data_dir)
     labels = input_pipeline.split_labels(data_lib.open_split(
         spec, "train", data_dir, decoders=input_pipeline.labels_only()))

@@ -101,6 +101,12 @@ def test_auto_streams_only_large_splits():
         input_pipeline.use_stream(config, SPEC, 1000)
 
 
+def test_streamed_calls_stay_under_a_quarter_gigabyte():
+    assert input_pipeline.steps_per_call_for(50, 256, (224, 224, 3)) == 6
+    assert input_pipeline.steps_per_call_for(50, 128, (32, 32, 3)) == 50
+    assert input_pipeline.steps_per_call_for(1, 4096, (512, 512, 3)) == 1
+
+
 def _log(workdir):
     lines = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in line.items() if k != "images_per_second"} for line in lines]
