@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import resource
 import time
@@ -28,7 +29,7 @@ from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
 from abd_jax import methods as methods_lib
 from abd_jax import metrics as metrics_lib
-from abd_jax import logs, models
+from abd_jax import hosts, logs, models
 from abd_jax import preemption
 from abd_jax import train
 
@@ -166,8 +167,8 @@ class RepeatRunner:
         self._chunk_fns: dict[tuple, Callable] = {}  # (loss_fn, StepConfig) -> jitted chunk
         self._warm: set = set()
         self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
-        self.images = jax.device_put(splits.train_images, self.replicated)
-        self.labels = jax.device_put(self.train_labels.astype(np.int32), self.replicated)
+        self.images = hosts.to_global(splits.train_images, self.replicated)
+        self.labels = hosts.to_global(self.train_labels.astype(np.int32), self.replicated)
         self.predict = train.make_predict(self.model, tuple(spec.mean), tuple(spec.std), mesh)
         self.rt = methods_lib.Runtime(
             config=config, model=self.model, mesh=mesh, image_shape=spec.image_shape,
@@ -192,12 +193,14 @@ class RepeatRunner:
         c = self.config
         state = train.create_train_state(self.model, key, self.splits.spec.image_shape, c.lr,
                                          c.momentum, c.weight_decay)
-        return jax.device_put(state, self.replicated)
+        return hosts.to_global(state, self.replicated)
 
     def _write(self, step, scalars, **tags) -> None:
         self.writer.write(step, scalars, repeat=self.repeat, **tags)
 
     def _save_samples(self, t: int, images, labels, title: str) -> None:
+        if not hosts.is_main():
+            return
         spec = self.splits.spec
         path = self.workdir / f"samples_repeat{self.repeat}_task{t + 1}.png"
         metrics_lib.save_sample_grid(path, images, self.order[labels], spec.mean, spec.std,
@@ -235,7 +238,7 @@ class RepeatRunner:
             num_old=jnp.int32(task.num_old), num_seen=jnp.int32(task.num_seen),
             steps_per_epoch=jnp.int32(steps_per_epoch),
             total_steps=jnp.int32(steps_per_epoch * epochs), key=key)
-        return jax.device_put(info, self.replicated)
+        return hosts.to_global(info, self.replicated)
 
     def _chunk_fn(self, loss_fn: Callable, step_config: train.StepConfig) -> Callable:
         """The jitted training chunk of `loss_fn` (one compilation per loss and config)."""
@@ -284,7 +287,7 @@ class RepeatRunner:
         """`tree` replicated on the mesh, as every jitted step returns its outputs: inputs
         placed otherwise (e.g. a fresh optimiser state on the default device) would make the
         next call compile again."""
-        return jax.device_put(tree, self.replicated)
+        return hosts.to_global(tree, self.replicated)
 
     def _save(self, task: int, step: int, learner, method_state, result=None) -> None:
         """Checkpoint position (task, step) (see `checkpoint`) with the accuracy records,
@@ -429,7 +432,13 @@ class RepeatRunner:
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D ("data",) mesh over the first `num_devices` global devices (0: all of them, on
+    every process; with several processes it must be all)."""
     devices = jax.devices()
+    if jax.process_count() > 1 and num_devices not in (0, len(devices)):
+        raise ValueError(f"num_devices {num_devices} leaves out devices of this run's "
+                         f"{jax.process_count()} processes; set --config.num_devices=0 (all "
+                         f"{len(devices)})")
     devices = devices[:num_devices] if num_devices else devices
     return Mesh(np.asarray(devices), ("data",))
 
@@ -461,7 +470,8 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
         omega_reference = json.loads(path.read_text())
     splits = splits or load_splits(config)
     validate_task_sizes(config, splits)
-    ckpt_lib.check_or_write_fingerprint(workdir, config_dict)  # written once all is checked
+    # written once all is checked (by process 0 of several)
+    ckpt_lib.check_or_write_fingerprint(workdir, config_dict, write=hosts.is_main())
     logging.info("devices: %s; dataset %s: %d train / %d test images", mesh.devices.tolist(),
                  config.dataset, len(splits.train_labels), len(splits.test_labels))
     logging.info("running %s: %d tasks, %d epochs each (%s, batch %d), %d repeat(s); every "
@@ -470,7 +480,10 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
     title = f"{config.method} on {config.dataset}, {config.num_tasks} tasks"
     results = {}
     tensorboard = workdir / "tensorboard" if config.tensorboard else None
-    with metrics_lib.MetricWriter(workdir / "metrics.jsonl", tensorboard) as writer:
+    # Process 0 of several writes the logs; the others' lines go nowhere (their offsets in a
+    # checkpoint's meta are not stored: orbax writes process 0's JSON items).
+    log_path = workdir / "metrics.jsonl" if hosts.is_main() else pathlib.Path(os.devnull)
+    with metrics_lib.MetricWriter(log_path, tensorboard if hosts.is_main() else None) as writer:
         run_results = []
         for repeat in range(config.repeats):
             runner = RepeatRunner(config, workdir, splits, mesh, writer, repeat)
@@ -479,7 +492,8 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
             finally:  # saves are written in the background: finish them, also when stopped
                 runner.checkpointer.close()
             results = metrics_lib.build_results(run_results, omega_reference)
-            metrics_lib.write_results(workdir, results, config_dict, title)
+            if hosts.is_main():
+                metrics_lib.write_results(workdir, results, config_dict, title)
     agg = results["aggregate"]["final_accuracy"]
     logging.info("final accuracy A_N = %.2f +- %.2f %% over %d repeat(s); results in %s",
                  agg["mean"], agg["std"], agg["n"], workdir)
