@@ -152,10 +152,13 @@ class WorkdirBusy(RuntimeError):
 class WorkdirLock:
     """One run per workdir: an exclusive `flock` on `<workdir>/.lock`, held while the run
     lasts and released by the OS when the process ends (a `kill -9` leaves no stale lock).
-    The file names the holder (pid, host, start time) for the refused second launch."""
+    The file names the holder (pid, host, start time) for the refused second launch.
+    Process i > 0 of a multi-process run takes `.lock.process<i>` instead, so the processes
+    of one run don't refuse each other but each refuses its twin of a second launch."""
 
     def __init__(self, workdir: os.PathLike):
-        self.path = pathlib.Path(workdir) / ".lock"
+        index = jax.process_index()
+        self.path = pathlib.Path(workdir) / (f".lock.process{index}" if index else ".lock")
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "WorkdirLock":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import resource
 import time
@@ -29,7 +30,7 @@ from abd_jax import data as data_lib
 from abd_jax import input_pipeline
 from abd_jax import methods as methods_lib
 from abd_jax import metrics as metrics_lib
-from abd_jax import logs, models
+from abd_jax import hosts, logs, models
 from abd_jax import preemption
 from abd_jax import train
 
@@ -117,6 +118,8 @@ def load_splits(config) -> Splits:
         train_x, train_y = data_lib.load_split(spec, "train", data_dir, config.download)
         test_x, test_y = data_lib.load_split(spec, "test", data_dir, config.download)
         return Splits(spec, train_x, train_y, test_x, test_y)
+    logging.info("input pipeline: streaming %s from its prepared files (grain, %d worker "
+                 "processes)", spec.tfds_name, config.stream_workers)
     sources = {split: data_lib.open_split(spec, split, data_dir) for split in ("train", "test")}
     test_labels_source = data_lib.open_split(spec, "test", data_dir,
                                              decoders=input_pipeline.labels_only())
@@ -199,8 +202,8 @@ class RepeatRunner:
                 self.steps_per_call, config.batch_size, spec.image_shape)
         self.images = self.labels = None  # the training split on the mesh (device path)
         if not splits.streamed:
-            self.images = jax.device_put(splits.train_images, self.replicated)
-            self.labels = jax.device_put(self.train_labels.astype(np.int32), self.replicated)
+            self.images = hosts.to_global(splits.train_images, self.replicated)
+            self.labels = hosts.to_global(self.train_labels.astype(np.int32), self.replicated)
         self.predict = train.make_predict(self.model, tuple(spec.mean), tuple(spec.std), mesh)
         self.rt = methods_lib.Runtime(
             config=config, model=self.model, mesh=mesh, image_shape=spec.image_shape,
@@ -225,12 +228,14 @@ class RepeatRunner:
         c = self.config
         state = train.create_train_state(self.model, key, self.splits.spec.image_shape, c.lr,
                                          c.momentum, c.weight_decay)
-        return jax.device_put(state, self.replicated)
+        return hosts.to_global(state, self.replicated)
 
     def _write(self, step, scalars, **tags) -> None:
         self.writer.write(step, scalars, repeat=self.repeat, **tags)
 
     def _save_samples(self, t: int, images, labels, title: str) -> None:
+        if not hosts.is_main():
+            return
         spec = self.splits.spec
         path = self.workdir / f"samples_repeat{self.repeat}_task{t + 1}.png"
         metrics_lib.save_sample_grid(path, images, self.order[labels], spec.mean, spec.std,
@@ -268,7 +273,7 @@ class RepeatRunner:
             num_old=jnp.int32(task.num_old), num_seen=jnp.int32(task.num_seen),
             steps_per_epoch=jnp.int32(steps_per_epoch),
             total_steps=jnp.int32(steps_per_epoch * epochs), key=key)
-        return jax.device_put(info, self.replicated)
+        return hosts.to_global(info, self.replicated)
 
     def _data(self, info: train.TaskInfo, start: int):
         """The chunk's data argument for steps `[start, info.total_steps)`: the split on the
@@ -329,7 +334,7 @@ class RepeatRunner:
         """`tree` replicated on the mesh, as every jitted step returns its outputs: inputs
         placed otherwise (e.g. a fresh optimiser state on the default device) would make the
         next call compile again."""
-        return jax.device_put(tree, self.replicated)
+        return hosts.to_global(tree, self.replicated)
 
     def _save(self, task: int, step: int, learner, method_state, result=None) -> None:
         """Checkpoint position (task, step) (see `checkpoint`) with the accuracy records,
@@ -475,7 +480,13 @@ class RepeatRunner:
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D ("data",) mesh over the first `num_devices` global devices (0: all of them, on
+    every process; with several processes it must be all)."""
     devices = jax.devices()
+    if jax.process_count() > 1 and num_devices not in (0, len(devices)):
+        raise ValueError(f"num_devices {num_devices} leaves out devices of this run's "
+                         f"{jax.process_count()} processes; set --config.num_devices=0 (all "
+                         f"{len(devices)})")
     devices = devices[:num_devices] if num_devices else devices
     return Mesh(np.asarray(devices), ("data",))
 
@@ -512,7 +523,8 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
                          "streams its data: set --config.input_pipeline=device (the split "
                          "must then fit in device memory)")
     validate_task_sizes(config, splits)
-    ckpt_lib.check_or_write_fingerprint(workdir, config_dict)  # written once all is checked
+    # written once all is checked (by process 0 of several)
+    ckpt_lib.check_or_write_fingerprint(workdir, config_dict, write=hosts.is_main())
     logging.info("devices: %s; dataset %s: %d train / %d test images", mesh.devices.tolist(),
                  config.dataset, len(splits.train_labels), len(splits.test_labels))
     logging.info("running %s: %d tasks, %d epochs each (%s, batch %d), %d repeat(s); every "
@@ -521,7 +533,10 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
     title = f"{config.method} on {config.dataset}, {config.num_tasks} tasks"
     results = {}
     tensorboard = workdir / "tensorboard" if config.tensorboard else None
-    with metrics_lib.MetricWriter(workdir / "metrics.jsonl", tensorboard) as writer:
+    # Process 0 of several writes the logs; the others' lines go nowhere (their offsets in a
+    # checkpoint's meta are not stored: orbax writes process 0's JSON items).
+    log_path = workdir / "metrics.jsonl" if hosts.is_main() else pathlib.Path(os.devnull)
+    with metrics_lib.MetricWriter(log_path, tensorboard if hosts.is_main() else None) as writer:
         run_results = []
         for repeat in range(config.repeats):
             runner = RepeatRunner(config, workdir, splits, mesh, writer, repeat)
@@ -530,7 +545,8 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
             finally:  # saves are written in the background: finish them, also when stopped
                 runner.checkpointer.close()
             results = metrics_lib.build_results(run_results, omega_reference)
-            metrics_lib.write_results(workdir, results, config_dict, title)
+            if hosts.is_main():
+                metrics_lib.write_results(workdir, results, config_dict, title)
     agg = results["aggregate"]["final_accuracy"]
     logging.info("final accuracy A_N = %.2f +- %.2f %% over %d repeat(s); results in %s",
                  agg["mean"], agg["std"], agg["n"], workdir)

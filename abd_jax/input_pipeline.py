@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import data as data_lib
-from abd_jax import train, transforms
+from abd_jax import hosts, train, transforms
 
 PIPELINES = ("auto", "device", "stream")
 
@@ -158,7 +158,7 @@ def _host_epoch_orders(info: train.TaskInfo, epochs: int) -> np.ndarray:
     device path draws."""
     orders = jax.jit(jax.vmap(train.epoch_order, in_axes=(None, 0)))(
         info, jnp.arange(epochs, dtype=jnp.int32))
-    return np.asarray(jax.device_get(orders))
+    return hosts.fetch(orders)
 
 
 class StreamFeed(train.Feed):
@@ -170,7 +170,7 @@ class StreamFeed(train.Feed):
                  info: train.TaskInfo, start: int, batch_size: int, steps_per_call: int,
                  mesh: Mesh, workers: int = 0, prefetch: int = 4, transform=None):
         import grain  # noqa: PLC0415 (only stream runs need it)
-        host = jax.device_get(info)
+        host = hosts.fetch(info)
         total, steps_per_epoch = int(host.total_steps), int(host.steps_per_epoch)
         self.steps_per_call, self.step, self.total = steps_per_call, start, total
         self.batch_sharding = NamedSharding(mesh, P(None, "data"))
@@ -211,7 +211,7 @@ class StreamFeed(train.Feed):
             labels.append(labels[-1])
         first = self.step
         self.step += self.steps_per_call
-        place = lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a)
-        return train.StreamedBatches(
-            images=place(np.stack(images)), labels=place(np.stack(labels)),
-            first_step=jax.device_put(jnp.int32(first), self.replicated))
+        rows = lambda a: hosts.to_global(np.stack(a), self.batch_sharding, whole=False)
+        return train.StreamedBatches(images=rows(images), labels=rows(labels),
+                                     first_step=hosts.to_global(np.int32(first),
+                                                                self.replicated))

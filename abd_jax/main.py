@@ -4,6 +4,10 @@
         [--config.method=lwf --config.num_tasks=5 ...]
 
 Rerunning the same command resumes from the newest checkpoint in --workdir.
+
+Several hosts run the same command, each with `--multihost` (or under a launcher that
+`hosts.launched_as_several` recognises, or with an explicit `--coordinator_address`,
+`--num_processes`, `--process_id`); see README, "Several hosts".
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from ml_collections import config_flags
 
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import experiment
+from abd_jax import hosts
 from abd_jax import logs
 from abd_jax import preemption
 
@@ -22,6 +27,15 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints and results go (resumes if present).")
+flags.DEFINE_bool("multihost", False, "Join a multi-process run (jax.distributed.initialize); "
+                  "implied by --coordinator_address and by an srun/mpirun launch of several "
+                  "processes or JAX_COORDINATOR_ADDRESS.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
+                    "(default: $JAX_COORDINATOR_ADDRESS or the cluster's).")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (default: "
+                     "$JAX_NUM_PROCESSES or the cluster's).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) "
+                     "(default: $JAX_PROCESS_ID or the cluster's).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -57,6 +71,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logs.quiet_library_logs()
+    if FLAGS.multihost or FLAGS.coordinator_address or hosts.launched_as_several():
+        hosts.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        if not hosts.is_main():  # process 0 reports; the others only warn
+            logging.set_verbosity(logging.WARNING)
     # SIGTERM (cluster pre-emption, `kill`) and Ctrl-C only set a flag; the loops stop at the
     # next jitted call, save a checkpoint and exit 130; a second signal exits at once.
     preemption.install()

@@ -4,6 +4,10 @@ The signal handler only records the request. Host loops call `check()` between d
 it raises `Preempted` (a `KeyboardInterrupt`) in ordinary Python code, never inside XLA or a
 garbage-collection callback, so the task loop can save a checkpoint and exit 130 within one
 call's time. A second signal exits at once (status 130) without saving.
+
+With several processes a request is agreed (`hosts.agree`, one small cross-process max per
+`requested()` call, which every process makes at the same point of the same loop): a signal
+to any process stops all of them at the same call, so they save the same checkpoint.
 """
 from __future__ import annotations
 
@@ -12,7 +16,12 @@ import signal
 import sys
 from typing import Optional
 
-_requested: Optional[int] = None
+import jax
+
+from abd_jax import hosts
+
+_requested: Optional[int] = None  # the signal this process received
+_agreed = False  # a stop agreed by all processes (several processes only)
 
 
 class Preempted(KeyboardInterrupt):
@@ -38,13 +47,20 @@ def install() -> None:
 
 
 def requested() -> bool:
-    return _requested is not None
+    """A stop was requested (of any process, with several: every process must call this at
+    the same point)."""
+    global _agreed
+    if jax.process_count() == 1:
+        return _requested is not None
+    _agreed = _agreed or hosts.agree(_requested is not None)
+    return _agreed
 
 
 def check() -> None:
-    """Raise `Preempted` if a stop was requested."""
-    if _requested is not None:
-        raise Preempted(f"signal {_requested}")
+    """Raise `Preempted` if a stop was requested (see `requested`)."""
+    if requested():
+        raise Preempted(f"signal {_requested}" if _requested is not None else
+                        "stop requested by another process")
 
 
 def request(signum: int = signal.SIGTERM) -> None:
@@ -54,5 +70,5 @@ def request(signum: int = signal.SIGTERM) -> None:
 
 
 def clear() -> None:
-    global _requested
-    _requested = None
+    global _requested, _agreed
+    _requested, _agreed = None, False

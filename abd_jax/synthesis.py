@@ -25,7 +25,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from abd_jax import logs, losses, models, preemption, train
+from abd_jax import hosts, logs, losses, models, preemption, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +161,7 @@ class Synthesizer:
         state = train.TrainState.create(
             apply_fn=self.generator.apply, params=variables["params"],
             batch_stats=variables["batch_stats"], tx=optax.adam(self.cfg.lr))
-        return jax.device_put(train.strongly_typed(state), self.replicated)
+        return hosts.to_global(train.strongly_typed(state), self.replicated)
 
     @staticmethod
     def variables(gen_state: train.TrainState) -> dict:
@@ -216,4 +216,4 @@ class Synthesizer:
         x = sample_images(self.generator, self.variables(gen_state), key, count, self.cfg.z_dim)
         logits, _ = train.teacher_apply(self.model, teacher, x)
         pred = jnp.argmax(losses.mask_logits(logits, 0, num_seen), axis=-1)
-        return np.asarray(x), np.asarray(pred)
+        return hosts.fetch((x, pred))

@@ -30,6 +30,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import data as data_lib
+from abd_jax import hosts
 from abd_jax import preemption
 
 
@@ -333,7 +334,8 @@ def run_steps(fused: Callable, state, num_steps: int, steps_per_call: int, *args
         state, out = fused(state, *(a.next_call() if isinstance(a, Feed) else a
                                     for a in args))
         outputs.append(out)
-    return state, {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
+    outputs = hosts.fetch(outputs)
+    return state, {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
 def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh,
@@ -379,8 +381,9 @@ def predict_all(predict, state_like, images: np.ndarray, batch_size: int, num_de
             batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]),
                                                     batch.dtype)])
         z, f = predict(state_like.params, state_like.batch_stats, batch)
-        logits.append(np.asarray(z)[:n])
-        features.append(np.asarray(f)[:n])
+        z, f = hosts.fetch((z, f))
+        logits.append(z[:n])
+        features.append(f[:n])
     if not logits:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(logits), np.concatenate(features)
