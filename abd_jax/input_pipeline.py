@@ -148,7 +148,8 @@ class _ReadBatch:
         start = position * self.batch_size
         chosen = self.index[self.orders[epoch, start:start + self.batch_size]]
         chosen = chosen[self.rows[0]:self.rows[1]]
-        seeds = [(*self.key_words, int(step), row) for row in range(*self.rows)]
+        seeds = None if self.transform is None else [
+            (*self.key_words, int(step), row) for row in range(*self.rows)]
         return (read_images(self.source, chosen, self.spec, self.transform, seeds),
                 self.labels[chosen])
 
@@ -186,7 +187,6 @@ class StreamFeed(train.Feed):
         if workers:
             dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         self._batches = iter(dataset)
-        self.shape = (steps_per_call, batch_size, *spec.image_shape)
 
     def _process_rows(self, batch_size: int) -> tuple[int, int]:
         """This process's rows of the global batch under the batch sharding."""
