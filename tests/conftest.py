@@ -9,11 +9,15 @@ import tempfile  # noqa: E402
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests build the same tiny runs, each with fresh jitted closures: JAX's persistent cache
-# (keyed by the compiled program) compiles each program once per session, subprocesses
-# included (about 40% off tests/test_experiment.py). ABD_TEST_COMPILE_CACHE keeps it across
-# sessions.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get(
-    "ABD_TEST_COMPILE_CACHE") or tempfile.mkdtemp(prefix="abd_jax_test_xla_cache_"))
+# (keyed by the compiled program) compiles each program once per session, subprocesses and
+# pytest-xdist workers included (about 40% off tests/test_experiment.py).
+# ABD_TEST_COMPILE_CACHE keeps it across sessions.
+_run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every xdist worker
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get("ABD_TEST_COMPILE_CACHE") or (
+    os.path.join(tempfile.gettempdir(), f"abd_jax_test_xla_cache_{_run_id}") if _run_id
+    else tempfile.mkdtemp(prefix="abd_jax_test_xla_cache_")))
+# A size bound makes JAX lock the folder: two workers never read a half-written entry.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pathlib  # noqa: E402

@@ -127,7 +127,8 @@ def test_interrupted_synthesis_resumes_to_identical_results(digits_data_dir, tmp
     """An exception (as a crash) inside the generator training after task 2, after its
     progress checkpoint at iteration 10 of 20: the rerun continues that end-of-task hook
     from the saved generator."""
-    config = tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=5)
+    config = tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=5,
+                         synthesis_checkpoint_every=10)
     reference = experiment.run(config, tmp_path / "straight")
     real = synthesis.Synthesizer.train
     calls = {"n": 0}

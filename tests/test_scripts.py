@@ -48,10 +48,11 @@ def test_benchmark_reports_the_recompilation_of_issue_10():
     assert "RECOMPILED while timed" in out, out
 
 
-def test_run_table_writes_one_row_per_method_and_a_column_per_task_count(tmp_path):
+def test_run_table_writes_one_row_per_method_and_a_column_per_task_count(digits_data_dir,
+                                                                         tmp_path):
     out = _run(["experiments/run_table.py", "--config=configs/digits.py",
                 f"--workdir={tmp_path}", "--rows=base,abd_no_ft_ce,bic", "--config.epochs=1",
-                "--config.synthesis.iterations=4", f"--config.data_dir={tmp_path / 'tfds'}",
+                "--config.synthesis.iterations=4", f"--config.data_dir={digits_data_dir}",
                 "--tasks=5,2"])
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("| row | A_N (%), 5 tasks | A_N (%), 2 tasks | memory (M values)")
