@@ -3,24 +3,27 @@
 Must run before jax is imported anywhere.
 """
 import os
-
-import tempfile  # noqa: E402
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One folder for the whole run: pytest-xdist workers and subprocesses inherit it from the
+# process that started first (the one that removes it at the end).
+_OWNS_SHARED_TMP = "ABD_TEST_SHARED_TMP" not in os.environ
+if _OWNS_SHARED_TMP:
+    os.environ["ABD_TEST_SHARED_TMP"] = tempfile.mkdtemp(prefix="abd_jax_test_")
 # Many tests build the same tiny runs, each with fresh jitted closures: JAX's persistent cache
-# (keyed by the compiled program) compiles each program once per session, subprocesses and
-# pytest-xdist workers included (about 40% off tests/test_experiment.py).
-# ABD_TEST_COMPILE_CACHE keeps it across sessions.
-_run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every xdist worker
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get("ABD_TEST_COMPILE_CACHE") or (
-    os.path.join(tempfile.gettempdir(), f"abd_jax_test_xla_cache_{_run_id}") if _run_id
-    else tempfile.mkdtemp(prefix="abd_jax_test_xla_cache_")))
-# A size bound makes JAX lock the folder: two workers never read a half-written entry.
+# (keyed by the compiled program) compiles each program once per run, workers and
+# subprocesses included (about 40% off tests/test_experiment.py). ABD_TEST_COMPILE_CACHE
+# keeps it across runs. A size bound makes JAX lock the folder: no worker reads a
+# half-written entry.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get("ABD_TEST_COMPILE_CACHE") or
+                      os.path.join(os.environ["ABD_TEST_SHARED_TMP"], "xla_cache"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -28,13 +31,36 @@ SHARED_DATA = pathlib.Path(
     os.environ.get("ABD_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-@pytest.fixture
+def pytest_unconfigure(config):
+    """The run is over (in the process that made the shared folder): remove it."""
+    if _OWNS_SHARED_TMP:
+        shutil.rmtree(os.environ["ABD_TEST_SHARED_TMP"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def shared_data_dir():
     """Folder with the offline archives (../shared/data or $ABD_SHARED_DATA); skips if absent."""
     if not (SHARED_DATA / "cifar-10-binary.tar.gz").exists():
         pytest.skip(f"offline CIFAR-10 archive not found in {SHARED_DATA}; "
                     "set ABD_SHARED_DATA to the folder holding cifar-10-binary.tar.gz")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prepared_cifar10(shared_data_dir):
+    """(data dir, split sizes): CIFAR-10 prepared from the shared archive once per test run,
+    pytest-xdist workers included (the first prepares under a file lock; ~30 s)."""
+    import json
+
+    import filelock
+    folder = pathlib.Path(os.environ["ABD_TEST_SHARED_TMP"]) / "cifar10"
+    folder.mkdir(exist_ok=True)
+    with filelock.FileLock(str(folder) + ".lock"):
+        done = folder / "counts.json"
+        if not done.exists():
+            from abd_jax.prepare_data import prepare
+            done.write_text(json.dumps(prepare("cifar10", folder / "tfds", shared_data_dir)))
+    return str(folder / "tfds"), json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ def test_mmd2_separates_distributions_and_is_unbiased():
 @pytest.fixture(scope="module")
 def abd_run(digits_data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("abd")
-    experiment.run(tiny_config(digits_data_dir, method="abd", epochs=1,
+    experiment.run(tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=2,
                                keep_task_checkpoints=True), workdir)
     return workdir
 
@@ -61,7 +61,7 @@ def test_task_checkpoints_are_kept(abd_run):
     checkpointer = ckpt_lib.RunCheckpointer(abd_run / "checkpoints" / "repeat_0")
     positions = checkpointer.positions()
     checkpointer.close()
-    assert {(t, 0) for t in range(1, 6)} <= set(positions)
+    assert {(1, 0), (2, 0)} <= set(positions)
 
 
 def test_analyze_writes_numbers_and_plots(abd_run, tmp_path):

@@ -133,11 +133,12 @@ def test_digits(tmp_path):
     np.testing.assert_allclose((train_x / 255).std(), spec.std[0], atol=1e-4)
 
 
-def test_prepare_cifar10_offline(shared_data_dir, tmp_path):
-    assert prepare("cifar10", tmp_path, shared_data_dir) == {"train": 50000, "test": 10000}
+def test_prepare_cifar10_offline(prepared_cifar10):
+    data_dir, counts = prepared_cifar10
+    assert counts == {"train": 50000, "test": 10000}
     spec = data.get_spec("cifar10")
     for split, per_class in (("train", 5000), ("test", 1000)):
-        images, labels = data.load_split(spec, split, data_dir=tmp_path)
+        images, labels = data.load_split(spec, split, data_dir=data_dir)
         assert images.shape == (10 * per_class, 32, 32, 3) and images.dtype == np.uint8
         np.testing.assert_array_equal(np.bincount(labels, minlength=10), [per_class] * 10)
 
@@ -203,17 +204,29 @@ def test_unprepared_dataset_error(tmp_path):
         data.load_split(data.get_spec("cifar10"), "train", data_dir=tmp_path)
 
 
-def test_download_path_fetches_the_archive_and_prepares(shared_data_dir, tmp_path,
-                                                        monkeypatch):
+def test_download_path_fetches_the_archive_and_prepares(tmp_path, monkeypatch):
     """`download=True` fetches the official archive by URL (here a file:// URL standing in for
-    the CIFAR host) and prepares TFDS's cifar10 without TensorFlow."""
+    the CIFAR host; a small archive in CIFAR-10's binary layout) and prepares TFDS's cifar10
+    without TensorFlow: pixels and labels as written."""
+    rng = np.random.RandomState(0)
+    files, test_records = {"batches.meta.txt": b"\n".join(b"c%d" % i for i in range(10))}, None
+    for name, n in [(f"data_batch_{i}.bin", 2) for i in range(1, 6)] + [("test_batch.bin", 20)]:
+        labels = rng.randint(0, 10, n).astype(np.uint8)
+        planes = rng.randint(0, 256, (n, 3, 32, 32)).astype(np.uint8)  # R, G, B planes
+        files[name] = np.concatenate([labels[:, None], planes.reshape(n, -1)], 1).tobytes()
+        test_records = (labels, planes)
+    _write_archive(tmp_path / "host", "cifar-10-binary.tar.gz", "cifar-10-batches-bin", files)
     monkeypatch.setattr(datasets.OfflineCifar10, "URL",
-                        (shared_data_dir / "cifar-10-binary.tar.gz").as_uri())
-    images, labels = data.load_split(data.get_spec("cifar10"), "test", str(tmp_path),
+                        (tmp_path / "host" / "cifar-10-binary.tar.gz").as_uri())
+    images, labels = data.load_split(data.get_spec("cifar10"), "test", str(tmp_path / "tfds"),
                                      download=True)
-    assert images.shape == (10_000, 32, 32, 3)
-    assert np.bincount(labels).tolist() == [1000] * 10
-    assert (tmp_path / "downloads" / "manual" / "cifar-10-binary.tar.gz").exists()
+    want_labels, planes = test_records
+    order = np.lexsort(images.reshape(20, -1).T)  # the split's order is TFDS's, not the file's
+    want_images = planes.transpose(0, 2, 3, 1)
+    want_order = np.lexsort(want_images.reshape(20, -1).T)
+    np.testing.assert_array_equal(images[order], want_images[want_order])
+    np.testing.assert_array_equal(labels[order], want_labels[want_order])
+    assert (tmp_path / "tfds" / "downloads" / "manual" / "cifar-10-binary.tar.gz").exists()
 
 
 def test_cifar100_binary_layout_two_label_bytes(tmp_path):

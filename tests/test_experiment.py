@@ -57,12 +57,13 @@ def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, met
 
 def test_repeats_and_omega(digits_data_dir, tmp_path):
     upper = experiment.run(tiny_config(digits_data_dir, method="upper_bound", epochs=1,
-                                       repeats=2), tmp_path / "ub")
+                                       num_tasks=2, repeats=2), tmp_path / "ub")
     assert upper["aggregate"]["final_accuracy"]["n"] == 2
     orders = [tuple(r["class_order"]) for r in upper["repeats"]]
     assert orders[0] != orders[1]  # one class order per seed
-    base = experiment.run(tiny_config(digits_data_dir, epochs=1, upper_bound_results=str(
-        tmp_path / "ub" / "results.json")), tmp_path / "base")
+    base = experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2,
+                                      upper_bound_results=str(tmp_path / "ub" / "results.json")),
+                          tmp_path / "base")
     a, a_ub = np.array(base["repeats"][0]["A_global"]), np.array(upper["A_mean"])
     assert base["repeats"][0]["omega"] == pytest.approx(np.mean(a / a_ub))
     assert "Omega" in (tmp_path / "base" / "summary.md").read_text()
@@ -152,9 +153,9 @@ def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_pa
 
 
 def test_workdir_with_another_config_is_refused(digits_data_dir, tmp_path):
-    experiment.run(tiny_config(digits_data_dir, epochs=1), tmp_path)
+    experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2), tmp_path)
     with pytest.raises(ValueError, match="different configuration.*epochs"):
-        experiment.run(tiny_config(digits_data_dir, epochs=2), tmp_path)
+        experiment.run(tiny_config(digits_data_dir, epochs=2, num_tasks=2), tmp_path)
 
 
 def test_nan_loss_stops_with_the_step(digits_data_dir, tmp_path):

@@ -131,23 +131,11 @@ def test_dgr_refuses_the_stream_path(digits_data_dir, tmp_path):
         experiment.run(config, tmp_path)
 
 
-@pytest.fixture(scope="module")
-def cifar10_data_dir(tmp_path_factory):
-    """CIFAR-10 prepared offline from the shared archive (skips without it)."""
-    from conftest import SHARED_DATA
-    from abd_jax import datasets
-    if not (SHARED_DATA / "cifar-10-binary.tar.gz").exists():
-        pytest.skip(f"offline CIFAR-10 archive not found in {SHARED_DATA}; set "
-                    "ABD_SHARED_DATA to the folder holding cifar-10-binary.tar.gz")
-    data_dir = tmp_path_factory.mktemp("tfds_cifar10")
-    datasets.download_and_prepare("cifar10", str(data_dir), manual_dir=str(SHARED_DATA))
-    return str(data_dir)
-
-
-def test_cifar10_stream_resumes_mid_epoch_identically(cifar10_data_dir, tmp_path,
+def test_cifar10_stream_resumes_mid_epoch_identically(prepared_cifar10, tmp_path,
                                                       monkeypatch):
     """Forced stream on real CIFAR-10: 5 steps per epoch, stopped after step 8 (mid epoch
     2, checkpoint there), resumed: the same numbers and metrics log as without the stop."""
+    cifar10_data_dir, _ = prepared_cifar10
     config = tiny_config(cifar10_data_dir, dataset="cifar10", method="lwf", num_tasks=2,
                          batch_size=16, train_per_class=16, input_pipeline="stream",
                          eval_batch_size=500)
