@@ -210,7 +210,8 @@ def _interrupt_once(monkeypatch, owner, name, at_call):
     ("bic", "bias fit"), ("dgr", "autoencoder training")])
 def test_interrupt_in_an_end_of_task_stage_resumes_identically(digits_data_dir, tmp_path,
                                                                monkeypatch, method, stage):
-    config = tiny_config(digits_data_dir, method=method, epochs=1, num_tasks=5)
+    # 3 tasks (of the first 6 classes): a stage after task 2, and one after the last task.
+    config = tiny_config(digits_data_dir, method=method, epochs=1, num_tasks=3, num_classes=6)
     reference = experiment.run(config, tmp_path / "straight")
     owner, name = {"coreset update": (coreset.Coreset, "updated"),
                    "balanced fine-tuning": (experiment.RepeatRunner, "_train_stage"),

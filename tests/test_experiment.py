@@ -121,7 +121,7 @@ def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_pa
     checkpoint and matches an uninterrupted run of the same command."""
     args = [sys.executable, "-m", "abd_jax.main", "--config=configs/digits.py",
             f"--workdir={tmp_path / 'killed'}", f"--config.data_dir={digits_data_dir}",
-            "--config.epochs=3", "--config.checkpoint_every_steps=8",
+            "--config.epochs=2", "--config.checkpoint_every_steps=8",
             "--config.log_every_steps=4", "--config.num_devices=1", "--config.method=lwf"]
     env = {**os.environ, "XLA_FLAGS": ""}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
