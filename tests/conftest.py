@@ -37,17 +37,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["ABD_TEST_SHARED_TMP"], ignore_errors=True)
 
 
-# The files with the longest runs, longest first: pytest-xdist (`--dist loadfile`) hands out
-# files in collection order, so that none of them is left running alone at the end.
-_LONGEST_FIRST = ("test_hosts.py", "test_experiment.py", "test_coreset.py", "test_scripts.py",
-                  "test_preemption.py", "test_synthesis.py", "test_input_pipeline.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: _LONGEST_FIRST.index(item.path.name)
-               if item.path.name in _LONGEST_FIRST else len(_LONGEST_FIRST))
-
-
 @pytest.fixture(scope="session")
 def shared_data_dir():
     """Folder with the offline archives (../shared/data or $ABD_SHARED_DATA); skips if absent."""

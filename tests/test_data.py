@@ -209,18 +209,21 @@ def test_download_path_fetches_the_archive_and_prepares(tmp_path, monkeypatch):
     the CIFAR host; a small archive in CIFAR-10's binary layout) and prepares TFDS's cifar10
     without TensorFlow: pixels and labels as written."""
     rng = np.random.RandomState(0)
-    files, test_records = {"batches.meta.txt": b"\n".join(b"c%d" % i for i in range(10))}, None
-    for name, n in [(f"data_batch_{i}.bin", 2) for i in range(1, 6)] + [("test_batch.bin", 20)]:
+
+    def records(n):  # (labels, R/G/B planes, the file's bytes: a label byte, then the planes)
         labels = rng.randint(0, 10, n).astype(np.uint8)
-        planes = rng.randint(0, 256, (n, 3, 32, 32)).astype(np.uint8)  # R, G, B planes
-        files[name] = np.concatenate([labels[:, None], planes.reshape(n, -1)], 1).tobytes()
-        test_records = (labels, planes)
+        planes = rng.randint(0, 256, (n, 3, 32, 32)).astype(np.uint8)
+        return labels, planes, np.concatenate([labels[:, None], planes.reshape(n, -1)],
+                                              1).tobytes()
+
+    files = {f"data_batch_{i}.bin": records(2)[2] for i in range(1, 6)}
+    want_labels, planes, files["test_batch.bin"] = records(20)
+    files["batches.meta.txt"] = b"\n".join(b"c%d" % i for i in range(10))
     _write_archive(tmp_path / "host", "cifar-10-binary.tar.gz", "cifar-10-batches-bin", files)
     monkeypatch.setattr(datasets.OfflineCifar10, "URL",
                         (tmp_path / "host" / "cifar-10-binary.tar.gz").as_uri())
     images, labels = data.load_split(data.get_spec("cifar10"), "test", str(tmp_path / "tfds"),
                                      download=True)
-    want_labels, planes = test_records
     order = np.lexsort(images.reshape(20, -1).T)  # the split's order is TFDS's, not the file's
     want_images = planes.transpose(0, 2, 3, 1)
     want_order = np.lexsort(want_images.reshape(20, -1).T)
