@@ -191,8 +191,15 @@ ADDED_FIELDS = {"image_size": 0, "num_classes": 0}
 
 
 def result_fields(config_dict: dict) -> dict:
-    return {**ADDED_FIELDS, **{k: v for k, v in config_dict.items()
-                               if k not in NON_RESULT_FIELDS}}
+    """The fields that decide a run's numbers, with defaults resolved: a missing
+    `synthesis.generator_dtype` (runs made before it existed) is float32, "" is `dtype`."""
+    fields = {**ADDED_FIELDS, **{k: v for k, v in config_dict.items()
+                                 if k not in NON_RESULT_FIELDS}}
+    synth = fields.get("synthesis")
+    if isinstance(synth, dict):
+        generator_dtype = synth.get("generator_dtype", "float32") or fields.get("dtype")
+        fields["synthesis"] = {**synth, "generator_dtype": generator_dtype}
+    return fields
 
 
 def check_or_write_fingerprint(workdir: os.PathLike, config_dict: dict,

@@ -179,6 +179,7 @@ class Generator(nn.Module):
     batch statistics; eval mode (sampling) with running averages.
     `stage_channels` gives each upsampling stage's conv width (32x32: (128, 64); 64x64:
     (128, 128, 64); 224x224 with base 64 and 7x7 start: (64,) * 5).
+    `dtype` is the compute dtype (parameters stay float32); the images come out float32.
     """
 
     image_size: int = 32
@@ -187,6 +188,7 @@ class Generator(nn.Module):
     base_channels: int = 128
     stage_channels: Sequence[int] = (128, 64)
     inner_bn_eps: float = 0.8
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z, train: bool = True):
@@ -195,22 +197,24 @@ class Generator(nn.Module):
             raise ValueError(f"image_size {self.image_size} is not divisible by "
                              f"2^{len(self.stage_channels)} upsampling stages")
         bn = lambda eps, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                            epsilon=eps, **kw)
+                                            epsilon=eps, dtype=self.dtype, **kw)
         x = nn.Dense(self.base_channels * start * start, kernel_init=torch_default_kernel,
-                     bias_init=torch_default_bias(z.shape[-1]), name="fc")(z)
+                     bias_init=torch_default_bias(z.shape[-1]), dtype=self.dtype,
+                     name="fc")(z)
         x = x.reshape(z.shape[0], start, start, self.base_channels)
         x = bn(1e-5, name="bn0")(x)
         conv = lambda width, name: nn.Conv(width, (3, 3), padding=1,
                                            kernel_init=torch_default_kernel,
                                            bias_init=torch_default_bias(9 * x.shape[-1]),
-                                           name=name)
+                                           dtype=self.dtype, name=name)
         for i, width in enumerate(self.stage_channels):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest upsample x2
             x = conv(width, f"conv{i + 1}")(x)
             x = nn.leaky_relu(bn(self.inner_bn_eps, name=f"bn{i + 1}")(x), 0.2)
         x = conv(self.channels, "conv_out")(x)
         x = jnp.tanh(x)
-        return bn(1e-5, use_scale=False, use_bias=False, name="bn_out")(x)
+        x = bn(1e-5, use_scale=False, use_bias=False, name="bn_out")(x)
+        return x.astype(jnp.float32)
 
 
 GENERATOR_PRESETS = {
@@ -221,16 +225,20 @@ GENERATOR_PRESETS = {
 
 
 def create_generator(image_size: int, channels: int, z_dim: int = 1000,
-                     inner_bn_eps: float = 0.8) -> Generator:
+                     inner_bn_eps: float = 0.8, dtype: str = "float32") -> Generator:
     """The SPEC generator for 32x32 (CIFAR), 64x64 (Tiny-ImageNet) or 224x224 (ImageNet);
-    other sizes (e.g. 8x8 digits) use the 32x32 layout with as many x2 stages as fit (<= 2)."""
+    other sizes (e.g. 8x8 digits) use the 32x32 layout with as many x2 stages as fit (<= 2).
+    dtype: compute dtype, "float32" or "bfloat16"."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"generator dtype {dtype!r}: use 'float32' or 'bfloat16' "
+                         "(--config.synthesis.generator_dtype, or --config.dtype)")
     if image_size in GENERATOR_PRESETS:
         preset = GENERATOR_PRESETS[image_size]
     else:
         stages = 2 if image_size % 4 == 0 else 1
         preset = dict(base_channels=128, stage_channels=(128, 64)[:stages])
     return Generator(image_size=image_size, channels=channels, z_dim=z_dim,
-                     inner_bn_eps=inner_bn_eps, **preset)
+                     inner_bn_eps=inner_bn_eps, dtype=jnp.dtype(dtype), **preset)
 
 
 class ConvVAE(nn.Module):

@@ -42,6 +42,7 @@ class SynthesisConfig:
     w_stat: float = 50.0
     w_smooth: float = 1e-3
     inner_bn_eps: float = 0.8
+    generator_dtype: str = "float32"  # G's compute dtype (the teacher is inverted in float32)
 
 
 def bn_layer_stats(bn_inputs, batch_stats) -> list[tuple]:

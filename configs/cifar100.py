@@ -71,7 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.synthesis = ml_collections.ConfigDict(dict(
         iterations=10_000, batch_size=0,  # 0 = the learner's batch_size
         lr=1e-3, z_dim=1000, content_temperature=1e3, w_content=1.0, w_diversity=1.0,
-        w_stat=50.0, w_smooth=1e-3, inner_bn_eps=0.8))
+        w_stat=50.0, w_smooth=1e-3, inner_bn_eps=0.8,
+        generator_dtype=""))   # G's compute dtype; "" = dtype (the teacher is always inverted
+    #                            in float32; G's parameters and Adam state stay float32)
     c.synthesis_log_every = 500
     c.synthesis_checkpoint_every = 2000  # generator iterations between checkpoints
     c.sample_grid_size = 64    # synthetic samples drawn into samples_task<t>.png

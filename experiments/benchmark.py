@@ -62,6 +62,8 @@ flags.DEFINE_list("skip_modes", ["default"], "How fused chunks skip steps past t
                   "(cond, mask; see train.fuse_steps). 'default': as training does (learner "
                   "cond, generator mask).")
 flags.DEFINE_integer("num_classes", 100, "Head size.")
+flags.DEFINE_string("generator_dtype", "", "The generator's compute dtype in the abd, "
+                    "deepinversion and generator rows ('' = the row's dtype, as training).")
 flags.DEFINE_list("cases", ["ce", "lwf", "abd", "deepinversion", "generator"],
                   "Step table rows (empty: none).")
 flags.DEFINE_list("ladder", [], "Learner cases to break down stage by stage (ce, lwf, abd, "
@@ -90,16 +92,18 @@ LEARNER_CASES = {  # key: (label, method, first task?, images per batch element)
 }
 
 
-def _method_config(name: str):
+def _method_config(name: str, dtype: str):
     config = cifar100.get_config()
     config.method = name
     config.batch_size = FLAGS.batch_size
+    config.dtype = dtype
+    config.synthesis.generator_dtype = FLAGS.generator_dtype
     return config
 
 
-def _method(name: str) -> methods.Method:
+def _method(name: str, dtype: str) -> methods.Method:
     spec = dataclasses.replace(data_lib.get_spec("cifar100"), num_classes=FLAGS.num_classes)
-    return methods.get_method(_method_config(name), spec)
+    return methods.get_method(_method_config(name, dtype), spec)
 
 
 def _steps_per_call() -> int:
@@ -128,7 +132,7 @@ def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learne
     """The step of `case` in task 2 (K_old = 10, K_new = 20) or, for "ce", task 1, with the
     method's state as the task loop builds it (teacher = the initial model)."""
     _, method_name, first_task, _ = LEARNER_CASES[case]
-    method = _method(method_name)
+    method = _method(method_name, dtype)
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
     mesh = experiment.make_mesh()
     cfg = train.StepConfig(batch_size=FLAGS.batch_size, base_lr=0.1, lr_milestones=(100,),
@@ -144,7 +148,7 @@ def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learne
                           num_old=jnp.int32(10), num_seen=jnp.int32(20),
                           steps_per_epoch=jnp.int32(n // FLAGS.batch_size),
                           total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(seed + 1))
-    rt = methods.Runtime.outside_the_loop(_method_config(method_name), model, mesh,
+    rt = methods.Runtime.outside_the_loop(_method_config(method_name, dtype), model, mesh,
                                           (32, 32, 3), _steps_per_call(),
                                           jax.random.PRNGKey(seed + 2))
     method_state = method.init_state(rt, state)
@@ -210,7 +214,7 @@ def _fused_learner(lr: Learner, skip: str = "default"):
 
 
 def _generator_setup(dtype: str, conv_impl: str, skip: str = "default"):
-    method = _method("abd")  # its synthesis settings and generator
+    method = _method("abd", dtype)  # its synthesis settings and generator
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
     synth = synthesis.Synthesizer(method.synthesis, method.generator, model,
                                   experiment.make_mesh(), _steps_per_call(), **_skip(skip))
@@ -411,6 +415,8 @@ def main(argv):
     combos = [(d, c, k) for d in FLAGS.dtypes for c in FLAGS.conv_impls for k in FLAGS.skip_modes]
     for dtype, conv_impl, skip in combos:
         tag = f"{dtype}, {conv_impl}" + (f", {skip}" if len(FLAGS.skip_modes) > 1 else "")
+        if FLAGS.generator_dtype:
+            tag += f", G {FLAGS.generator_dtype}"
         for case in [c for c in FLAGS.cases if c]:
             if case == "generator":
                 fn, state, args = _generator_setup(dtype, conv_impl, skip)

@@ -87,3 +87,23 @@ def test_a_run_made_before_a_setting_existed_resumes_with_its_default(tmp_path):
     with pytest.raises(ValueError, match="image_size: 0 -> 32"):
         ckpt_lib.check_or_write_fingerprint(tmp_path, {"method": "abd", "lr": 0.1,
                                                        "image_size": 32}, write=False)
+
+
+def test_fingerprint_resolves_the_generator_dtype(tmp_path):
+    """Runs made before `synthesis.generator_dtype` existed had a float32 generator: a float32
+    run resumes with the new default "" (= dtype), a bfloat16 run does not (its G now
+    computes in bfloat16) unless generator_dtype=float32 is passed."""
+    from abd_jax import checkpoint as ckpt_lib
+
+    def config(dtype, **synthesis):
+        return {"method": "abd", "dtype": dtype, "synthesis": {"lr": 1e-3, **synthesis}}
+
+    old_f32, old_bf16 = tmp_path / "f32", tmp_path / "bf16"
+    ckpt_lib.check_or_write_fingerprint(old_f32, config("float32"))
+    ckpt_lib.check_or_write_fingerprint(old_f32, config("float32", generator_dtype=""), False)
+    ckpt_lib.check_or_write_fingerprint(old_bf16, config("bfloat16"))
+    with pytest.raises(ValueError, match="generator_dtype': 'float32'.*'bfloat16'"):
+        ckpt_lib.check_or_write_fingerprint(old_bf16, config("bfloat16", generator_dtype=""),
+                                            False)
+    ckpt_lib.check_or_write_fingerprint(old_bf16, config("bfloat16", generator_dtype="float32"),
+                                        False)

@@ -216,6 +216,51 @@ def test_feature_kd_gives_the_head_no_gradient():
     assert any(np.abs(np.asarray(g)).sum() > 0 for g in backbone)
 
 
+def test_bfloat16_generator_keeps_float32_parameters_images_and_teacher():
+    """generator_dtype=bfloat16 (the default under --config.dtype=bfloat16): G computes in
+    bfloat16, its parameters, Adam state and images stay float32, the teacher's forward is
+    float32, and the loss terms are close to a float32 G's from the same state, not equal."""
+    model, teacher = _teacher()
+    mesh = experiment.make_mesh(1)
+    terms, states = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = synthesis.SynthesisConfig(iterations=1, batch_size=8, z_dim=16,
+                                        generator_dtype=dtype)
+        generator = models.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps, dtype)
+        synth = synthesis.Synthesizer(cfg, generator, model.clone(dtype=jnp.bfloat16), mesh, 1)
+        assert synth.model.dtype == jnp.float32
+        state = synth.init(jax.random.PRNGKey(2))
+        images = synthesis.sample_images(generator, synth.variables(state),
+                                         jax.random.PRNGKey(5), 4, cfg.z_dim)
+        chex.assert_type(images, jnp.float32)
+        states[dtype], terms[dtype] = synth.fused_step(state, jnp.int32(1), teacher,
+                                                       jnp.int32(4), jax.random.PRNGKey(3))
+    chex.assert_trees_all_equal_dtypes(states["bfloat16"].params, states["float32"].params)
+    chex.assert_trees_all_equal_dtypes(states["bfloat16"].opt_state,
+                                       states["float32"].opt_state)
+    chex.assert_type(jax.tree.leaves(states["bfloat16"].params), jnp.float32)
+    chex.assert_trees_all_close(terms["float32"], terms["bfloat16"], rtol=0.05, atol=1e-3)
+    differs = [not np.allclose(terms["float32"][k], terms["bfloat16"][k], rtol=1e-6)
+               for k in terms["float32"] if k != "active"]
+    assert any(differs), "a bfloat16 generator gave float32's terms: dtype not applied"
+
+
+@pytest.mark.parametrize("dtype, generator_dtype, expected", [
+    ("float32", "", jnp.float32), ("bfloat16", "", jnp.bfloat16),
+    ("bfloat16", "float32", jnp.float32)])
+def test_generator_dtype_follows_the_config(dtype, generator_dtype, expected):
+    """"" = the classifier's --config.dtype; an explicit generator_dtype wins."""
+    config = digits.get_config()
+    config.dtype, config.synthesis.generator_dtype = dtype, generator_dtype
+    method = methods.get_method(config, data.get_spec("digits"))
+    assert method.generator.dtype == expected
+
+
+def test_bad_generator_dtype_names_the_setting():
+    with pytest.raises(ValueError, match="generator_dtype"):
+        models.create_generator(8, 3, 16, dtype="float16")
+
+
 def test_bfloat16_classifier_is_inverted_in_float32():
     """With --config.dtype=bfloat16 the teacher's forward during synthesis (and so the
     stat-alignment KL) still runs in float32: same terms as a float32 classifier."""

@@ -37,6 +37,7 @@ def replay(ctx: train.LossContext, generator: nn.Module, z_dim: int) -> synthesi
 def synthesis_config(config) -> synthesis.SynthesisConfig:
     fields = config.synthesis.to_dict()
     fields["batch_size"] = fields["batch_size"] or config.batch_size
+    fields["generator_dtype"] = fields["generator_dtype"] or config.dtype
     return synthesis.SynthesisConfig(**fields)
 
 
@@ -51,7 +52,8 @@ class SyntheticReplay(TeacherMethod):
         self.synthesis = synthesis_config(config)
         height, _, channels = spec.image_shape
         self.generator = models.create_generator(height, channels, self.synthesis.z_dim,
-                                                 self.synthesis.inner_bn_eps)
+                                                 self.synthesis.inner_bn_eps,
+                                                 self.synthesis.generator_dtype)
         self._synthesizer: Optional[synthesis.Synthesizer] = None
 
     def synthesizer(self, rt: Runtime) -> synthesis.Synthesizer:
