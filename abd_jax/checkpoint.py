@@ -32,7 +32,7 @@ EVALUATE = ID_STRIDE - 1
 NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data_dir", "download",
                      "eval_batch_size", "upper_bound_results", "synthesis_log_every",
                      "synthesis_checkpoint_every", "sample_grid_size", "keep_task_checkpoints",
-                     "tensorboard",
+                     "tensorboard", "compile_ahead",
                      # The input path: both read the same batches (`input_pipeline`).
                      "input_pipeline", "stream_above_gb", "stream_workers", "stream_prefetch")
 

@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from abd_jax import ahead as ahead_lib
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
 from abd_jax import input_pipeline
@@ -196,6 +197,7 @@ class RepeatRunner:
             workdir / "checkpoints" / f"repeat_{repeat}", config.keep_task_checkpoints)
         self._chunk_fns: dict[tuple, Callable] = {}  # (loss_fn, StepConfig) -> jitted chunk
         self._warm: set = set()
+        self.compiled_ahead: dict[str, str] = {}  # program -> outcome (config.compile_ahead)
         self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
         if splits.streamed and not config.steps_per_call:  # one call's batches travel at once
             self.steps_per_call = input_pipeline.steps_per_call_for(
@@ -373,30 +375,61 @@ class RepeatRunner:
             logging.info("resuming repeat %d at task %d %s", self.repeat, start_task + 1,
                          describe_step(start_step))
 
-        for t in range(start_task, c.num_tasks):
-            task_start = time.time()
-            task = self._task(t)
-            step = start_step if t == start_task else 0
-            if step < ckpt_lib.END_TASK:
-                if step == 0:
-                    learner, method_state = self._placed(self.method.begin_task(
+        ahead = self._start_ahead(learner, method_state, start_task) if c.compile_ahead else None
+        try:
+            for t in range(start_task, c.num_tasks):
+                task_start = time.time()
+                task = self._task(t)
+                step = start_step if t == start_task else 0
+                if step < ckpt_lib.END_TASK:
+                    if step == 0:
+                        learner, method_state = self._placed(self.method.begin_task(
+                            self.rt, learner, method_state, task))
+                    info = self._task_info(task, self.method.train_index(self.rt, method_state,
+                                                                         task),
+                                           c.epochs, jax.random.fold_in(self.run_key, t))
+                    learner, step = self._train_task(task, step, learner, method_state, info)
+                    # The end-of-task hook may be long (synthesis): don't redo training after it.
+                    self._save(t, step, learner, method_state)
+                if step < ckpt_lib.EVALUATE:  # (resumes a hook that saved progress in its state)
+                    learner, method_state = self._placed(self.method.end_task(
                         self.rt, learner, method_state, task))
-                info = self._task_info(task, self.method.train_index(self.rt, method_state,
-                                                                     task),
-                                       c.epochs, jax.random.fold_in(self.run_key, t))
-                learner, step = self._train_task(task, step, learner, method_state, info)
-                # The end-of-task hook may be long (synthesis): don't redo training after it.
-                self._save(t, step, learner, method_state)
-            if step < ckpt_lib.EVALUATE:  # (resumes a hook that saved progress in its state)
-                learner, method_state = self._placed(self.method.end_task(
-                    self.rt, learner, method_state, task))
-                self._save(t, ckpt_lib.EVALUATE, learner, method_state)
-            self._evaluate(task, learner, method_state)
-            self.timing["task_wall_seconds"].append(time.time() - task_start)
-            self._log_time_left(t)
-            result = self._result(method_state) if task.is_last else None
-            self._save(t + 1, 0, learner, method_state, result)
+                    self._save(t, ckpt_lib.EVALUATE, learner, method_state)
+                self._evaluate(task, learner, method_state)
+                self.timing["task_wall_seconds"].append(time.time() - task_start)
+                self._log_time_left(t)
+                result = self._result(method_state) if task.is_last else None
+                self._save(t + 1, 0, learner, method_state, result)
+        finally:  # (also when stopped: no compiling thread outlives the run)
+            if ahead is not None:
+                self.compiled_ahead = ahead.join()
+                logging.info("compiled ahead: %s", self.compiled_ahead)
         return self._result(method_state)
+
+    def _start_ahead(self, learner, method_state, start_task: int) -> ahead_lib.Ahead:
+        """Compile in background threads what the run calls after its first task (evaluation,
+        the method's own programs, later tasks' learner chunks) and load the plotting fonts
+        (see `abd_jax.ahead`)."""
+        c = self.config
+        batch = -(-c.eval_batch_size // self.mesh.size) * self.mesh.size
+        images = jax.ShapeDtypeStruct((batch, *self.splits.spec.image_shape), jnp.uint8)
+        programs = [("evaluation", self.predict, (learner.params, learner.batch_stats, images))]
+        programs += self.method.programs(self.rt, learner, method_state)
+        first_use = {self.method.loss_fn(self._task(start_task)): start_task}
+        for t in range(start_task + 1, c.num_tasks):
+            first_use.setdefault(self.method.loss_fn(self._task(t)), t)
+        if not self.splits.streamed:  # (streamed batches' shapes are the feed's business)
+            info = self._task_info(self._task(start_task),
+                                   np.zeros(c.batch_size, np.int32), 1, self.run_key)
+            data = train.DeviceData(self.images, self.labels)
+            programs += [(f"learner chunk of task {t + 1}",
+                          self._chunk_fn(loss, self.step_config),
+                          (learner, method_state, data, info))
+                         for loss, t in first_use.items() if t > start_task]
+        jobs = ahead_lib.compile_jobs(programs)
+        if hosts.is_main():
+            jobs.append(("plotting fonts", metrics_lib.load_plotting))
+        return ahead_lib.Ahead(jobs)
 
     def _log_time_left(self, t: int) -> None:
         """A rough estimate: the mean wall time of this repeat's tasks so far."""

@@ -353,6 +353,13 @@ def write_results(workdir, results: dict, config_dict: dict, title: str) -> None
     _atomic_write_bytes(workdir / "accuracy.png", _accuracy_png(results, title))
 
 
+def load_plotting() -> None:
+    """Import matplotlib and load its font cache (built on a machine's first use: 13 s on a
+    fresh GPU machine), so that a later first plot does not pay for it."""
+    from matplotlib import font_manager
+    font_manager.findfont("DejaVu Sans")
+
+
 def save_sample_grid(path, images: np.ndarray, labels: np.ndarray, mean, std,
                      title: str = "") -> None:
     """PNG grid of normalised images `[N, H, W, C]` (denormalised: x * std + mean, clipped to

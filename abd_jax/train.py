@@ -344,8 +344,11 @@ def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: M
     steps on `data` (`DeviceData` or `StreamedBatches`), stopping at `task.total_steps` (see
     `fuse_steps`); wrap it in `jax.jit`."""
     fused = fuse_steps(make_train_step(model, loss_fn, cfg, mesh), chunk, skip)
-    return lambda state, method_state, data, task: fused(
-        state, task.total_steps, method_state, data, task)
+
+    def train_chunk(state, method_state, data, task):
+        return fused(state, task.total_steps, method_state, data, task)
+
+    return train_chunk
 
 
 def default_steps_per_call() -> int:

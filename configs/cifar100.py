@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.tensorboard = True       # also write the logged scalars to <workdir>/tensorboard
     c.steps_per_call = 0       # steps fused into one jitted call (0 = auto: 1 on CPU, 50 else)
+    c.compile_ahead = False    # compile evaluation, the generator step and later tasks' chunks
+    #                            in background threads during task 1 (for GPU/TPU hosts with
+    #                            idle CPU cores; abd_jax/ahead.py)
     c.checkpoint_every_steps = 2000
     c.keep_task_checkpoints = False  # keep each finished task's checkpoint (analyze)
     return c

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -72,19 +73,44 @@ def test_repeats_and_omega(digits_data_dir, tmp_path):
 def test_each_jitted_function_compiles_once_per_run(digits_data_dir, tmp_path):
     """A recompilation between tasks or chunks (a changed input type, shape or sharding)
     would cost seconds each time and pollute the timings; every task must reuse the
-    learner's and the generator's compiled chunks."""
+    learner's and the generator's compiled chunks. With compile_ahead, what the background
+    threads compiled must be what the run then calls (else the caches would hold two)."""
+    import logging
+
     from abd_jax import metrics
-    config = tiny_config(digits_data_dir, method="abd", epochs=1)
+    config = tiny_config(digits_data_dir, method="abd", epochs=1, compile_ahead=True)
     splits = experiment.load_splits(config)
-    with metrics.MetricWriter(tmp_path / "metrics.jsonl") as writer:
-        runner = experiment.RepeatRunner(config, tmp_path, splits, experiment.make_mesh(),
-                                         writer, 0)
-        runner.run()
+    lowered = []  # (thread, program) of every lowering JAX logs: once per distinct signature
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lowered.append(
+        (record.threadName, record.getMessage().split()[1]))
+    logger = logging.getLogger("jax._src.interpreters.pxla")
+    logger.addHandler(handler)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with metrics.MetricWriter(tmp_path / "metrics.jsonl") as writer:
+            runner = experiment.RepeatRunner(config, tmp_path, splits, experiment.make_mesh(),
+                                             writer, 0)
+            runner.run()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logger.removeHandler(handler)
     runner.checkpointer.close()
     learner_chunks = list(runner._chunk_fns.values())  # task 1's CE, then ABD's loss
     generator_chunk = runner.method.synthesizer(runner.rt).fused_step
     assert len(learner_chunks) == 2
-    assert [fn._cache_size() for fn in [*learner_chunks, generator_chunk]] == [1, 1, 1]
+    assert [fn._cache_size() for fn in [*learner_chunks, generator_chunk, runner.predict]] == [
+        1, 1, 1, 1]
+    assert sorted(runner.compiled_ahead) == ["evaluation", "generator step",
+                                             "learner chunk of task 2", "plotting fonts"]
+    assert all(v.startswith("ready") for v in runner.compiled_ahead.values()), \
+        runner.compiled_ahead
+    # The run itself lowered only task 1's chunk; the rest was lowered ahead, in other threads.
+    in_main = [name for thread, name in lowered if thread == "MainThread"]
+    assert in_main.count("jit(train_chunk)") == 1, lowered
+    assert "jit(predict)" not in in_main and "jit(single)" not in in_main, lowered
+    assert {name for thread, name in lowered if thread.startswith("ahead:")} == {
+        "jit(train_chunk)", "jit(predict)", "jit(single)"}, lowered
 
 
 def _matrices(results):

@@ -173,6 +173,13 @@ class Method:
         del rt, task
         return learner, state
 
+    def programs(self, rt: Runtime, learner: train.TrainState, state) -> list:
+        """[(name, jitted function, example arguments)] of the method's own programs that its
+        hooks call later (e.g. the generator's step), for compiling ahead
+        (`--config.compile_ahead`); arguments typed as that call's (arrays or shapes)."""
+        del rt, learner, state
+        return []
+
     def eval_logits(self, state, logits: np.ndarray, task: Task) -> np.ndarray:
         """The logits `[n, C]` the method classifies with after `task` (e.g. BiC's
         correction); by default the model's own."""

@@ -7,6 +7,7 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -65,6 +66,12 @@ class SyntheticReplay(TeacherMethod):
     def init_state(self, rt: Runtime, learner) -> ReplayState:
         generator = self.synthesizer(rt).init(jax.random.fold_in(rt.method_key, 0))
         return ReplayState(teacher=train.teacher_of(learner), generator=generator)
+
+    def programs(self, rt: Runtime, learner, state: ReplayState) -> list:
+        """The generator's fused step, as `end_task` calls it (`Synthesizer.train`)."""
+        args = (state.generator, 0, train.teacher_of(learner), jnp.int32(0),
+                jax.random.fold_in(rt.method_key, 1))
+        return [("generator step", self.synthesizer(rt).fused_step, args)]
 
     def memory_footprint(self, rt: Runtime, state: ReplayState) -> dict:
         count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.generator.params))
