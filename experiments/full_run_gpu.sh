@@ -8,6 +8,8 @@
 # runs/full_run_segments.txt and the sum is printed: that sum is the measured run time.
 # Usage on a GPU machine: bash experiments/full_run_gpu.sh SECONDS [timing_run.py flags...]
 # Env: WORKDIR (default runs/full_run), OUT (log and results copied there).
+# Wheels in .whl/ are installed first: a GPU image without them needs ml-collections and
+# tensorboardX (timing_run imports neither grain nor tensorflow-datasets).
 set -u
 limit="$1"; shift
 out="${OUT:-/tmp/full_run}"
