@@ -36,7 +36,7 @@ def abstract(tree):
 
 
 class Ahead:
-    """Background threads, one per job; `outcome[name]` is "compiled in N s" or the error."""
+    """Background threads, one per job; `outcome[name]` is "ready in N s" or the error."""
 
     def __init__(self, jobs: Sequence[tuple[str, Callable[[], Any]]]):
         self.outcome: dict[str, str] = {}

@@ -411,7 +411,7 @@ class RepeatRunner:
         the method's own programs, later tasks' learner chunks) and load the plotting fonts
         (see `abd_jax.ahead`)."""
         c = self.config
-        batch = -(-c.eval_batch_size // self.mesh.size) * self.mesh.size
+        batch = train.eval_batch_size(c.eval_batch_size, self.mesh.size)
         images = jax.ShapeDtypeStruct((batch, *self.splits.spec.image_shape), jnp.uint8)
         programs = [("evaluation", self.predict, (learner.params, learner.batch_stats, images))]
         programs += self.method.programs(self.rt, learner, method_state)

@@ -211,6 +211,11 @@ class Synthesizer:
                 last_saved = done
         return gen_state
 
+    def step_program(self, gen_state: train.TrainState, teacher: train.Teacher, key):
+        """(the fused step, example arguments typed as `train` calls it: `until` a Python
+        int, `num_seen` int32), for compiling it ahead (`abd_jax.ahead`)."""
+        return self.fused_step, (gen_state, 0, teacher, jnp.int32(0), key)
+
     def labelled_samples(self, gen_state, teacher: train.Teacher, num_seen: int, key,
                          count: int):
         """(images `[count, H, W, C]` normalised, teacher's predicted class `[count]`)."""

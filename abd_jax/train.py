@@ -370,11 +370,16 @@ def make_predict(model: nn.Module, mean, std, mesh: Mesh):
     return predict
 
 
+def eval_batch_size(batch_size: int, num_devices: int) -> int:
+    """The batch `predict_all` feeds `predict`: `batch_size` rounded up to the devices."""
+    return -(-batch_size // num_devices) * num_devices
+
+
 def predict_all(predict, state_like, images: np.ndarray, batch_size: int, num_devices: int):
     """Host loop: (logits `[N, C]`, features `[N, D]`) (numpy) for uint8 images
     `[N, H, W, C]`, in fixed-size batches (the last one padded) so that a single compilation
     serves every image set."""
-    batch_size = -(-batch_size // num_devices) * num_devices
+    batch_size = eval_batch_size(batch_size, num_devices)
     logits, features = [], []
     for start in range(0, len(images), batch_size):
         preemption.check()

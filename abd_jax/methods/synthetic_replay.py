@@ -7,7 +7,6 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -69,9 +68,9 @@ class SyntheticReplay(TeacherMethod):
 
     def programs(self, rt: Runtime, learner, state: ReplayState) -> list:
         """The generator's fused step, as `end_task` calls it (`Synthesizer.train`)."""
-        args = (state.generator, 0, train.teacher_of(learner), jnp.int32(0),
-                jax.random.fold_in(rt.method_key, 1))
-        return [("generator step", self.synthesizer(rt).fused_step, args)]
+        fn, args = self.synthesizer(rt).step_program(
+            state.generator, train.teacher_of(learner), jax.random.fold_in(rt.method_key, 1))
+        return [("generator step", fn, args)]
 
     def memory_footprint(self, rt: Runtime, state: ReplayState) -> dict:
         count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.generator.params))
