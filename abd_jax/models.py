@@ -36,6 +36,14 @@ def torch_default_bias(fan_in: int):
     return init
 
 
+def init_variables(module: nn.Module, rng, *inputs, **kwargs) -> dict:
+    """`module.init(rng, *inputs, **kwargs)` as one compiled program (`kwargs` static).
+
+    Run eagerly, init compiles every initialiser and layer op on its own: ~250 small XLA
+    compilations for a ResNet-8 and the generator, 10-20 s on a 2-core CPU."""
+    return jax.jit(lambda key, *xs: module.init(key, *xs, **kwargs))(rng, *inputs)
+
+
 class BatchNorm(nn.BatchNorm):
     """`nn.BatchNorm` (PyTorch defaults: eps 1e-5, momentum 0.1 == Flax 0.9) that can sow the
     batch mean/variance of its input into the `bn_inputs` collection."""

@@ -156,9 +156,11 @@ class Synthesizer:
         self.steps_per_call = steps_per_call
         self.fused_step = jax.jit(train.fuse_steps(
             make_generator_step(self.generator, model, cfg, mesh), steps_per_call, skip))
+        self._sample_and_label = jax.jit(self._sample_and_label, static_argnums=4)
 
     def init(self, rng) -> train.TrainState:
-        variables = self.generator.init(rng, jnp.zeros((2, self.cfg.z_dim)), train=False)
+        variables = models.init_variables(self.generator, rng, jnp.zeros((2, self.cfg.z_dim)),
+                                          train=False)
         state = train.TrainState.create(
             apply_fn=self.generator.apply, params=variables["params"],
             batch_stats=variables["batch_stats"], tx=optax.adam(self.cfg.lr))
@@ -218,8 +220,12 @@ class Synthesizer:
 
     def labelled_samples(self, gen_state, teacher: train.Teacher, num_seen: int, key,
                          count: int):
-        """(images `[count, H, W, C]` normalised, teacher's predicted class `[count]`)."""
-        x = sample_images(self.generator, self.variables(gen_state), key, count, self.cfg.z_dim)
+        """(images `[count, H, W, C]` normalised, teacher's predicted class `[count]`), on
+        the host."""
+        return hosts.fetch(self._sample_and_label(self.variables(gen_state), teacher,
+                                                  jnp.int32(num_seen), key, count))
+
+    def _sample_and_label(self, gen_variables, teacher, num_seen, key, count: int):
+        x = sample_images(self.generator, gen_variables, key, count, self.cfg.z_dim)
         logits, _ = train.teacher_apply(self.model, teacher, x)
-        pred = jnp.argmax(losses.mask_logits(logits, 0, num_seen), axis=-1)
-        return hosts.fetch((x, pred))
+        return x, jnp.argmax(losses.mask_logits(logits, 0, num_seen), axis=-1)

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import data as data_lib
 from abd_jax import hosts
+from abd_jax import models
 from abd_jax import preemption
 
 
@@ -116,7 +117,8 @@ def strongly_typed(tree):
 
 def create_train_state(model: nn.Module, rng, image_shape, lr, momentum, weight_decay):
     """Fresh parameters (from `rng`) and a fresh optimiser state."""
-    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    variables = models.init_variables(model, rng, jnp.zeros((1, *image_shape), jnp.float32),
+                                      train=False)
     tx = optax.inject_hyperparams(sgd_with_weight_decay)(
         learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],

@@ -4,7 +4,7 @@
         [--conv_impls=xla,im2col] [--cases=ce,lwf,abd,deepinversion,generator]
         [--ladder=ce,abd] [--vmap_repeats=3] [--profile_dir=/tmp/prof] [--json_out=bench.json]
 
-Uses random CIFAR-shaped data (no dataset needed) and the real step functions of
+Uses random CIFAR-shaped data (`--image_size` for others; no dataset needed) and the real step functions of
 `abd_jax.train` / `abd_jax.synthesis`: on-device batch sampling and augmentation, the method's
 loss (synthetic replay with the teacher's forward), the optimiser update, data parallelism
 over all local devices.
@@ -62,6 +62,9 @@ flags.DEFINE_list("skip_modes", ["default"], "How fused chunks skip steps past t
                   "(cond, mask; see train.fuse_steps). 'default': as training does (learner "
                   "cond, generator mask).")
 flags.DEFINE_integer("num_classes", 100, "Head size.")
+flags.DEFINE_integer("image_size", 32, "Side of the random square RGB images (32: CIFAR, 64: "
+                     "Tiny-ImageNet; the tests use 8). The projection keeps CIFAR-100's "
+                     "schedule whatever the size.")
 flags.DEFINE_string("generator_dtype", "", "The generator's compute dtype in the abd, "
                     "deepinversion and generator rows ('' = the row's dtype, as training).")
 flags.DEFINE_list("cases", ["ce", "lwf", "abd", "deepinversion", "generator"],
@@ -102,8 +105,13 @@ def _method_config(name: str, dtype: str):
 
 
 def _method(name: str, dtype: str) -> methods.Method:
-    spec = dataclasses.replace(data_lib.get_spec("cifar100"), num_classes=FLAGS.num_classes)
+    spec = dataclasses.replace(data_lib.get_spec("cifar100"), num_classes=FLAGS.num_classes,
+                               image_shape=_image_shape())
     return methods.get_method(_method_config(name, dtype), spec)
+
+
+def _image_shape() -> tuple[int, int, int]:
+    return FLAGS.image_size, FLAGS.image_size, 3
 
 
 def _steps_per_call() -> int:
@@ -138,18 +146,18 @@ def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learne
     cfg = train.StepConfig(batch_size=FLAGS.batch_size, base_lr=0.1, lr_milestones=(100,),
                            lr_decay=0.1, augment=data_lib.AugmentConfig(),
                            mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
-    state = train.create_train_state(model, jax.random.PRNGKey(seed), (32, 32, 3), 0.1, 0.9,
+    state = train.create_train_state(model, jax.random.PRNGKey(seed), _image_shape(), 0.1, 0.9,
                                      2e-4)
     n = 5000
     rng = np.random.RandomState(seed)
-    images = jnp.asarray(rng.randint(0, 256, (n, 32, 32, 3)), jnp.uint8)
+    images = jnp.asarray(rng.randint(0, 256, (n, *_image_shape())), jnp.uint8)
     labels = jnp.asarray(rng.randint(10, 20, n), jnp.int32)
     task = train.TaskInfo(index=jnp.arange(n, dtype=jnp.int32), count=jnp.int32(n),
                           num_old=jnp.int32(10), num_seen=jnp.int32(20),
                           steps_per_epoch=jnp.int32(n // FLAGS.batch_size),
                           total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(seed + 1))
     rt = methods.Runtime.outside_the_loop(_method_config(method_name, dtype), model, mesh,
-                                          (32, 32, 3), _steps_per_call(),
+                                          _image_shape(), _steps_per_call(),
                                           jax.random.PRNGKey(seed + 2))
     method_state = method.init_state(rt, state)
     loss_fn = method.loss_fn(methods.Task(index=0 if first_task else 1, num_tasks=10,
@@ -218,7 +226,7 @@ def _generator_setup(dtype: str, conv_impl: str, skip: str = "default"):
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
     synth = synthesis.Synthesizer(method.synthesis, method.generator, model,
                                   experiment.make_mesh(), _steps_per_call(), **_skip(skip))
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *_image_shape())), train=False)
     teacher = train.Teacher(variables["params"], variables["batch_stats"])
     step_fn = lambda s, *a: synth.fused_step(s, jnp.int32(2**30), *a)
     return step_fn, synth.init(jax.random.PRNGKey(3)), (teacher, jnp.int32(20),
@@ -251,7 +259,7 @@ def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
     """[(name, fn(state, method_state, data, task), carries_state, steps/call)]."""
     model, loss_fn, cfg, mesh = lr.model, lr.loss_fn, lr.cfg, lr.mesh
     # A fixed, already-normalised batch for the rungs before sampling.
-    fixed = np.random.RandomState(5).randint(0, 256, (cfg.batch_size, 32, 32, 3))
+    fixed = np.random.RandomState(5).randint(0, 256, (cfg.batch_size, *_image_shape()))
     x_fixed = data_lib.normalize(jnp.asarray(fixed, jnp.uint8), cfg.mean, cfg.std)
     y_fixed = jnp.asarray(np.random.RandomState(6).randint(10, 20, cfg.batch_size), jnp.int32)
     key = jax.random.PRNGKey(7)

@@ -63,10 +63,46 @@ def prepared_cifar10(shared_data_dir):
     return str(folder / "tfds"), json.loads(done.read_text())
 
 
+def _shared_folder(name: str) -> pathlib.Path:
+    return pathlib.Path(os.environ["ABD_TEST_SHARED_TMP"]) / name
+
+
 @pytest.fixture(scope="session")
-def digits_data_dir(tmp_path_factory):
-    """A TFDS data dir holding the prepared sklearn_digits dataset (built offline once)."""
+def digits_data_dir():
+    """A TFDS data dir holding the prepared sklearn_digits dataset, built offline once per
+    test run (workers included: one path, so configs naming it are equal across workers)."""
+    import filelock
+
     from abd_jax import data as data_lib
-    data_dir = tmp_path_factory.mktemp("tfds")
-    data_lib.load_split(data_lib.get_spec("digits"), "test", str(data_dir))
+    data_dir = _shared_folder("digits_tfds")
+    with filelock.FileLock(str(data_dir) + ".lock"):
+        done = data_dir / "done"
+        if not done.exists():
+            data_lib.load_split(data_lib.get_spec("digits"), "test", str(data_dir))
+            done.touch()
     return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_run():
+    """`reference_run(config) -> (results, workdir)`: `experiment.run(config)` done once per
+    test run for each distinct config, whichever worker asks first (the others wait on a
+    lock), so tests comparing against the same uninterrupted run share it. Read its workdir;
+    never write there."""
+    import hashlib
+    import json
+
+    import filelock
+
+    from abd_jax import experiment
+
+    def run(config):
+        key = hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+        workdir = _shared_folder("reference_runs") / key
+        workdir.parent.mkdir(exist_ok=True)
+        with filelock.FileLock(str(workdir) + ".lock"):
+            if not (workdir / "results.json").exists():
+                experiment.run(config, workdir)
+        return json.loads((workdir / "results.json").read_text()), workdir
+
+    return run

@@ -14,6 +14,10 @@ from abd_jax import analysis, experiment
 from abd_jax import checkpoint as ckpt_lib
 from helpers import tiny_config
 
+# One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("analysis")
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

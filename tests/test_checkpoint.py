@@ -7,6 +7,9 @@ import pytest
 from abd_jax import experiment
 from helpers import tiny_config
 
+# One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("checkpoint")
+
 
 def _truncate(path):
     data = path.read_bytes()

@@ -1,6 +1,5 @@
 """Coreset baselines (SPEC section 6): the memory, herding, E2E's balanced stage, BiC's bias
 correction, memory accounting, and resume through every new end-of-task stage (DGR's too)."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import pytest
 from abd_jax import experiment, losses, methods, models, train
 from abd_jax.methods import bic, coreset, dgr
 from configs import digits
-from helpers import tiny_config
+from helpers import three_task_config, tiny_config
 
 
 def test_quotas_are_balanced_and_the_newest_classes_take_the_remainder():
@@ -171,16 +170,15 @@ def test_bic_holds_out_part_of_the_memory_and_of_the_new_data():
 
 
 @pytest.mark.parametrize("method", ["naive_rehearsal", "lwf_coreset", "e2e", "bic"])
-def test_coreset_methods_run_and_account_for_their_memory(digits_data_dir, tmp_path, method):
-    config = tiny_config(digits_data_dir, method=method, epochs=1, num_tasks=2)
-    results = experiment.run(config, tmp_path)
+def test_coreset_methods_run_and_account_for_their_memory(digits_data_dir, reference_run,
+                                                          method):
+    results, workdir = reference_run(three_task_config(digits_data_dir, method))
     memory = results["repeats"][0]["memory"]
     assert memory["stored_images"] == 60 and memory["stored_image_bytes"] == 60 * 64
     assert memory["bytes"] == 4 * memory["classifier_parameters"] + 60 * 64
     assert memory["values"] == memory["classifier_parameters"] + 60 * 64  # the release's count
-    assert "memory kept between tasks" in (tmp_path / "summary.md").read_text()
-    stored = json.loads((tmp_path / "results.json").read_text())
-    assert stored["aggregate"]["memory"] == memory
+    assert "memory kept between tasks" in (workdir / "summary.md").read_text()
+    assert results["aggregate"]["memory"] == memory
 
 
 def test_replay_methods_count_their_generator(digits_data_dir, tmp_path):
@@ -208,11 +206,11 @@ def _interrupt_once(monkeypatch, owner, name, at_call):
 @pytest.mark.parametrize("method,stage", [
     ("naive_rehearsal", "coreset update"), ("e2e", "balanced fine-tuning"),
     ("bic", "bias fit"), ("dgr", "autoencoder training")])
-def test_interrupt_in_an_end_of_task_stage_resumes_identically(digits_data_dir, tmp_path,
-                                                               monkeypatch, method, stage):
-    # 3 tasks (of the first 6 classes): a stage after task 2, and one after the last task.
-    config = tiny_config(digits_data_dir, method=method, epochs=1, num_tasks=3, num_classes=6)
-    reference = experiment.run(config, tmp_path / "straight")
+def test_interrupt_in_an_end_of_task_stage_resumes_identically(digits_data_dir, reference_run,
+                                                               tmp_path, monkeypatch, method,
+                                                               stage):
+    config = three_task_config(digits_data_dir, method)
+    reference, _ = reference_run(config)
     owner, name = {"coreset update": (coreset.Coreset, "updated"),
                    "balanced fine-tuning": (experiment.RepeatRunner, "_train_stage"),
                    "bias fit": (bic, "fit_bias"),

@@ -120,17 +120,18 @@ def _matrices(results):
 @pytest.mark.parametrize("method", ["lwf", "abd"])
 def test_interrupt_and_resume_gives_identical_results(digits_data_dir, tmp_path, monkeypatch,
                                                       method):
-    config = tiny_config(digits_data_dir, method=method, epochs=3, checkpoint_every_steps=8)
+    config = tiny_config(digits_data_dir, method=method, num_tasks=2, epochs=3,
+                         checkpoint_every_steps=8)
     reference = experiment.run(config, tmp_path / "straight")
 
-    # Interrupt in the middle of task 3 (as Ctrl-C / SIGTERM would), then rerun.
+    # Interrupt in the middle of task 2 (as Ctrl-C / SIGTERM would), then rerun.
     real = experiment.RepeatRunner._log
     calls = {"n": 0}
 
     def interrupting_log(self, t, *args):
         real(self, t, *args)
         calls["n"] += 1
-        if t == 2 and calls["n"] > 12:
+        if t == 1 and calls["n"] > 24:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(experiment.RepeatRunner, "_log", interrupting_log)
@@ -147,7 +148,7 @@ def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_pa
     checkpoint and matches an uninterrupted run of the same command."""
     args = [sys.executable, "-m", "abd_jax.main", "--config=configs/digits.py",
             f"--workdir={tmp_path / 'killed'}", f"--config.data_dir={digits_data_dir}",
-            "--config.epochs=2", "--config.checkpoint_every_steps=8",
+            "--config.num_tasks=2", "--config.epochs=2", "--config.checkpoint_every_steps=8",
             "--config.log_every_steps=4", "--config.num_devices=1", "--config.method=lwf"]
     env = {**os.environ, "XLA_FLAGS": ""}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -156,7 +157,7 @@ def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_pa
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         done = [p for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
-        if any(int(p.name) > 10_000_000 for p in done):  # a periodic checkpoint in task 2
+        if any(0 < int(p.name) < 1000 for p in done):  # a periodic checkpoint in task 1
             break
         time.sleep(0.2)
     assert proc.poll() is None, "run finished before it could be killed"

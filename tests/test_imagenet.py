@@ -17,6 +17,10 @@ from abd_jax import data as data_lib
 from abd_jax import datasets, experiment, models, transforms
 from configs import imagenet
 
+# One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("imagenet")
+
+
 WNIDS = datasets.IMAGENET_LABELS_FILE.read_text().split()
 VAL_WNIDS = datasets.IMAGENET_VAL_LABELS_FILE.read_text().split()
 CLASSES = (0, 417, 999)  # class ids (lines of labels.txt) the fake archive holds

@@ -133,12 +133,13 @@ def test_dgr_refuses_the_stream_path(digits_data_dir, tmp_path):
 
 def test_cifar10_stream_resumes_mid_epoch_identically(prepared_cifar10, tmp_path,
                                                       monkeypatch):
-    """Forced stream on real CIFAR-10: 5 steps per epoch, stopped after step 8 (mid epoch
-    2, checkpoint there), resumed: the same numbers and metrics log as without the stop."""
+    """Forced stream on real CIFAR-10 (its first 4 classes, 2 tasks): 5 steps per epoch,
+    stopped after step 8 (mid epoch 2, checkpoint there), resumed: the same numbers and
+    metrics log as without the stop."""
     cifar10_data_dir, _ = prepared_cifar10
     config = tiny_config(cifar10_data_dir, dataset="cifar10", method="lwf", num_tasks=2,
-                         batch_size=16, train_per_class=16, input_pipeline="stream",
-                         eval_batch_size=500)
+                         num_classes=4, batch_size=16, train_per_class=40,
+                         input_pipeline="stream", eval_batch_size=500)
     config.model = "resnet8"
     straight = experiment.run(config, tmp_path / "straight")
     assert experiment.load_splits(config).streamed

@@ -21,6 +21,10 @@ from abd_jax.methods import abd, deepinversion, lwf
 from abd_jax.methods.lifecycle import TeacherState
 from abd_jax.methods.synthetic_replay import ReplayState, replay
 
+# One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("loss_values")
+
+
 LN2, LN3 = math.log(2.0), math.log(3.0)
 HAND = dict(rtol=1e-5, atol=1e-6)  # float32 against a hand value
 

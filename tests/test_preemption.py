@@ -14,6 +14,10 @@ from abd_jax import checkpoint as ckpt_lib
 from abd_jax import experiment, preemption, synthesis, train
 from helpers import tiny_config
 
+# One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("preemption")
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -11,6 +11,9 @@ from abd_jax import data as data_lib
 from abd_jax import datasets, experiment
 from helpers import tiny_config
 
+# One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("tiny_imagenet")
+
 
 def _jpeg(pixels) -> bytes:
     buf = io.BytesIO()

@@ -108,8 +108,8 @@ class DGR(TeacherMethod):
 
     def init_state(self, rt: Runtime, learner) -> DGRState:
         h, w, c = rt.image_shape
-        params = self.vae.init(jax.random.fold_in(rt.method_key, 0), jnp.zeros((1, h, w, c)),
-                               jax.random.PRNGKey(0))["params"]
+        params = models.init_variables(self.vae, jax.random.fold_in(rt.method_key, 0),
+                                       jnp.zeros((1, h, w, c)), jax.random.PRNGKey(0))["params"]
         vae = train.TrainState.create(apply_fn=self.vae.apply, params=params,
                                       tx=optax.adam(self.config.dgr.lr))
         return DGRState(teacher=train.teacher_of(learner), vae=train.strongly_typed(vae))
