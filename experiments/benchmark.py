@@ -4,10 +4,10 @@
         [--conv_impls=xla,im2col] [--cases=ce,lwf,abd,deepinversion,generator]
         [--ladder=ce,abd] [--vmap_repeats=3] [--profile_dir=/tmp/prof] [--json_out=bench.json]
 
-Uses random CIFAR-shaped data (`--image_size` for others; no dataset needed) and the real step functions of
-`abd_jax.train` / `abd_jax.synthesis`: on-device batch sampling and augmentation, the method's
-loss (synthetic replay with the teacher's forward), the optimiser update, data parallelism
-over all local devices.
+Uses random CIFAR-shaped data (`--image_size` for other sizes; no dataset needed) and the
+real step functions of `abd_jax.train` / `abd_jax.synthesis`: on-device batch sampling and
+augmentation, the method's loss (synthetic replay with the teacher's forward), the optimiser
+update, data parallelism over all local devices.
 
 Three parts, each printing min / median / max ms per step over `--repeats` measurements:
 
@@ -226,7 +226,8 @@ def _generator_setup(dtype: str, conv_impl: str, skip: str = "default"):
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
     synth = synthesis.Synthesizer(method.synthesis, method.generator, model,
                                   experiment.make_mesh(), _steps_per_call(), **_skip(skip))
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *_image_shape())), train=False)
+    variables = models.init_variables(model, jax.random.PRNGKey(0),
+                                      jnp.zeros((1, *_image_shape())), train=False)
     teacher = train.Teacher(variables["params"], variables["batch_stats"])
     step_fn = lambda s, *a: synth.fused_step(s, jnp.int32(2**30), *a)
     return step_fn, synth.init(jax.random.PRNGKey(3)), (teacher, jnp.int32(20),

@@ -46,63 +46,59 @@ def shared_data_dir():
     return SHARED_DATA
 
 
+def _built_once(name: str, build) -> pathlib.Path:
+    """The shared folder's `name`, filled by `build(path)` in whichever process of the test run
+    asks first (workers and subprocesses included; the others wait on a file lock)."""
+    import filelock
+    path = pathlib.Path(os.environ["ABD_TEST_SHARED_TMP"]) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path) + ".lock"):
+        done = pathlib.Path(str(path) + ".done")
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def prepared_cifar10(shared_data_dir):
-    """(data dir, split sizes): CIFAR-10 prepared from the shared archive once per test run,
-    pytest-xdist workers included (the first prepares under a file lock; ~30 s)."""
+    """(data dir, split sizes): CIFAR-10 prepared from the shared archive once per test run
+    (~30 s)."""
     import json
 
-    import filelock
-    folder = pathlib.Path(os.environ["ABD_TEST_SHARED_TMP"]) / "cifar10"
-    folder.mkdir(exist_ok=True)
-    with filelock.FileLock(str(folder) + ".lock"):
-        done = folder / "counts.json"
-        if not done.exists():
-            from abd_jax.prepare_data import prepare
-            done.write_text(json.dumps(prepare("cifar10", folder / "tfds", shared_data_dir)))
-    return str(folder / "tfds"), json.loads(done.read_text())
+    def prepare(folder):
+        from abd_jax.prepare_data import prepare
+        folder.mkdir()
+        (folder / "counts.json").write_text(
+            json.dumps(prepare("cifar10", folder / "tfds", shared_data_dir)))
 
-
-def _shared_folder(name: str) -> pathlib.Path:
-    return pathlib.Path(os.environ["ABD_TEST_SHARED_TMP"]) / name
+    folder = _built_once("cifar10", prepare)
+    return str(folder / "tfds"), json.loads((folder / "counts.json").read_text())
 
 
 @pytest.fixture(scope="session")
 def digits_data_dir():
     """A TFDS data dir holding the prepared sklearn_digits dataset, built offline once per
-    test run (workers included: one path, so configs naming it are equal across workers)."""
-    import filelock
-
+    test run (one path for all workers, so configs naming it are equal across workers)."""
     from abd_jax import data as data_lib
-    data_dir = _shared_folder("digits_tfds")
-    with filelock.FileLock(str(data_dir) + ".lock"):
-        done = data_dir / "done"
-        if not done.exists():
-            data_lib.load_split(data_lib.get_spec("digits"), "test", str(data_dir))
-            done.touch()
-    return str(data_dir)
+    return str(_built_once("digits_tfds", lambda folder: data_lib.load_split(
+        data_lib.get_spec("digits"), "test", str(folder))))
 
 
 @pytest.fixture(scope="session")
 def reference_run():
     """`reference_run(config) -> (results, workdir)`: `experiment.run(config)` done once per
-    test run for each distinct config, whichever worker asks first (the others wait on a
-    lock), so tests comparing against the same uninterrupted run share it. Read its workdir;
-    never write there."""
+    test run for each distinct config, whichever worker asks first, so tests comparing
+    against the same uninterrupted run share it. Read its workdir; never write there."""
     import hashlib
     import json
-
-    import filelock
 
     from abd_jax import experiment
 
     def run(config):
         key = hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
-        workdir = _shared_folder("reference_runs") / key
-        workdir.parent.mkdir(exist_ok=True)
-        with filelock.FileLock(str(workdir) + ".lock"):
-            if not (workdir / "results.json").exists():
-                experiment.run(config, workdir)
+        workdir = _built_once(f"reference_runs/{key}",
+                              lambda folder: experiment.run(config, folder))
         return json.loads((workdir / "results.json").read_text()), workdir
 
     return run

@@ -23,9 +23,8 @@ def tiny_config(data_dir, **overrides):
     return c
 
 
-def three_task_config(data_dir, method, **overrides):
+def three_task_config(data_dir, method):
     """`tiny_config` with 3 tasks of the first 6 classes and 1 epoch: an end-of-task stage
     after task 2 and one after the last task. Shared by the tests of the replay methods (whole
     runs, interrupted ones and their `reference_run`)."""
-    return tiny_config(data_dir, method=method, epochs=1, num_tasks=3, num_classes=6,
-                       **overrides)
+    return tiny_config(data_dir, method=method, epochs=1, num_tasks=3, num_classes=6)
