@@ -32,7 +32,7 @@ from abd_jax import input_pipeline
 from abd_jax import methods as methods_lib
 from abd_jax import metrics as metrics_lib
 from abd_jax import hosts, logs, models
-from abd_jax import preemption
+from abd_jax import preemption, programs
 from abd_jax import train
 
 
@@ -291,8 +291,9 @@ class RepeatRunner:
     def _chunk_fn(self, loss_fn: Callable, step_config: train.StepConfig) -> Callable:
         """The jitted training chunk of `loss_fn` (one compilation per loss and config)."""
         if (loss_fn, step_config) not in self._chunk_fns:
-            self._chunk_fns[loss_fn, step_config] = jax.jit(train.make_train_chunk(
-                self.model, loss_fn, step_config, self.mesh, self.steps_per_call))
+            self._chunk_fns[loss_fn, step_config] = programs.jitted(
+                train.make_train_chunk, self.model, loss_fn, step_config, self.mesh,
+                self.steps_per_call)
         return self._chunk_fns[loss_fn, step_config]
 
     def _train_stage(self, learner, method_state, loss_fn, index, *, epochs: int, lr: float,

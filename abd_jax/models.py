@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from abd_jax import conv as conv_lib
+from abd_jax import programs
 
 BN_INPUTS = "bn_inputs"
 
@@ -37,11 +38,21 @@ def torch_default_bias(fan_in: int):
 
 
 def init_variables(module: nn.Module, rng, *inputs, **kwargs) -> dict:
-    """`module.init(rng, *inputs, **kwargs)` as one compiled program (`kwargs` static).
+    """`module.init(rng, *inputs, **kwargs)` as one compiled program (`kwargs` static),
+    shared by equal modules in the process (`programs`).
 
     Run eagerly, init compiles every initialiser and layer op on its own: hundreds of small
-    XLA compilations, ~9 s for a ResNet-8 and its generator on a 2-core CPU."""
-    return jax.jit(lambda key, *xs: module.init(key, *xs, **kwargs))(rng, *inputs)
+    XLA compilations, ~9 s for a ResNet-8 and its generator on a 2-core CPU. Jitted, XLA:CPU
+    still spends ~5.6 s optimising their random-number code, which runs once: on CPU it is
+    compiled without LLVM optimisation (~1.5 s; values equal up to float rounding, the
+    optimised code fusing multiply-adds)."""
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+    return programs.jitted(_init_fn, module, tuple(sorted(kwargs.items())),
+                           compiler_options=options)(rng, *inputs)
+
+
+def _init_fn(module: nn.Module, kwargs: tuple):
+    return lambda key, *xs: module.init(key, *xs, **dict(kwargs))
 
 
 class BatchNorm(nn.BatchNorm):

@@ -25,7 +25,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from abd_jax import hosts, logs, losses, models, preemption, train
+from abd_jax import hosts, logs, losses, models, preemption, programs, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,17 +154,17 @@ class Synthesizer:
         self.cfg, self.generator, self.model, self.mesh = cfg, generator, model, mesh
         self.replicated = NamedSharding(mesh, P())
         self.steps_per_call = steps_per_call
-        self.fused_step = jax.jit(train.fuse_steps(
-            make_generator_step(self.generator, model, cfg, mesh), steps_per_call, skip))
-        self._sample_and_label = jax.jit(self._sample_and_label, static_argnums=4)
+        self.fused_step = programs.jitted(_generator_chunk, generator, model, cfg, mesh,
+                                          steps_per_call, skip)
+        self._sample_and_label = programs.jitted(_sample_and_label_fn, generator, model,
+                                                 cfg.z_dim, static_argnums=4)
 
     def init(self, rng) -> train.TrainState:
         variables = models.init_variables(self.generator, rng, jnp.zeros((2, self.cfg.z_dim)),
                                           train=False)
-        state = train.TrainState.create(
-            apply_fn=self.generator.apply, params=variables["params"],
-            batch_stats=variables["batch_stats"], tx=optax.adam(self.cfg.lr))
-        return hosts.to_global(train.strongly_typed(state), self.replicated)
+        state = train.new_train_state(self.generator, variables,
+                                      programs.shared(optax.adam, self.cfg.lr))
+        return hosts.to_global(state, self.replicated)
 
     @staticmethod
     def variables(gen_state: train.TrainState) -> dict:
@@ -225,7 +225,18 @@ class Synthesizer:
         return hosts.fetch(self._sample_and_label(self.variables(gen_state), teacher,
                                                   jnp.int32(num_seen), key, count))
 
-    def _sample_and_label(self, gen_variables, teacher, num_seen, key, count: int):
-        x = sample_images(self.generator, gen_variables, key, count, self.cfg.z_dim)
-        logits, _ = train.teacher_apply(self.model, teacher, x)
+
+
+def _generator_chunk(generator: nn.Module, model: nn.Module, cfg: SynthesisConfig, mesh: Mesh,
+                     steps_per_call: int, skip: str):
+    return train.fuse_steps(make_generator_step(generator, model, cfg, mesh), steps_per_call,
+                            skip)
+
+
+def _sample_and_label_fn(generator: nn.Module, model: nn.Module, z_dim: int):
+    def sample_and_label(gen_variables, teacher, num_seen, key, count: int):
+        x = sample_images(generator, gen_variables, key, count, z_dim)
+        logits, _ = train.teacher_apply(model, teacher, x)
         return x, jnp.argmax(losses.mask_logits(logits, 0, num_seen), axis=-1)
+
+    return sample_and_label

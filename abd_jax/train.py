@@ -33,6 +33,7 @@ from abd_jax import data as data_lib
 from abd_jax import hosts
 from abd_jax import models
 from abd_jax import preemption
+from abd_jax import programs
 
 
 class TrainState(train_state.TrainState):
@@ -115,16 +116,28 @@ def strongly_typed(tree):
     return jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.asarray(a).dtype), tree)
 
 
+def learner_optimizer(lr: float, momentum: float, weight_decay: float):
+    """The learner's SGD, its learning rate injected (set by every step from the schedule)."""
+    return optax.inject_hyperparams(sgd_with_weight_decay)(
+        learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def new_train_state(module: nn.Module, variables: dict, tx) -> TrainState:
+    """A TrainState of `module` at `variables` with a fresh state of optimiser `tx` (pass one
+    from `programs.shared`), strongly typed. Its static fields (apply function, optimiser)
+    are the same objects for equal modules and optimisers, so equal runs share programs."""
+    state = TrainState.create(apply_fn=programs.shared(getattr, module, "apply"),
+                              params=variables["params"],
+                              batch_stats=variables.get("batch_stats"), tx=tx)
+    return strongly_typed(state)
+
+
 def create_train_state(model: nn.Module, rng, image_shape, lr, momentum, weight_decay):
     """Fresh parameters (from `rng`) and a fresh optimiser state."""
     variables = models.init_variables(model, rng, jnp.zeros((1, *image_shape), jnp.float32),
                                       train=False)
-    tx = optax.inject_hyperparams(sgd_with_weight_decay)(
-        learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
-    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                              batch_stats=variables["batch_stats"], tx=tx)
-    return state.replace(step=strongly_typed(state.step),
-                         opt_state=strongly_typed(state.opt_state))
+    return new_train_state(model, variables, programs.shared(learner_optimizer, lr, momentum,
+                                                             weight_decay))
 
 
 def reset_optimizer(state: TrainState) -> TrainState:
@@ -358,18 +371,21 @@ def default_steps_per_call() -> int:
     return 1 if jax.default_backend() == "cpu" else 50
 
 
-def make_predict(model: nn.Module, mean, std, mesh: Mesh):
-    """Jitted `(params, batch_stats, images_uint8 [B,H,W,C]) -> (logits [B, C], features
-    [B, D])` (eval mode)."""
+def _predict_fn(model: nn.Module, mean, std, mesh: Mesh):
     batch_sharding = NamedSharding(mesh, P("data"))
 
-    @jax.jit
     def predict(params, batch_stats, images):
         images = jax.lax.with_sharding_constraint(images, batch_sharding)
         x = data_lib.normalize(images, mean, std)
         return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
 
     return predict
+
+
+def make_predict(model: nn.Module, mean: tuple, std: tuple, mesh: Mesh):
+    """Jitted `(params, batch_stats, images_uint8 [B,H,W,C]) -> (logits [B, C], features
+    [B, D])` (eval mode; one per process for equal arguments, see `programs`)."""
+    return programs.jitted(_predict_fn, model, tuple(mean), tuple(std), mesh)
 
 
 def eval_batch_size(batch_size: int, num_devices: int) -> int:

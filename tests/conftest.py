@@ -5,7 +5,9 @@ Must run before jax is imported anywhere.
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from helpers import xla_flags  # noqa: E402 (imports no jax)
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(devices=4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One folder for the whole run: pytest-xdist workers and subprocesses inherit it from the
 # process that started first (the one that removes it at the end).

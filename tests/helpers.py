@@ -1,6 +1,18 @@
 """Shared test helpers (importable as `helpers`: pytest puts tests/ on sys.path)."""
 from configs import digits
 
+# XLA:CPU's loop emitters compile the tiny test programs in about 60% of the time of its
+# default fusion emitters (the tiny ABD learner chunk: 8 s -> 5 s) and run them as fast;
+# compiling is most of the suite's time.
+XLA_TEST_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_flags(devices: int = 0) -> str:
+    """XLA_FLAGS for the tests and their subprocesses: `devices` host devices (0: the
+    platform's one) and `XLA_TEST_FLAGS`."""
+    count = f"--xla_force_host_platform_device_count={devices} " if devices else ""
+    return count + XLA_TEST_FLAGS
+
 
 def tiny_config(data_dir, **overrides):
     """The digits config on a schedule of seconds: 2 epochs, 20 generator iterations, one

@@ -13,7 +13,7 @@ import pytest
 
 from abd_jax import experiment
 from abd_jax import metrics as metrics_lib
-from helpers import tiny_config
+from helpers import tiny_config, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,8 @@ def test_each_jitted_function_compiles_once_per_run(digits_data_dir, tmp_path):
     threads compiled must be what the run then calls (else the caches would hold two)."""
     import logging
 
-    from abd_jax import metrics
+    from abd_jax import metrics, programs
+    programs.clear()  # (an earlier test in this process may have compiled the same programs)
     config = tiny_config(digits_data_dir, method="abd", epochs=1, compile_ahead=True)
     splits = experiment.load_splits(config)
     lowered = []  # (thread, program) of every lowering JAX logs: once per distinct signature
@@ -150,7 +151,7 @@ def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_pa
             f"--workdir={tmp_path / 'killed'}", f"--config.data_dir={digits_data_dir}",
             "--config.num_tasks=2", "--config.epochs=2", "--config.checkpoint_every_steps=8",
             "--config.log_every_steps=4", "--config.num_devices=1", "--config.method=lwf"]
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt_dir = tmp_path / "killed" / "checkpoints" / "repeat_0"

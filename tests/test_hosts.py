@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import hosts
+from helpers import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"method": "abd", "num_tasks": 2, "epochs": 1, "num_devices": 0,  # all devices
@@ -63,7 +64,7 @@ def _launch(workdir, data_dir, processes: int, pipeline: str = "device"):
             f"--config.input_pipeline={pipeline}"]
     # Every compilation cached: the second launch reuses the first's programs.
     env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 // processes}"}
+           "XLA_FLAGS": xla_flags(devices=2 // processes)}
     if processes == 1:
         return [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)]

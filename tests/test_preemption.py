@@ -12,7 +12,7 @@ import pytest
 
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import experiment, preemption, synthesis, train
-from helpers import tiny_config
+from helpers import tiny_config, xla_flags
 
 # One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("preemption")
@@ -128,7 +128,7 @@ def _launch(workdir, data_dir, *extra):
             "--config.method=abd", "--config.synthesis.iterations=3000",
             "--config.synthesis_log_every=5", "--config.synthesis_checkpoint_every=100000",
             "--config.num_devices=1", *extra]
-    return subprocess.Popen(args, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""},
+    return subprocess.Popen(args, cwd=REPO, env={**os.environ, "XLA_FLAGS": xla_flags()},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
 
 
 TINY_BENCHMARK = ["experiments/benchmark.py", "--model=resnet8", "--image_size=8",

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from abd_jax import losses
+from abd_jax import losses, programs
 from abd_jax.methods import base
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
 from abd_jax.train import LossContext
@@ -67,6 +66,6 @@ class ABD(SyntheticReplay):
     def __init__(self, config, spec):
         super().__init__(config, spec)
         self.first_task_loss = base.ce
-        self.distill_loss = functools.partial(abd_loss, generator=self.generator,
-                                              z_dim=self.synthesis.z_dim,
-                                              opts=AbdOptions(**config.abd.to_dict()))
+        self.distill_loss = programs.bind(abd_loss, generator=self.generator,
+                                          z_dim=self.synthesis.z_dim,
+                                          opts=AbdOptions(**config.abd.to_dict()))

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from abd_jax import losses, train
+from abd_jax import losses, programs, train
 from abd_jax.methods import base
 from abd_jax.methods.coreset import Coreset, TeacherRehearsal, memory_by_class
 from abd_jax.methods.lifecycle import Runtime, Task, classes_per_task
@@ -77,8 +77,8 @@ class BiC(TeacherRehearsal):
         self.coreset = Coreset(config.memory, "herding")
         self.classes_per_task = classes_per_task(config, spec)
         self.first_task_loss = base.ce
-        self.distill_loss = functools.partial(bic_loss, classes_per_task=self.classes_per_task,
-                                              temperature=config.kd_temperature)
+        self.distill_loss = programs.bind(bic_loss, classes_per_task=self.classes_per_task,
+                                          temperature=config.kd_temperature)
 
     def init_state(self, rt, learner):
         n = self.config.num_tasks

@@ -1,11 +1,10 @@
 """DeepInversion for class-incremental learning (SPEC section 6): ABD's synthesis, logit KD."""
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 
-from abd_jax import losses
+from abd_jax import losses, programs
 from abd_jax.methods import base
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
 from abd_jax.train import LossContext
@@ -34,6 +33,6 @@ class DeepInversion(SyntheticReplay):
     def __init__(self, config, spec):
         super().__init__(config, spec)
         self.first_task_loss = base.ce
-        self.distill_loss = functools.partial(
+        self.distill_loss = programs.bind(
             deepinversion_loss, generator=self.generator, z_dim=self.synthesis.z_dim,
             mu=config.deepinversion_mu, temperature=config.kd_temperature)

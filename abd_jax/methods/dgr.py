@@ -9,7 +9,6 @@ count as stored memory.
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from abd_jax import losses, models, train
+from abd_jax import losses, models, programs, train
 from abd_jax.methods import base
 from abd_jax.methods.lifecycle import Runtime, Task, TeacherMethod
 from abd_jax.train import LossContext
@@ -90,6 +89,10 @@ def make_vae_step(vae: models.ConvVAE, batch_size: int, mesh):
     return step
 
 
+def _vae_chunk(vae: models.ConvVAE, batch_size: int, mesh, steps_per_call: int):
+    return train.fuse_steps(make_vae_step(vae, batch_size, mesh), steps_per_call)
+
+
 class DGR(TeacherMethod):
     name = "dgr"
     needs_device_data = True  # the VAE's training loop samples the split on device
@@ -102,17 +105,17 @@ class DGR(TeacherMethod):
                                   z_dim=config.dgr.z_dim)
         self.mean, self.std = tuple(spec.mean), tuple(spec.std)
         self.first_task_loss = base.ce
-        self.distill_loss = functools.partial(dgr_loss, vae=self.vae, mean=self.mean,
-                                              std=self.std)
+        self.distill_loss = programs.bind(dgr_loss, vae=self.vae, mean=self.mean,
+                                          std=self.std)
         self._vae_chunk = None
 
     def init_state(self, rt: Runtime, learner) -> DGRState:
         h, w, c = rt.image_shape
         params = models.init_variables(self.vae, jax.random.fold_in(rt.method_key, 0),
                                        jnp.zeros((1, h, w, c)), jax.random.PRNGKey(0))["params"]
-        vae = train.TrainState.create(apply_fn=self.vae.apply, params=params,
-                                      tx=optax.adam(self.config.dgr.lr))
-        return DGRState(teacher=train.teacher_of(learner), vae=train.strongly_typed(vae))
+        vae = train.new_train_state(self.vae, {"params": params},
+                                    programs.shared(optax.adam, self.config.dgr.lr))
+        return DGRState(teacher=train.teacher_of(learner), vae=vae)
 
     def memory_footprint(self, rt, state: DGRState) -> dict:
         count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.vae.params))
@@ -120,8 +123,8 @@ class DGR(TeacherMethod):
 
     def vae_chunk(self, rt: Runtime):
         if self._vae_chunk is None:
-            step = make_vae_step(self.vae, self.config.batch_size, rt.mesh)
-            self._vae_chunk = jax.jit(train.fuse_steps(step, rt.steps_per_call))
+            self._vae_chunk = programs.jitted(_vae_chunk, self.vae, self.config.batch_size,
+                                              rt.mesh, rt.steps_per_call)
         return self._vae_chunk
 
     def end_task(self, rt: Runtime, learner, state: DGRState, task: Task):

@@ -2,11 +2,10 @@
 term per past task, herding memory, and a class-balanced fine-tuning stage at lr/100."""
 from __future__ import annotations
 
-import functools
 
 import jax
 
-from abd_jax import losses, train
+from abd_jax import losses, programs, train
 from abd_jax.methods import base
 from abd_jax.methods.coreset import Coreset, TeacherMemoryState, TeacherRehearsal
 from abd_jax.methods.lifecycle import classes_per_task
@@ -34,7 +33,7 @@ class E2E(TeacherRehearsal):
         self.config = config
         self.coreset = Coreset(config.memory, "herding")
         self.first_task_loss = base.ce
-        self.distill_loss = functools.partial(
+        self.distill_loss = programs.bind(
             e2e_loss, classes_per_task=classes_per_task(config, spec),
             temperature=config.kd_temperature)
 

@@ -27,7 +27,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from abd_jax import data as data_lib
-from abd_jax import train
+from abd_jax import programs, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,10 +190,15 @@ class Method:
         """What the method keeps between tasks to run the next one, for the paper's memory
         comparison: parameter counts and stored images (see `metrics.memory_totals`)."""
         del state
-        params = jax.eval_shape(lambda: rt.model.init(
-            jax.random.PRNGKey(0), jnp.zeros((1, *rt.image_shape)), train=False))["params"]
-        return {"classifier_parameters": sum(int(np.prod(p.shape))
-                                             for p in jax.tree.leaves(params))}
+        return {"classifier_parameters": programs.shared(parameter_count, rt.model,
+                                                         rt.image_shape)}
+
+
+def parameter_count(model: nn.Module, image_shape: tuple) -> int:
+    """The number of parameters of the classifier `model` on images `image_shape`."""
+    params = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))["params"]
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
 
 class TeacherMethod(Method):

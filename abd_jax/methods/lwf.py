@@ -2,11 +2,10 @@
 LwF with ABD's synthetic replay (SPEC section 6)."""
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 
-from abd_jax import losses, train
+from abd_jax import losses, programs, train
 from abd_jax.methods import base
 from abd_jax.methods.lifecycle import TeacherMethod
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
@@ -59,8 +58,8 @@ class LwF(TeacherMethod):
     def __init__(self, config, spec):
         super().__init__(config, spec)
         self.first_task_loss = base.ce
-        self.distill_loss = functools.partial(lwf_loss, mu=config.lwf_mu,
-                                              temperature=config.kd_temperature)
+        self.distill_loss = programs.bind(lwf_loss, mu=config.lwf_mu,
+                                          temperature=config.kd_temperature)
 
 
 class LwFMC(TeacherMethod):
@@ -70,8 +69,8 @@ class LwFMC(TeacherMethod):
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.first_task_loss = functools.partial(lwf_mc_loss, with_teacher=False)
-        self.distill_loss = functools.partial(lwf_mc_loss, with_teacher=True)
+        self.first_task_loss = programs.bind(lwf_mc_loss, with_teacher=False)
+        self.distill_loss = programs.bind(lwf_mc_loss, with_teacher=True)
 
 
 class LwFSynthetic(SyntheticReplay):
@@ -80,6 +79,6 @@ class LwFSynthetic(SyntheticReplay):
     def __init__(self, config, spec):
         super().__init__(config, spec)
         self.first_task_loss = base.ce
-        self.distill_loss = functools.partial(
+        self.distill_loss = programs.bind(
             lwf_synthetic_loss, generator=self.generator, z_dim=self.synthesis.z_dim,
             mu=config.lwf_synthetic_mu, temperature=config.kd_temperature)
