@@ -189,13 +189,12 @@ class RepeatRunner:
         key = jax.random.PRNGKey(self.seed)
         self.init_key, self.run_key, method_key = jax.random.split(key, 3)
         self.step_config = train.StepConfig(
-            batch_size=config.batch_size, base_lr=config.lr,
-            lr_milestones=tuple(config.lr_milestones), lr_decay=config.lr_decay,
+            batch_size=config.batch_size, lr_decay=config.lr_decay,
             augment=data_lib.AugmentConfig(**config.augment.to_dict()),
             mean=tuple(spec.mean), std=tuple(spec.std))
         self.checkpointer = ckpt_lib.RunCheckpointer(
             workdir / "checkpoints" / f"repeat_{repeat}", config.keep_task_checkpoints)
-        self._chunk_fns: dict[tuple, Callable] = {}  # (loss_fn, StepConfig) -> jitted chunk
+        self._chunk_fns: dict[Callable, Callable] = {}  # loss_fn -> jitted chunk
         self._warm: set = set()
         self.compiled_ahead: dict[str, str] = {}  # program -> outcome (config.compile_ahead)
         self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
@@ -252,8 +251,11 @@ class RepeatRunner:
         return train.predict_all(self.predict, learner, self.splits.train_images[index],
                                  self.config.eval_batch_size, self.mesh.size)
 
-    def _task_info(self, task: methods_lib.Task, index: np.ndarray, epochs: int,
-                   key) -> train.TaskInfo:
+    def _task_info(self, task: methods_lib.Task, index: np.ndarray, epochs: int, key,
+                   lr: Optional[float] = None, lr_milestones: Optional[tuple] = None
+                   ) -> train.TaskInfo:
+        """Task `task` training on `index` for `epochs`; by default at the run's learning-rate
+        schedule."""
         if len(index) < self.config.batch_size:
             raise ValueError(
                 f"task {task.index + 1} trains on {len(index)} images, fewer than "
@@ -274,7 +276,11 @@ class RepeatRunner:
             index=jnp.asarray(padded), count=jnp.int32(len(index)),
             num_old=jnp.int32(task.num_old), num_seen=jnp.int32(task.num_seen),
             steps_per_epoch=jnp.int32(steps_per_epoch),
-            total_steps=jnp.int32(steps_per_epoch * epochs), key=key)
+            total_steps=jnp.int32(steps_per_epoch * epochs), key=key,
+            base_lr=jnp.float32(self.config.lr if lr is None else lr),
+            lr_milestones=train.lr_milestones(
+                self.config.lr_milestones if lr_milestones is None else lr_milestones,
+                len(self.config.lr_milestones)))
         return hosts.to_global(info, self.replicated)
 
     def _data(self, info: train.TaskInfo, start: int):
@@ -288,21 +294,21 @@ class RepeatRunner:
             c.batch_size, self.steps_per_call, self.mesh, c.stream_workers, c.stream_prefetch,
             input_pipeline.train_transform(self.splits.spec))
 
-    def _chunk_fn(self, loss_fn: Callable, step_config: train.StepConfig) -> Callable:
-        """The jitted training chunk of `loss_fn` (one compilation per loss and config)."""
-        if (loss_fn, step_config) not in self._chunk_fns:
-            self._chunk_fns[loss_fn, step_config] = programs.jitted(
-                train.make_train_chunk, self.model, loss_fn, step_config, self.mesh,
+    def _chunk_fn(self, loss_fn: Callable) -> Callable:
+        """The jitted training chunk of `loss_fn` (one compilation per loss: a training
+        stage's learning rate is an argument)."""
+        if loss_fn not in self._chunk_fns:
+            self._chunk_fns[loss_fn] = programs.jitted(
+                train.make_train_chunk, self.model, loss_fn, self.step_config, self.mesh,
                 self.steps_per_call)
-        return self._chunk_fns[loss_fn, step_config]
+        return self._chunk_fns[loss_fn]
 
     def _train_stage(self, learner, method_state, loss_fn, index, *, epochs: int, lr: float,
                      key, task: methods_lib.Task, name: str) -> train.TrainState:
         """See `Runtime.train_stage`. Not checkpointed inside: it runs in `end_task`, which an
         interrupt reruns whole."""
-        config = dataclasses.replace(self.step_config, base_lr=lr, lr_milestones=())
-        chunk_fn = self._chunk_fn(loss_fn, config)
-        info = self._task_info(task, index, epochs, key)
+        chunk_fn = self._chunk_fn(loss_fn)
+        info = self._task_info(task, index, epochs, key, lr=lr, lr_milestones=())
         learner = self._placed(train.reset_optimizer(learner))
         step, total = 0, int(info.total_steps)
         data = self._data(info, step)
@@ -424,7 +430,7 @@ class RepeatRunner:
                                    np.zeros(c.batch_size, np.int32), 1, self.run_key)
             data = train.DeviceData(self.images, self.labels)
             programs += [(f"learner chunk of task {t + 1}",
-                          self._chunk_fn(loss, self.step_config),
+                          self._chunk_fn(loss),
                           (learner, method_state, data, info))
                          for loss, t in first_use.items() if t > start_task]
         jobs = ahead_lib.compile_jobs(programs)
@@ -445,7 +451,7 @@ class RepeatRunner:
         c = self.config
         t = task.index
         total = int(info.total_steps)
-        chunk_fn = self._chunk_fn(self.method.loss_fn(task), self.step_config)
+        chunk_fn = self._chunk_fn(self.method.loss_fn(task))
         logging.info("repeat %d task %d/%d: classes [%d, %d), %d images, %d steps (%d epochs)",
                      self.repeat, t + 1, c.num_tasks, task.num_old, task.num_seen,
                      int(info.count), total, c.epochs)

@@ -52,9 +52,12 @@ class Teacher:
 
 @struct.dataclass
 class TaskInfo:
-    """Per-task dynamic inputs of the step (arrays, so no recompilation between tasks).
+    """Per-task dynamic inputs of the step (arrays, so no recompilation between tasks or
+    training stages).
 
     index: `[M]` int32 indices into the training arrays, the first `count` valid.
+    base_lr: float32 `[]`; lr_milestones: int32 `[K]` epochs after which lr *= lr_decay
+    (`NO_MILESTONE` pads: a stage without decay keeps the run's K, so its shapes).
     """
 
     index: jax.Array
@@ -64,6 +67,20 @@ class TaskInfo:
     steps_per_epoch: jax.Array
     total_steps: jax.Array
     key: jax.Array
+    base_lr: jax.Array
+    lr_milestones: jax.Array
+
+
+NO_MILESTONE = np.iinfo(np.int32).max
+
+
+def lr_milestones(milestones, length: int) -> jax.Array:
+    """int32 `[length]`: the epochs `milestones`, padded with `NO_MILESTONE`."""
+    if len(milestones) > length:
+        raise ValueError(f"{len(milestones)} lr milestones do not fit {length}")
+    padded = np.full(length, NO_MILESTONE, np.int32)
+    padded[:len(milestones)] = milestones
+    return jnp.asarray(padded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +88,6 @@ class StepConfig:
     """Static hyper-parameters of the step (hashable)."""
 
     batch_size: int
-    base_lr: float
-    lr_milestones: tuple  # epochs after which lr *= lr_decay
     lr_decay: float
     augment: data_lib.AugmentConfig
     mean: tuple
@@ -156,10 +171,11 @@ def teacher_apply(model: nn.Module, teacher: Teacher, images):
                        images, train=False)
 
 
-def learning_rate(step, steps_per_epoch, cfg: StepConfig):
-    epoch = step // steps_per_epoch
-    decays = sum(((epoch >= m).astype(jnp.float32) for m in cfg.lr_milestones), 0.0)
-    return cfg.base_lr * jnp.power(cfg.lr_decay, decays)
+def learning_rate(step, task: TaskInfo, cfg: StepConfig):
+    """base_lr * lr_decay ** (number of milestones <= the step's epoch)."""
+    epoch = step // task.steps_per_epoch
+    decays = jnp.sum((epoch >= task.lr_milestones).astype(jnp.float32))
+    return task.base_lr * jnp.power(cfg.lr_decay, decays)
 
 
 def epoch_order(task: TaskInfo, epoch) -> jax.Array:
@@ -280,7 +296,7 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Me
         x, y = task_batch(data, task, step, aug_rng, cfg, mesh)
         (loss, (new_bs, metrics)), grads = loss_and_grads(model, loss_fn, state, method_state,
                                                           x, y, task, loss_rng)
-        lr = learning_rate(step, task.steps_per_epoch, cfg)
+        lr = learning_rate(step, task, cfg)
         state = jax.lax.with_sharding_constraint(sgd_update(state, grads, new_bs, lr),
                                                  replicated)
         return state, {"loss": loss, "lr": lr, **metrics}

@@ -143,9 +143,9 @@ def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learne
     method = _method(method_name, dtype)
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
     mesh = experiment.make_mesh()
-    cfg = train.StepConfig(batch_size=FLAGS.batch_size, base_lr=0.1, lr_milestones=(100,),
-                           lr_decay=0.1, augment=data_lib.AugmentConfig(),
-                           mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
+    cfg = train.StepConfig(batch_size=FLAGS.batch_size, lr_decay=0.1,
+                           augment=data_lib.AugmentConfig(), mean=(0.5071, 0.4865, 0.4409),
+                           std=(0.2673, 0.2564, 0.2762))
     state = train.create_train_state(model, jax.random.PRNGKey(seed), _image_shape(), 0.1, 0.9,
                                      2e-4)
     n = 5000
@@ -155,7 +155,8 @@ def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learne
     task = train.TaskInfo(index=jnp.arange(n, dtype=jnp.int32), count=jnp.int32(n),
                           num_old=jnp.int32(10), num_seen=jnp.int32(20),
                           steps_per_epoch=jnp.int32(n // FLAGS.batch_size),
-                          total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(seed + 1))
+                          total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(seed + 1),
+                          base_lr=jnp.float32(0.1), lr_milestones=train.lr_milestones((100,), 1))
     rt = methods.Runtime.outside_the_loop(_method_config(method_name, dtype), model, mesh,
                                           _image_shape(), _steps_per_call(),
                                           jax.random.PRNGKey(seed + 2))
@@ -285,7 +286,7 @@ def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
             x, y = batch_fn(state, data, task)
             (loss, (new_bs, _)), grads = train.loss_and_grads(model, loss_fn, state,
                                                               method_state, x, y, task, key)
-            lr_now = train.learning_rate(state.step, task.steps_per_epoch, cfg)
+            lr_now = train.learning_rate(state.step, task, cfg)
             return train.sgd_update(state, grads, new_bs, lr_now), loss
         return step
 

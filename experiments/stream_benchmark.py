@@ -90,7 +90,8 @@ def time_feed(source, spec, labels, workers: int) -> list[float]:
                           num_old=jnp.int32(0), num_seen=jnp.int32(spec.num_classes),
                           steps_per_epoch=jnp.int32(steps_per_epoch),
                           total_steps=jnp.int32(steps_per_epoch * 1000),
-                          key=jax.random.PRNGKey(0))
+                          key=jax.random.PRNGKey(0), base_lr=jnp.float32(0.1),
+                          lr_milestones=train.lr_milestones((), 0))
     rates = []
     for r in range(FLAGS.repeats):
         feed = input_pipeline.StreamFeed(

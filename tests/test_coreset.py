@@ -1,5 +1,6 @@
 """Coreset baselines (SPEC section 6): the memory, herding, E2E's balanced stage, BiC's bias
 correction, memory accounting, and resume through every new end-of-task stage (DGR's too)."""
+import json
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +180,19 @@ def test_coreset_methods_run_and_account_for_their_memory(digits_data_dir, refer
     assert memory["values"] == memory["classifier_parameters"] + 60 * 64  # the release's count
     assert "memory kept between tasks" in (workdir / "summary.md").read_text()
     assert results["aggregate"]["memory"] == memory
+
+
+def test_e2e_balanced_finetuning_steps_at_its_own_learning_rate(digits_data_dir,
+                                                                 reference_run):
+    """The stage reuses the task's compiled chunk with its learning rate as an argument."""
+    config = three_task_config(digits_data_dir, "e2e")
+    _, workdir = reference_run(config)
+    lines = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lrs = {phase: sorted({line["lr"] for line in lines if line.get("phase", "train") == phase
+                          and "lr" in line}) for phase in ("train", "balanced_finetuning")}
+    assert lrs["train"] == [pytest.approx(config.lr)]  # (1 epoch: before the first milestone)
+    assert lrs["balanced_finetuning"] == [
+        pytest.approx(config.lr * config.e2e.balanced_lr_scale)]
 
 
 def test_replay_methods_count_their_generator(digits_data_dir, tmp_path):

@@ -42,7 +42,8 @@ def _task(count=23, capacity=30, steps_per_epoch=5, total=13):
     return train.TaskInfo(index=jnp.asarray(index), count=jnp.int32(count),
                           num_old=jnp.int32(0), num_seen=jnp.int32(5),
                           steps_per_epoch=jnp.int32(steps_per_epoch),
-                          total_steps=jnp.int32(total), key=jax.random.PRNGKey(3))
+                          total_steps=jnp.int32(total), key=jax.random.PRNGKey(3),
+                          base_lr=jnp.float32(0.1), lr_milestones=train.lr_milestones((), 0))
 
 
 @pytest.mark.parametrize("start,steps_per_call", [(0, 1), (7, 3)])

@@ -60,14 +60,14 @@ def test_run_table_writes_one_row_per_method_and_a_column_per_task_count(digits_
     out = _run(["experiments/run_table.py", "--config=configs/digits.py",
                 f"--workdir={tmp_path}", "--rows=base,abd_no_ft_ce,bic", "--config.epochs=1",
                 "--config.synthesis.iterations=4", f"--config.data_dir={digits_data_dir}",
-                "--tasks=5,2"])
+                "--tasks=2,1"])
     table = (tmp_path / "table.md").read_text()
-    assert table.startswith("| row | A_N (%), 5 tasks | A_N (%), 2 tasks | memory (M values)")
+    assert table.startswith("| row | A_N (%), 2 tasks | A_N (%), 1 tasks | memory (M values)")
     assert "| base |" in table and "| abd_no_ft_ce |" in table and table in out
     assert "| bic |" in table and "..." not in table
-    assert (tmp_path / "tasks_5" / "abd_no_ft_ce" / "results.json").exists()
+    assert (tmp_path / "tasks_2" / "abd_no_ft_ce" / "results.json").exists()
     csv = (tmp_path / "table.csv").read_text().splitlines()
-    assert len(csv) == 1 + 3 * 2 and csv[1].startswith("base,5,")
+    assert len(csv) == 1 + 3 * 2 and csv[1].startswith("base,2,")
 
 
 def _run_table_module():

@@ -103,7 +103,9 @@ def test_generator_training_lowers_its_loss_and_logs_terms():
     assert set(logged[0][1]) == {"loss", "content", "diversity", "stat_alignment", "smoothness"}
 
 
-def _learner_setup(method_name, mesh_devices, **overrides):
+def _learner_setup(method_name, mesh_devices, chunk=2, **overrides):
+    """(the jittable chunk of `chunk` steps of the method's task-2 loss, its arguments,
+    method, model): chunk 2 is the fused `lax.scan` path of GPU/TPU runs, 1 the CPU path."""
     config = digits.get_config()
     config.method = method_name
     config.synthesis.z_dim = 16
@@ -117,7 +119,7 @@ def _learner_setup(method_name, mesh_devices, **overrides):
     rt = methods.Runtime.outside_the_loop(config, model, mesh, IMAGE_SHAPE, 1,
                                           jax.random.PRNGKey(8))
     method_state = method.init_state(rt, state).replace(teacher=teacher)
-    cfg = train.StepConfig(batch_size=8, base_lr=0.1, lr_milestones=(), lr_decay=0.1,
+    cfg = train.StepConfig(batch_size=8, lr_decay=0.1,
                            augment=__import__("abd_jax.data").data.AugmentConfig(),
                            mean=(0.5,) * 3, std=(0.25,) * 3)
     rng = np.random.RandomState(0)
@@ -126,9 +128,10 @@ def _learner_setup(method_name, mesh_devices, **overrides):
     task = train.TaskInfo(index=jnp.arange(24, dtype=jnp.int32), count=jnp.int32(24),
                           num_old=jnp.int32(3), num_seen=jnp.int32(6),
                           steps_per_epoch=jnp.int32(3), total_steps=jnp.int32(2),
-                          key=jax.random.PRNGKey(9))
+                          key=jax.random.PRNGKey(9), base_lr=jnp.float32(0.1),
+                          lr_milestones=train.lr_milestones((), 0))
     loss_fn = method.loss_fn(methods.Task(index=1, num_tasks=2, num_old=3, num_seen=6))
-    step = train.make_train_chunk(model, loss_fn, cfg, mesh, 2)
+    step = train.make_train_chunk(model, loss_fn, cfg, mesh, chunk)
     return step, state, (method_state, train.DeviceData(images, labels), task), method, model
 
 
@@ -147,7 +150,7 @@ def test_learner_step_one_and_four_devices_agree(method_name):
                                       {"kd_on_real": False}, {"kd_on_synthetic": False},
                                       {"ft_ce": False}])
 def test_abd_ablations_train(ablation):
-    step, state, args, _, _ = _learner_setup("abd", 1, **ablation)
+    step, state, args, _, _ = _learner_setup("abd", 1, chunk=1, **ablation)  # (Table 3 rows)
     _, metrics = jax.jit(step)(state, *args)
     assert np.isfinite(metrics["loss"]).all()
     assert ("ft_ce" in metrics) == ablation.get("ft_ce", True)

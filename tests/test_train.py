@@ -18,7 +18,7 @@ IMAGE_SHAPE = (8, 8, 3)
 def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1,
            with_teacher=False):
     model = models.CifarResNet(depth=8, num_classes=NUM_CLASSES, width=4)
-    cfg = train.StepConfig(batch_size=batch_size, base_lr=0.1, lr_milestones=(1,), lr_decay=0.1,
+    cfg = train.StepConfig(batch_size=batch_size, lr_decay=0.1,
                            augment=data_lib.AugmentConfig(), mean=(0.5,) * 3, std=(0.25,) * 3)
     mesh = experiment.make_mesh(mesh_devices)
     state = train.create_train_state(model, jax.random.PRNGKey(0), IMAGE_SHAPE, 0.1, 0.9, 2e-4)
@@ -28,7 +28,8 @@ def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1,
     index = jnp.asarray(np.r_[np.arange(20, 40), np.zeros(10)], jnp.int32)
     task = train.TaskInfo(index=index, count=jnp.int32(20), num_old=jnp.int32(3),
                           num_seen=jnp.int32(6), steps_per_epoch=jnp.int32(20 // batch_size),
-                          total_steps=jnp.int32(3), key=jax.random.PRNGKey(1))
+                          total_steps=jnp.int32(3), key=jax.random.PRNGKey(1),
+                          base_lr=jnp.float32(0.1), lr_milestones=train.lr_milestones((1,), 1))
     frozen = methods.lifecycle.TeacherState(train.teacher_of(state)) if with_teacher else None
     fn = train.make_train_chunk(model, loss_fn, cfg, mesh, chunk)
     return fn, state, frozen, images, labels, task
@@ -96,7 +97,7 @@ def test_skipping_by_mask_equals_skipping_by_cond():
     outs = []
     for skip in ("cond", "mask"):
         model = models.CifarResNet(depth=8, num_classes=NUM_CLASSES, width=4)
-        cfg = train.StepConfig(batch_size=8, base_lr=0.1, lr_milestones=(1,), lr_decay=0.1,
+        cfg = train.StepConfig(batch_size=8, lr_decay=0.1,
                                augment=data_lib.AugmentConfig(), mean=(0.5,) * 3,
                                std=(0.25,) * 3)
         fn = train.make_train_chunk(model, base.ce, cfg,
