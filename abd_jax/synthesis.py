@@ -226,7 +226,6 @@ class Synthesizer:
                                                   jnp.int32(num_seen), key, count))
 
 
-
 def _generator_chunk(generator: nn.Module, model: nn.Module, cfg: SynthesisConfig, mesh: Mesh,
                      steps_per_call: int, skip: str):
     return train.fuse_steps(make_generator_step(generator, model, cfg, mesh), steps_per_call,

@@ -1,7 +1,6 @@
 """DeepInversion for class-incremental learning (SPEC section 6): ABD's synthesis, logit KD."""
 from __future__ import annotations
 
-
 import flax.linen as nn
 
 from abd_jax import losses, programs

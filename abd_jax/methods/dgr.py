@@ -9,7 +9,6 @@ count as stored memory.
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

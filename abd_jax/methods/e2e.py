@@ -2,7 +2,6 @@
 term per past task, herding memory, and a class-balanced fine-tuning stage at lr/100."""
 from __future__ import annotations
 
-
 import jax
 
 from abd_jax import losses, programs, train

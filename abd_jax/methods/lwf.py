@@ -2,7 +2,6 @@
 LwF with ABD's synthetic replay (SPEC section 6)."""
 from __future__ import annotations
 
-
 import flax.linen as nn
 
 from abd_jax import losses, programs, train
