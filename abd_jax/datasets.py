@@ -31,7 +31,6 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 from PIL import Image
-from sklearn.datasets import load_digits
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder
 from tensorflow_datasets.image_classification import cifar
 
@@ -161,6 +160,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
+        from sklearn.datasets import load_digits  # (scikit-learn takes ~2 s to import)
         digits = load_digits()
         images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
         labels = digits.target

@@ -109,6 +109,19 @@ def validate_task_sizes(config, splits: Splits) -> None:
                 "--config.train_per_class")
 
 
+MIN_INDEX_CAPACITY = 2048
+
+
+def shared_capacity(largest_task: int) -> int:
+    """The length of `TaskInfo.index` for a run whose largest task trains on `largest_task`
+    examples: the next power of two, at least `MIN_INDEX_CAPACITY`, so that runs whose tasks
+    differ in size share one compiled step: a table's task-count columns and sweep folds
+    often, every run on a dataset of up to 2,048 training images (digits, the tests) always.
+    The batches do not depend on it: `train.epoch_order` draws one key per position (JAX's
+    default partitionable threefry) and ranks only the first `count`."""
+    return max(MIN_INDEX_CAPACITY, 1 << max(largest_task - 1, 0).bit_length())
+
+
 def load_splits(config) -> Splits:
     """The run's dataset: read whole into host memory, or (streaming) labels only."""
     spec = data_lib.spec_of(config)
@@ -217,7 +230,8 @@ class RepeatRunner:
             predict_train=self._predict_train,
             train_stage=self._train_stage, checkpoint_progress=self._checkpoint_progress,
             method_key=method_key, log=self._write, save_samples=self._save_samples)
-        self.index_capacity = self.method.index_capacity(self.rt, config.num_tasks)
+        self.index_capacity = shared_capacity(
+            self.method.index_capacity(self.rt, config.num_tasks))
 
     # ------------------------------------------------------------------ services
     def _class_indices(self, lo: int, hi: int) -> np.ndarray:

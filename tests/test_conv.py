@@ -82,7 +82,7 @@ def test_classifier_gradients_do_not_depend_on_the_convolution():
     grads = []
     for impl in ("xla", "im2col"):
         model = models.create_classifier("resnet8", 4, conv_impl=impl)
-        v = model.init(jax.random.PRNGKey(1), x[:1])
+        v = models.init_variables(model, jax.random.PRNGKey(1), x[:1])
 
         def loss(p):
             (logits, _), _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,

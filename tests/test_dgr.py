@@ -26,10 +26,10 @@ def _torch_param_count(c, side, z):
 def test_autoencoder_matches_the_release_and_outputs_images_in_0_1(size, channels, z):
     vae = models.ConvVAE(image_size=size, channels=channels, z_dim=z)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, size, size, channels))
-    variables = vae.init(jax.random.PRNGKey(1), x, jax.random.PRNGKey(2))
+    variables = models.init_variables(vae, jax.random.PRNGKey(1), x, jax.random.PRNGKey(2))
     count = sum(p.size for p in jax.tree.leaves(variables["params"]))
     assert count == _torch_param_count(channels, size // 8, z)
-    recon, mean, logvar = vae.apply(variables, x, jax.random.PRNGKey(3))
+    recon, mean, logvar = jax.jit(vae.apply)(variables, x, jax.random.PRNGKey(3))
     assert recon.shape == x.shape and mean.shape == logvar.shape == (2, z)
     assert float(recon.min()) >= 0 and float(recon.max()) <= 1
 

@@ -68,10 +68,15 @@ def test_lwf_mc_trains_its_first_task_with_bce():
     model = models.CifarResNet(depth=8, num_classes=6, width=4)
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 8, 8, 1))
     y = jnp.array([0, 1, 2, 3, 1])
-    v = model.init(jax.random.PRNGKey(2), x[:1])
-    ctx = _ctx(model, v["params"], v["batch_stats"], x, y)
-    loss, _, metrics = method.loss_fn(methods.Task(0, 3, 0, 4))(ctx)
-    logits = ctx.forward(x)[0]
+    v = models.init_variables(model, jax.random.PRNGKey(2), x[:1])
+
+    @jax.jit
+    def first_task_loss(v, x, y):
+        ctx = _ctx(model, v["params"], v["batch_stats"], x, y)
+        loss, _, metrics = method.loss_fn(methods.Task(0, 3, 0, 4))(ctx)
+        return loss, metrics, ctx.forward(x)[0]
+
+    loss, metrics, logits = first_task_loss(v, x, y)
     np.testing.assert_allclose(loss, losses.lwf_mc_loss(logits, y, None, num_valid=4),
                                rtol=1e-6)
     assert set(metrics) == {"bce"}

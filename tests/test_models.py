@@ -20,10 +20,10 @@ def test_resnet18_matches_the_reference_parameter_count():
 @pytest.mark.parametrize("depth,blocks", [(20, 3), (32, 5), (56, 9)])
 def test_cifar_resnets_by_depth(depth, blocks):
     model = models.create_classifier(f"resnet{depth}", 100)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
     stage3 = [k for k in variables["params"] if k.startswith("stage3_block")]
     assert len(stage3) == blocks
-    logits, features = model.apply(variables, jnp.ones((2, 32, 32, 3)))
+    logits, features = jax.eval_shape(model.apply, variables, jnp.ones((2, 32, 32, 3)))
     assert logits.shape == (2, 100) and features.shape == (2, 64)
     # Option-A shortcuts have no parameters: no projection convs anywhere.
     assert not any("proj" in k for block in variables["params"].values()
@@ -57,7 +57,8 @@ def test_generator_and_head_are_initialised_as_pytorch_layers():
     """Generator Linear/Conv: PyTorch defaults U(+-1/sqrt(fan_in)) for weights and biases;
     classifier head: Kaiming-normal weights (SPEC section 2), PyTorch's default bias."""
     g = models.create_generator(32, 3, 1000)
-    params = g.init(jax.random.PRNGKey(0), jnp.zeros((2, 1000)), train=False)["params"]
+    params = models.init_variables(g, jax.random.PRNGKey(0), jnp.zeros((2, 1000)),
+                                   train=False)["params"]
     for name, fan_in in (("fc", 1000), ("conv1", 9 * 128), ("conv2", 9 * 128),
                          ("conv_out", 9 * 64)):
         bound = 1 / np.sqrt(fan_in)
@@ -67,7 +68,7 @@ def test_generator_and_head_are_initialised_as_pytorch_layers():
             # uniform on [-b, b]: standard deviation b / sqrt(3)
             np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.15 if
                                        values.size > 100 else 0.6, err_msg=f"{name} {leaf}")
-    head = models.create_classifier("resnet32", 100).init(
-        jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]["head"]
+    head = models.init_variables(models.create_classifier("resnet32", 100),
+                                 jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]["head"]
     assert np.abs(np.asarray(head["bias"])).max() <= 1 / 8 and np.asarray(head["bias"]).std() > 0
     np.testing.assert_allclose(np.asarray(head["kernel"]).std(), np.sqrt(2 / 64), rtol=0.1)

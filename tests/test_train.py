@@ -35,15 +35,15 @@ def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1,
     return fn, state, frozen, images, labels, task
 
 
-@pytest.mark.parametrize("loss_name", ["base", "lwf"])
-def test_one_and_four_devices_agree(loss_name):
+def test_one_and_four_devices_agree():
+    """LwF's step (the CE of every method plus a frozen teacher's forward) on one device and
+    data-parallel on four (with synthetic replay: tests/test_synthesis.py)."""
     assert jax.device_count() >= 4, "tests/conftest.py should provide 4 host devices"
-    loss_fn = base.ce if loss_name == "base" else functools.partial(lwf.lwf_loss, mu=1.0,
-                                                                    temperature=2.0)
+    loss_fn = functools.partial(lwf.lwf_loss, mu=1.0, temperature=2.0)
     outs = []
     for n in (1, 4):
         fn, state, frozen, images, labels, task = _setup(loss_fn, mesh_devices=n,
-                                                         with_teacher=loss_name == "lwf")
+                                                         with_teacher=True)
         outs.append(jax.jit(fn)(state, frozen, train.DeviceData(images, labels), task))
     (s1, m1), (s4, m4) = outs
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5, atol=1e-6)
@@ -83,6 +83,19 @@ def test_batches_cover_the_task_once_per_epoch():
     assert sorted(seen) == list(range(20, 40))  # every task example exactly once, no padding
     _, y_next = train.sample_batch(jnp.arange(40), jnp.arange(40), task, 4, 5)
     assert sorted(np.asarray(y_next)) != sorted(seen[:5])  # new epoch, new order
+
+
+def test_a_longer_index_gives_the_same_batches():
+    """Runs pad `TaskInfo.index` to `experiment.shared_capacity` (so runs of other task sizes
+    share a compiled step): the padding must not change any batch."""
+    _, _, _, _, _, task = _setup(batch_size=5)
+    task = task.replace(steps_per_epoch=jnp.int32(4))
+    longer = task.replace(index=jnp.concatenate([task.index, jnp.zeros(2000, jnp.int32)]))
+    for step in (0, 3, 4, 9):
+        chex.assert_trees_all_equal(train.batch_indices(task, step, 5),
+                                    train.batch_indices(longer, step, 5))
+    assert [experiment.shared_capacity(n) for n in (0, 288, 2048, 2049, 5000)] == [
+        2048, 2048, 2048, 4096, 8192]
 
 
 def test_unknown_method_names_the_choices():
