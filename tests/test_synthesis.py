@@ -122,7 +122,7 @@ def _learner_setup(method_name, mesh_devices, chunk=2, **overrides):
                                           jax.random.PRNGKey(8))
     method_state = method.init_state(rt, state).replace(teacher=teacher)
     cfg = train.StepConfig(batch_size=8, lr_decay=0.1,
-                           augment=__import__("abd_jax.data").data.AugmentConfig(),
+                           augment=data.AugmentConfig(),
                            mean=(0.5,) * 3, std=(0.25,) * 3)
     rng = np.random.RandomState(0)
     images = jnp.asarray(rng.randint(0, 256, (24, *IMAGE_SHAPE)), jnp.uint8)

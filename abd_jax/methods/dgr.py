@@ -106,7 +106,6 @@ class DGR(TeacherMethod):
         self.first_task_loss = base.ce
         self.distill_loss = programs.bind(dgr_loss, vae=self.vae, mean=self.mean,
                                           std=self.std)
-        self._vae_chunk = None
 
     def init_state(self, rt: Runtime, learner) -> DGRState:
         h, w, c = rt.image_shape
@@ -121,10 +120,9 @@ class DGR(TeacherMethod):
         return {**super().memory_footprint(rt, state), "generator_parameters": count}
 
     def vae_chunk(self, rt: Runtime):
-        if self._vae_chunk is None:
-            self._vae_chunk = programs.jitted(_vae_chunk, self.vae, self.config.batch_size,
-                                              rt.mesh, rt.steps_per_call)
-        return self._vae_chunk
+        """The jitted autoencoder chunk (one per process for equal settings, `programs`)."""
+        return programs.jitted(_vae_chunk, self.vae, self.config.batch_size, rt.mesh,
+                               rt.steps_per_call)
 
     def end_task(self, rt: Runtime, learner, state: DGRState, task: Task):
         teacher = train.teacher_of(learner)
