@@ -102,7 +102,7 @@ class RunCheckpointer:
             return
         meta = json.loads(json.dumps(meta))  # a snapshot: the caller keeps mutating its dicts
         self._manager.save(ckpt_id, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(serialization.to_state_dict(tree)),
+            state=ocp.args.StandardSave(_host_copies(serialization.to_state_dict(tree))),
             meta=ocp.args.JsonSave(meta)))
 
     def wait(self) -> None:
@@ -143,6 +143,18 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _host_copies(tree):
+    """`tree` with its replicated arrays (all of a data-parallel run's) fetched to the host
+    as numpy arrays, which process 0 writes whole. Orbax would write a replicated `jax.Array`
+    in slices, one per device, cut on the devices: for a run's ~150 small arrays that is
+    2-3x the cost of the save itself. Restoring gives `jax.Array`s either way (`_restore_tree`
+    places them like the template), so checkpoints of both kinds resume."""
+    replicated = lambda x: (isinstance(x, jax.Array) and x.is_fully_replicated
+                            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended))
+    fetched = jax.device_get([x for x in jax.tree.leaves(tree) if replicated(x)])[::-1]
+    return jax.tree.map(lambda x: fetched.pop() if replicated(x) else x, tree)
 
 
 class WorkdirBusy(RuntimeError):

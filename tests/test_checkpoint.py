@@ -80,6 +80,40 @@ def test_a_save_is_a_snapshot_finished_in_the_background(tmp_path):
     assert saved_meta == {"accuracy": {"rows": [1.0]}, "timing": {"task_wall_seconds": [3.0]}}
 
 
+def test_replicated_arrays_are_saved_from_the_host_and_restore_placed(tmp_path):
+    """A 4-device data-parallel tree is written from host copies of its replicated arrays (a
+    sharded one stays a device array); it, and a checkpoint of jax.Arrays as orbax writes them
+    (the format before), restore to the template's placement with the same values."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from abd_jax import checkpoint as ckpt_lib
+
+    mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    values = {"w": np.arange(12.0, dtype=np.float32).reshape(3, 4),
+              "b": np.arange(3, dtype=np.uint32), "rows": np.arange(8.0, dtype=np.float32)}
+    placement = {"w": replicated, "b": replicated, "rows": sharded}
+    tree = {k: jax.device_put(v, placement[k]) for k, v in values.items()}
+    host = ckpt_lib._host_copies(tree)
+    assert [type(host[k]) for k in ("w", "b")] == [np.ndarray] * 2
+    assert isinstance(host["rows"], jax.Array)
+
+    checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "ckpt")
+    checkpointer.save(0, 1, tree, {"accuracy": {}})
+    checkpointer._manager.save(ckpt_lib.position_to_id(0, 2), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({"accuracy": {}})))
+    template = {k: jax.device_put(np.zeros_like(v), placement[k]) for k, v in values.items()}
+    for step in (1, 2):
+        restored, _ = checkpointer.restore_at(0, step, template)
+        for k, v in values.items():
+            assert restored[k].sharding == placement[k] and restored[k].dtype == v.dtype
+            np.testing.assert_array_equal(np.asarray(restored[k]), v)
+    checkpointer.close()
+
+
 def test_a_run_made_before_a_setting_existed_resumes_with_its_default(tmp_path):
     """config.json of an older run lacks `image_size`; it stands for the default (0)."""
     from abd_jax import checkpoint as ckpt_lib
