@@ -1,6 +1,7 @@
 """The streaming input path (`input_pipeline="stream"`): the same batches as the on-device
 path, hence the same numbers; resumable mid-epoch from the checkpoint's (task, step)."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,42 @@ def test_stream_and_device_paths_give_the_same_run(digits_data_dir, tmp_path):
         runs[pipeline] = experiment.run(config, tmp_path / pipeline)
     assert runs["stream"]["repeats"][0]["R_global"] == runs["device"]["repeats"][0]["R_global"]
     assert _log(tmp_path / "stream") == _log(tmp_path / "device")
+
+
+def test_split_labels_are_read_once_per_version_of_the_split_files(digits_data_dir,
+                                                                    tmp_path):
+    """A second run in the process reuses a split's labels; a split prepared again (its
+    files rewritten) is read again."""
+    import shutil
+    folder = tmp_path / "digits"
+    shutil.copytree(digits_data_dir, folder)
+    spec = data_lib.get_spec("digits")
+    _, expected = data_lib.load_split(spec, "train", str(folder))
+
+    class Counted:
+        def __init__(self):
+            self.source = data_lib.open_split(spec, "train", str(folder),
+                                              decoders=input_pipeline.labels_only())
+            self.dataset_info, self.split, self.reads = (
+                self.source.dataset_info, self.source.split, 0)
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitems__(self, indices):
+            self.reads += len(indices)
+            return self.source.__getitems__(indices)
+
+    first, second = Counted(), Counted()
+    np.testing.assert_array_equal(input_pipeline.split_labels(first), expected)
+    np.testing.assert_array_equal(input_pipeline.split_labels(second), expected)
+    assert (first.reads, second.reads) == (len(expected), 0)
+    [train_file] = folder.rglob("*-train.array_record*")
+    stat = train_file.stat()
+    os.utime(train_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    third = Counted()
+    np.testing.assert_array_equal(input_pipeline.split_labels(third), expected)
+    assert third.reads == len(expected)
 
 
 def test_dgr_refuses_the_stream_path(digits_data_dir, tmp_path):
