@@ -1,5 +1,6 @@
 """A damaged newest checkpoint: the run says which one and why, moves it aside, resumes from
 the one before, and finishes with the same numbers."""
+import re
 import shutil
 
 import pytest
@@ -80,11 +81,13 @@ def test_a_save_is_a_snapshot_finished_in_the_background(tmp_path):
     assert saved_meta == {"accuracy": {"rows": [1.0]}, "timing": {"task_wall_seconds": [3.0]}}
 
 
-def test_replicated_arrays_are_saved_from_the_host_and_restore_placed(tmp_path):
-    """A 4-device data-parallel tree is written from host copies of its replicated arrays (a
-    sharded one stays a device array); it, and a checkpoint of jax.Arrays as orbax writes them
-    (the format before), restore to the template's placement with the same values."""
+def test_a_state_is_saved_packed_and_restores_placed_like_its_template(tmp_path):
+    """A 4-device data-parallel state is saved as one array per dtype (its replicated leaves)
+    plus its other arrays; it, and a checkpoint of one orbax array per leaf (the format
+    before), restore to the template's placement and values. A template of another layout is
+    refused, naming the first difference."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     import orbax.checkpoint as ocp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -94,23 +97,34 @@ def test_replicated_arrays_are_saved_from_the_host_and_restore_placed(tmp_path):
     mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     values = {"w": np.arange(12.0, dtype=np.float32).reshape(3, 4),
-              "b": np.arange(3, dtype=np.uint32), "rows": np.arange(8.0, dtype=np.float32)}
-    placement = {"w": replicated, "b": replicated, "rows": sharded}
-    tree = {k: jax.device_put(v, placement[k]) for k, v in values.items()}
-    host = ckpt_lib._host_copies(tree)
-    assert [type(host[k]) for k in ("w", "b")] == [np.ndarray] * 2
-    assert isinstance(host["rows"], jax.Array)
+              "b": np.arange(3, dtype=np.uint32), "step": np.array(7, np.int32),
+              "half": np.array([1.5, -2.0], jnp.bfloat16), "v": np.array([9.0], np.float32),
+              "rows": np.arange(8.0, dtype=np.float32)}
+    placement = {k: sharded if k == "rows" else replicated for k in values}
+    tree = {"state": {k: jax.device_put(v, placement[k]) for k, v in values.items()}}
+    saved, layout = ckpt_lib._pack(tree)
+    assert sorted(saved["packed"]) == ["bfloat16", "float32", "int32", "uint32"]
+    assert saved["packed"]["float32"].shape == (13,) and list(saved["arrays"]) == ["2"]  # rows
+    assert [entry[0] for entry in layout] == [
+        "['state']['" + k + "']" for k in sorted(values)]
 
     checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "ckpt")
     checkpointer.save(0, 1, tree, {"accuracy": {}})
     checkpointer._manager.save(ckpt_lib.position_to_id(0, 2), args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({"accuracy": {}})))
-    template = {k: jax.device_put(np.zeros_like(v), placement[k]) for k, v in values.items()}
+    template = {"state": {k: jax.device_put(np.zeros_like(v), placement[k])
+                          for k, v in values.items()}}
     for step in (1, 2):
-        restored, _ = checkpointer.restore_at(0, step, template)
+        restored, meta = checkpointer.restore_at(0, step, template)
+        assert meta == {"accuracy": {}}
         for k, v in values.items():
-            assert restored[k].sharding == placement[k] and restored[k].dtype == v.dtype
-            np.testing.assert_array_equal(np.asarray(restored[k]), v)
+            leaf = restored["state"][k]
+            assert leaf.sharding == placement[k] and leaf.dtype == v.dtype, k
+            np.testing.assert_array_equal(np.asarray(leaf), v)
+    template["state"]["w"] = jnp.zeros((4, 3))
+    with pytest.raises(ValueError, match=re.escape(
+            "saved ['state']['w'] float32[3, 4] where this run has ['state']['w'] float32[4, 3]")):
+        checkpointer.restore_at(0, 1, template)
     checkpointer.close()
 
 
