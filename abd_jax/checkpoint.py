@@ -13,6 +13,8 @@ the state's layout). Its id encodes the position
 from __future__ import annotations
 
 import fcntl
+import functools
+import itertools
 import json
 import os
 import pathlib
@@ -104,8 +106,8 @@ class RunCheckpointer:
         if ckpt_id in self._manager.all_steps():
             return
         packed, layout = _pack(serialization.to_state_dict(tree))
-        meta = json.loads(json.dumps({**meta, LAYOUT: layout}))  # a snapshot (the caller
-        # keeps mutating its dicts)
+        # A snapshot: the caller keeps mutating its dicts.
+        meta = json.loads(json.dumps({**meta, LAYOUT: layout}))
         self._manager.save(ckpt_id, args=ocp.args.Composite(
             state=ocp.args.StandardSave(packed), meta=ocp.args.JsonSave(meta)))
 
@@ -125,8 +127,7 @@ class RunCheckpointer:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
             restored = self._restore_state(step, abstract)
         else:
-            restored = _unpack(target, layout, lambda abstract: self._restore_state(
-                step, abstract))
+            restored = _unpack(target, layout, functools.partial(self._restore_state, step))
         return serialization.from_state_dict(template, restored), meta
 
     def _restore_state(self, step: int, abstract):
@@ -199,13 +200,12 @@ def _unpack(target: dict, layout: list, restore) -> dict:
                 for path, leaf in paths_and_leaves]
     saved = [entry[:3] for entry in layout]
     if saved != expected:
+        was, now = next(pair for pair in itertools.zip_longest(saved, expected)
+                        if pair[0] != pair[1])
         describe = lambda entry: "nothing" if entry is None else f"{entry[0]} {entry[2]}{entry[1]}"
-        first = next(i for i, (a, b) in enumerate(zip(saved + [None], expected + [None]))
-                     if a != b)
-        at = lambda entries: entries[first] if first < len(entries) else None
         raise ValueError(f"its state layout differs from this run's ({len(saved)} vs "
-                         f"{len(expected)} arrays): saved {describe(at(saved))} where this run "
-                         f"has {describe(at(expected))}")
+                         f"{len(expected)} arrays): saved {describe(was)} where this run "
+                         f"has {describe(now)}")
     sizes: dict[str, int] = {}
     for _, shape, dtype, packed in layout:
         if packed:
