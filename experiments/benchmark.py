@@ -23,7 +23,8 @@ Three parts, each printing min / median / max ms per step over `--repeats` measu
    with the top kernels/ops by device time per step.
 
 `--vmap_repeats=R` adds rows timing R repeats trained as one program (`jax.vmap` over stacked
-states), the cost of `--config.vmap_repeats`.
+states) for the ce and abd cases among `--cases`: what training repeats side by side would cost
+(the runner trains repeats one after another).
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ flags.DEFINE_list("cases", ["ce", "lwf", "abd", "deepinversion", "generator"],
                   "Step table rows (empty: none).")
 flags.DEFINE_list("ladder", [], "Learner cases to break down stage by stage (ce, lwf, abd, "
                   "deepinversion).")
-flags.DEFINE_integer("vmap_repeats", 0, "If > 1, also time ce/abd with this many repeats "
-                     "vmapped into one program.")
+flags.DEFINE_integer("vmap_repeats", 0, "If > 1, also time the ce/abd cases among --cases with "
+                     "this many repeats vmapped into one program.")
 flags.DEFINE_string("profile_dir", "", "Write a profiler trace of each ladder case here and "
                     "print its top ops by device time.")
 flags.DEFINE_integer("top", 12, "Ops listed per profile.")
@@ -440,7 +441,7 @@ def main(argv):
             print(_row(f"{label} [{tag}]", t, images), flush=True)
             note("table", case, dtype, conv_impl, t, images)
         if FLAGS.vmap_repeats > 1:
-            for case in ("ce", "abd"):
+            for case in [c for c in ("ce", "abd") if c in FLAGS.cases]:
                 r = FLAGS.vmap_repeats
                 fn, states, args = vmapped_learner(case, dtype, conv_impl, r)
                 t = time_fn(fn, states, args, _steps_per_call(), True)

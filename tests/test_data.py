@@ -133,7 +133,26 @@ def test_digits(tmp_path):
     np.testing.assert_allclose((train_x / 255).std(), spec.std[0], atol=1e-4)
 
 
-def test_prepare_cifar10_offline(prepared_cifar10):
+@pytest.mark.parametrize("shape", [(8, 8, 1), (5, 7, 3), (64, 64, 3)])
+def test_png_bytes_decode_to_the_image(shape):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 256, shape, dtype=np.uint8),  # (rows wrap mod 256)
+                  np.full(shape, 255, np.uint8), np.zeros(shape, np.uint8)):
+        with Image.open(io.BytesIO(datasets._png_bytes(image))) as decoded:
+            assert decoded.mode == ("L" if shape[-1] == 1 else "RGB")
+            np.testing.assert_array_equal(np.asarray(decoded).reshape(shape), image)
+
+
+def _archive_test_split(shared_data_dir):
+    """(images [10000, 32, 32, 3], labels) of test_batch.bin in the official archive."""
+    with tarfile.open(shared_data_dir / "cifar-10-binary.tar.gz") as archive:
+        raw = archive.extractfile("cifar-10-batches-bin/test_batch.bin").read()
+    records = np.frombuffer(raw, np.uint8).reshape(-1, 1 + 3 * 32 * 32)
+    return records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), records[:, 0]
+
+
+def test_prepare_cifar10_offline(prepared_cifar10, shared_data_dir):
     data_dir, counts = prepared_cifar10
     assert counts == {"train": 50000, "test": 10000}
     spec = data.get_spec("cifar10")
@@ -146,7 +165,9 @@ def test_prepare_cifar10_offline(prepared_cifar10):
     images, labels_read = data.load_split(spec, "test", data_dir=data_dir)
     assert images.shape == (10_000, 32, 32, 3) and images.dtype == np.uint8
     np.testing.assert_array_equal(labels_read, labels)
-    assert 0 < images.std()
+    # The archive's (image, label) pairs, each once: TFDS stores them in its own order.
+    pairs = lambda images, labels: sorted(zip(map(bytes, images), labels.tolist()))
+    assert pairs(images, labels_read) == pairs(*_archive_test_split(shared_data_dir))
 
 
 def _assert_no_partial_output(data_dir):
