@@ -5,15 +5,16 @@ from configs import digits
 # programs in about 60% of the time of its default fusion emitters (the tiny ABD learner
 # chunk: 8 s -> 5 s), and LLVM's -O1 in about half the time of its -O2 (standalone: 3.9 s ->
 # 2.0 s); both run them as fast (22.5 ms -> 20 ms a step). The whole suite: 7 min 44 s ->
-# 6 min 24 s with -O1 (2 cores, one run each).
-XLA_TEST_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+# 6 min 24 s with -O1 (2 cores, one run each). -O0 compiles faster still but runs steps about
+# 7 times slower: only for scripts that run a step or two (experiments/benchmark.py).
+XLA_TEST_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
-def xla_flags(devices: int = 0) -> str:
+def xla_flags(devices: int = 0, llvm_opt_level: int = 1) -> str:
     """XLA_FLAGS for the tests and their subprocesses: `devices` host devices (0: the
-    platform's one) and `XLA_TEST_FLAGS`."""
+    platform's one), `XLA_TEST_FLAGS` and LLVM's optimisation level."""
     count = f"--xla_force_host_platform_device_count={devices} " if devices else ""
-    return count + XLA_TEST_FLAGS
+    return f"{count}{XLA_TEST_FLAGS} --xla_backend_optimization_level={llvm_opt_level}"
 
 
 def tiny_config(data_dir, **overrides):

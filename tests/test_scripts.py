@@ -9,21 +9,24 @@ from helpers import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
+# The benchmark runs a step or two of each program: LLVM -O0 compiles them sooner (the three
+# benchmark runs below: 45 -> 27 CPU-s, run one at a time).
+BENCHMARK_ENV = {**ENV, "XLA_FLAGS": xla_flags(llvm_opt_level=0)}
 
 
 TINY_BENCHMARK = ["experiments/benchmark.py", "--model=resnet8", "--image_size=8",
                   "--batch_size=8", "--steps=1", "--num_classes=10"]
 
 
-def _run(args, timeout=600):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
+def _run(args, env=ENV, timeout=600):
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_benchmark_prints_every_step_kind():
-    out = _run([*TINY_BENCHMARK, "--repeats=1"])
+    out = _run([*TINY_BENCHMARK, "--repeats=1"], BENCHMARK_ENV)
     assert "backend cpu" in out
     for name in ("task 1 (CE)", "LwF", "ABD task 2", "DeepInversion", "generator iteration",
                  "projected 10-task"):
@@ -33,7 +36,8 @@ def test_benchmark_prints_every_step_kind():
 def test_benchmark_ladder_profile_and_vmapped_repeats(tmp_path):
     out = _run([*TINY_BENCHMARK, "--repeats=2", "--steps_per_call=2", "--ladder=ce",
                 "--cases=ce", "--conv_impls=im2col", "--vmap_repeats=2",
-                f"--profile_dir={tmp_path / 'prof'}", f"--json_out={tmp_path / 'b.json'}"])
+                f"--profile_dir={tmp_path / 'prof'}", f"--json_out={tmp_path / 'b.json'}"],
+               BENCHMARK_ENV)
     for rung in ("forward only", "input gradient", "forward + backward", "optimiser update",
                  "batch sampling", "augmentation", "fused lax.scan (2 steps/call)",
                  "2 vmapped repeats: ce", "top host ops"):
@@ -48,7 +52,7 @@ def test_benchmark_reports_the_recompilation_of_issue_10(tmp_path):
     """Issue #10's numbers: an uncommitted initial state makes the second call compile again
     inside the first measurement; the benchmark must say so."""
     out = _run([*TINY_BENCHMARK, "--repeats=1", "--cases=ce", "--put_state=False",
-                "--conv_impls=xla", f"--json_out={tmp_path / 'b.json'}"])
+                "--conv_impls=xla", f"--json_out={tmp_path / 'b.json'}"], BENCHMARK_ENV)
     assert "RECOMPILED while timed" in out, out
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["conv_impl"], r["recompiled"]) for r in rows] == [("xla", True)]
