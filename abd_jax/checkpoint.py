@@ -206,26 +206,26 @@ def _unpack(target: dict, layout: list, restore) -> dict:
         raise ValueError(f"its state layout differs from this run's ({len(saved)} vs "
                          f"{len(expected)} arrays): saved {describe(was)} where this run "
                          f"has {describe(now)}")
-    sizes: dict[str, int] = {}
+    sizes: dict[str, int] = {}  # dtype -> packed length
+    spans = []  # each leaf's [start, stop) in its dtype's packed array
     for _, shape, dtype, packed in layout:
+        start = sizes.get(dtype, 0)
         if packed:
-            sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape))
+            sizes[dtype] = start + int(np.prod(shape))
+        spans.append((start, sizes.get(dtype, 0)))
     abstract = {"packed": {dtype: np.zeros((n,), jax.numpy.dtype(dtype))
                            for dtype, n in sizes.items()}}
     arrays = {str(i): ocp.utils.to_shape_dtype_struct(leaf)
               for i, ((_, leaf), entry) in enumerate(zip(paths_and_leaves, layout))
               if not entry[3]}
     saved_tree = restore({**abstract, "arrays": arrays} if arrays else abstract)
-    offsets = dict.fromkeys(sizes, 0)
     leaves = []
-    for i, ((_, leaf), (_, shape, dtype, packed)) in enumerate(zip(paths_and_leaves, layout)):
+    for i, ((_, leaf), (_, shape, dtype, packed), (start, stop)) in enumerate(
+            zip(paths_and_leaves, layout, spans)):
         if not packed:
             leaves.append(saved_tree["arrays"][str(i)])
             continue
-        n = int(np.prod(shape))
-        value = np.asarray(saved_tree["packed"][dtype][offsets[dtype]:offsets[dtype] + n])
-        offsets[dtype] += n
-        value = value.reshape(shape)
+        value = np.asarray(saved_tree["packed"][dtype][start:stop]).reshape(shape)
         leaves.append(hosts.to_global(value, leaf.sharding)
                       if isinstance(leaf, jax.Array) else value)
     return jax.tree_util.tree_unflatten(treedef, leaves)

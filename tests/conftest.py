@@ -65,7 +65,7 @@ def _built_once(name: str, build) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def prepared_cifar10(shared_data_dir):
     """(data dir, split sizes): CIFAR-10 prepared from the shared archive once per test run
-    (~30 s)."""
+    (~15 s)."""
     import json
 
     def prepare(folder):
