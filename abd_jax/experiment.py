@@ -201,10 +201,11 @@ class RepeatRunner:
         self.replicated = NamedSharding(mesh, P())
         key = jax.random.PRNGKey(self.seed)
         self.init_key, self.run_key, method_key = jax.random.split(key, 3)
+        self.mean, self.std = self.method.input_stats(spec)
         self.step_config = train.StepConfig(
             batch_size=config.batch_size, lr_decay=config.lr_decay,
             augment=data_lib.AugmentConfig(**config.augment.to_dict()),
-            mean=tuple(spec.mean), std=tuple(spec.std))
+            mean=self.mean, std=self.std)
         self.checkpointer = ckpt_lib.RunCheckpointer(
             workdir / "checkpoints" / f"repeat_{repeat}", config.keep_task_checkpoints)
         self._chunk_fns: dict[Callable, Callable] = {}  # loss_fn -> jitted chunk
@@ -218,15 +219,14 @@ class RepeatRunner:
         if not splits.streamed:
             self.images = hosts.to_global(splits.train_images, self.replicated)
             self.labels = hosts.to_global(self.train_labels.astype(np.int32), self.replicated)
-        self.predict = train.make_predict(self.model, tuple(spec.mean), tuple(spec.std), mesh)
+        self.predict = train.make_predict(self.model, self.mean, self.std, mesh)
         self.rt = methods_lib.Runtime(
             config=config, model=self.model, mesh=mesh, image_shape=spec.image_shape,
             steps_per_call=self.steps_per_call,
             fresh_learner=lambda t: self._fresh_state(jax.random.fold_in(self.init_key, t)),
             task_indices=lambda t: self._class_indices(*self.bounds[t]),
             seen_indices=lambda t: self._class_indices(0, self.bounds[t][1]),
-            train_labels=self.train_labels, device_images=self.images,
-            device_labels=self.labels, task_info=self._task_info,
+            train_labels=self.train_labels, task_key=self._task_key,
             predict_train=self._predict_train,
             train_stage=self._train_stage, checkpoint_progress=self._checkpoint_progress,
             method_key=method_key, log=self._write, save_samples=self._save_samples)
@@ -242,7 +242,7 @@ class RepeatRunner:
     def _fresh_state(self, key) -> train.TrainState:
         c = self.config
         state = train.create_train_state(self.model, key, self.splits.spec.image_shape, c.lr,
-                                         c.momentum, c.weight_decay)
+                                         c.momentum, self.method.weight_decay(c))
         return hosts.to_global(state, self.replicated)
 
     def _write(self, step, scalars, **tags) -> None:
@@ -251,15 +251,17 @@ class RepeatRunner:
     def _save_samples(self, t: int, images, labels, title: str) -> None:
         if not hosts.is_main():
             return
-        spec = self.splits.spec
         path = self.workdir / f"samples_repeat{self.repeat}_task{t + 1}.png"
-        metrics_lib.save_sample_grid(path, images, self.order[labels], spec.mean, spec.std,
+        metrics_lib.save_sample_grid(path, images, self.order[labels], self.mean, self.std,
                                      title=title)
 
     def _task(self, t: int) -> methods_lib.Task:
         lo, hi = self.bounds[t]
         return methods_lib.Task(index=t, num_tasks=self.config.num_tasks, num_old=lo,
                                 num_seen=hi)
+
+    def _task_key(self, t: int):
+        return jax.random.fold_in(self.run_key, t)
 
     def _predict_train(self, learner, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return train.predict_all(self.predict, learner, self.splits.train_images[index],
@@ -318,11 +320,12 @@ class RepeatRunner:
         return self._chunk_fns[loss_fn]
 
     def _train_stage(self, learner, method_state, loss_fn, index, *, epochs: int, lr: float,
-                     key, task: methods_lib.Task, name: str) -> train.TrainState:
+                     key, task: methods_lib.Task, name: str,
+                     lr_milestones: tuple = ()) -> train.TrainState:
         """See `Runtime.train_stage`. Not checkpointed inside: it runs in `end_task`, which an
         interrupt reruns whole."""
         chunk_fn = self._chunk_fn(loss_fn)
-        info = self._task_info(task, index, epochs, key, lr=lr, lr_milestones=())
+        info = self._task_info(task, index, epochs, key, lr=lr, lr_milestones=lr_milestones)
         learner = self._placed(train.reset_optimizer(learner))
         step, total = 0, int(info.total_steps)
         data = self._data(info, step)
@@ -408,7 +411,7 @@ class RepeatRunner:
                             self.rt, learner, method_state, task))
                     info = self._task_info(task, self.method.train_index(self.rt, method_state,
                                                                          task),
-                                           c.epochs, jax.random.fold_in(self.run_key, t))
+                                           c.epochs, self._task_key(t))
                     learner, step = self._train_task(task, step, learner, method_state, info)
                     # The end-of-task hook may be long (synthesis): don't redo training after it.
                     self._save(t, step, learner, method_state)
@@ -571,11 +574,6 @@ def _run_locked(config, workdir: pathlib.Path, splits: Optional[Splits], mesh: M
                                     "results.json")
         omega_reference = json.loads(path.read_text())
     splits = splits or load_splits(config)
-    spec = data_lib.classes_in_use(splits.spec, config.num_classes)
-    if splits.streamed and methods_lib.get_method(config, spec).needs_device_data:
-        raise ValueError(f"{config.method} trains on the split held on device; this run "
-                         "streams its data: set --config.input_pipeline=device (the split "
-                         "must then fit in device memory)")
     validate_task_sizes(config, splits)
     # written once all is checked (by process 0 of several)
     ckpt_lib.check_or_write_fingerprint(workdir, config_dict, write=hosts.is_main())

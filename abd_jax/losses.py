@@ -84,16 +84,53 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature) -
 
 
 def taskwise_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, num_old,
-                     classes_per_task: int, temperature) -> jax.Array:
+                     classes_per_task: int, temperature, task_weight=1.0) -> jax.Array:
     """E2E's distillation: sum over the past tasks j (columns `[j s, (j + 1) s)` inside
-    `[0, K_old)`, s = classes per task) of KD(s_j, t_j, T). Full-width `[B, K]` logits."""
+    `[0, K_old)`, s = classes per task) of task_weight * KD(s_j, t_j, T). Full-width `[B, K]`
+    logits. task_weight = s / K_old is the release's (the mean over equal tasks), 1 the E2E
+    paper's sum."""
     total = jnp.zeros((), jnp.float32)
     for j in range(student_logits.shape[-1] // classes_per_task):
         lo, hi = j * classes_per_task, (j + 1) * classes_per_task
         term = kd_loss(mask_logits(student_logits, lo, hi), mask_logits(teacher_logits, lo, hi),
                        temperature)
         total = total + jnp.where(hi <= num_old, term, 0.0)
-    return total
+    return total * task_weight
+
+
+def e2e_task_weight(weighting: str, classes_per_task: int, num_classes) -> jax.Array:
+    """The weight of each task's KD term in E2E: s / `num_classes` ("mean", the release's:
+    K_old while training a task, K_new in the balanced stage) or 1 ("sum", the paper's)."""
+    if weighting not in ("mean", "sum"):
+        raise ValueError(f"E2E kd_weighting {weighting!r}: use 'mean' or 'sum'")
+    if weighting == "sum":
+        return jnp.float32(1.0)
+    return classes_per_task / jnp.asarray(num_classes, jnp.float32)
+
+
+def e2e_loss(logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, num_old,
+             num_seen, classes_per_task: int, temperature, weighting: str):
+    """E2E while learning a task: CE over `[0, K_new)` + sum_j w KD_j over the past tasks,
+    w = `e2e_task_weight(weighting, s, K_old)`. Full-width logits. Returns (loss, ce, kd)."""
+    ce = valid_ce_loss(logits, labels, num_seen)
+    kd = taskwise_kd_loss(logits, teacher_logits, num_old, classes_per_task, temperature,
+                          e2e_task_weight(weighting, classes_per_task, num_old))
+    return ce + kd, ce, kd
+
+
+def e2e_balanced_loss(logits: jax.Array, teacher_logits: jax.Array, before_logits: jax.Array,
+                      labels: jax.Array, num_old, num_seen, classes_per_task: int, temperature,
+                      weighting: str):
+    """E2E's balanced fine-tuning: CE over `[0, K_new)` + sum_{j < t} w KD_j(teacher) + w KD
+    over the new classes `[K_old, K_new)` against the model as it was before the stage
+    (`before_logits`), w = `e2e_task_weight(weighting, s, K_new)`. Returns (loss, ce, kd_old,
+    kd_new)."""
+    w = e2e_task_weight(weighting, classes_per_task, num_seen)
+    ce = valid_ce_loss(logits, labels, num_seen)
+    kd_old = taskwise_kd_loss(logits, teacher_logits, num_old, classes_per_task, temperature, w)
+    kd_new = w * kd_loss(mask_logits(logits, num_old, num_seen),
+                         mask_logits(before_logits, num_old, num_seen), temperature)
+    return ce + kd_old + kd_new, ce, kd_old, kd_new
 
 
 def bias_correction(logits: jax.Array, alpha: jax.Array, beta: jax.Array,
@@ -115,6 +152,29 @@ def bic_stage1_loss(logits: jax.Array, teacher_logits: jax.Array, labels: jax.Ar
     kd = kd_loss(mask_logits(logits, 0, num_old), mask_logits(teacher_logits, 0, num_old),
                  temperature)
     return (1.0 - lam) * ce + lam * kd, ce, kd
+
+
+def bic_stage2_loss(logits: jax.Array, labels: jax.Array, alpha: jax.Array, beta: jax.Array,
+                    classes_per_task: int, num_seen) -> jax.Array:
+    """BiC's second stage: CE over `[0, K_new)` of the frozen model's logits after every task's
+    correction (`bias_correction` over `[0, K_new)`); only the new task's (alpha, beta) train."""
+    return valid_ce_loss(bias_correction(logits, alpha, beta, classes_per_task, num_seen),
+                         labels, num_seen)
+
+
+def dgr_solver_loss(logits: jax.Array, replay_teacher_logits: jax.Array, labels: jax.Array,
+                    num_old, num_seen, mu, temperature):
+    """DGR's solver on `[x_real; x_replay]` (logits `[B + R, K]`, labels `[B + R]`, the R
+    replayed rows last): mean_i w_i CE over `[0, K_new)` with the task-balancing weights w
+    (r = K_old / K_new for past-class labels, 1 - r for new ones) + mu KD over `[0, K_old)`
+    of the replayed rows against the previous solver's logits `[R, K]`.
+    Returns (loss, ce, kd)."""
+    weights = task_balancing_weights(labels, num_old, num_seen)
+    ce = valid_ce_loss(logits, labels, num_seen, weights)
+    replayed = logits[logits.shape[0] - replay_teacher_logits.shape[0]:]
+    kd = kd_loss(mask_logits(replayed, 0, num_old),
+                 mask_logits(replay_teacher_logits, 0, num_old), temperature)
+    return ce + mu * kd, ce, kd
 
 
 def lwf_mc_loss(logits: jax.Array, labels: jax.Array, teacher_logits=None, *,
@@ -171,18 +231,23 @@ def feature_kd_loss(student_features: jax.Array, teacher_features: jax.Array,
 
 
 def vae_loss(recon: jax.Array, images: jax.Array, mean: jax.Array, logvar: jax.Array,
-             weights=None) -> jax.Array:
-    """DGR's autoencoder loss: BCE(recon, x) averaged over the pixels + KL(q(z|x) || N(0, I))
-    divided by the pixel count (as the release normalises it), each averaged over the batch
-    with sample weights `[B]` (sum w_i term_i / sum w_i). Images `[B, ...]` in [0, 1],
-    mean/logvar `[B, z]`."""
+             weights=None, rows=None):
+    """DGR's autoencoder loss as the release computes it, over the rows with `rows` = 1 (all
+    when None): mean_i w_i BCE_i + mean_i KL_i, BCE_i = BCE(recon_i, x_i) averaged over the
+    pixels, KL_i = KL(q(z|x_i) || N(0, I)) divided by the pixel count; the weights `[B]`
+    scale the reconstruction term only. Images `[B, ...]` in [0, 1], mean/logvar `[B, z]`.
+    Returns (loss, reconstruction, kl)."""
     batch = images.shape[0]
     p = jnp.clip(recon.reshape(batch, -1).astype(jnp.float32), 1e-7, 1.0 - 1e-7)
     x = images.reshape(batch, -1).astype(jnp.float32)
     bce = -jnp.mean(x * jnp.log(p) + (1.0 - x) * jnp.log(1.0 - p), axis=-1)
     kl = -0.5 * jnp.sum(1.0 + logvar - jnp.square(mean) - jnp.exp(logvar), axis=-1) / x.shape[1]
     w = jnp.ones((batch,), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    return jnp.sum(w * (bce + kl)) / jnp.sum(w)
+    rows = jnp.ones((batch,), jnp.float32) if rows is None else rows.astype(jnp.float32)
+    count = jnp.sum(rows)
+    reconstruction = jnp.sum(rows * w * bce) / count
+    divergence = jnp.sum(rows * kl) / count
+    return reconstruction + divergence, reconstruction, divergence
 
 
 # ----------------------------------------------------------------------------- synthesis
@@ -250,7 +315,8 @@ def content_loss(logits: jax.Array, temperature) -> jax.Array:
 __all__ = [
     "NEG_INF", "column_mask", "mask_logits", "weighted_ce_loss", "valid_ce_loss",
     "head_finetune_ce", "local_ce_loss", "task_balancing_weights", "soft_kd_loss", "kd_loss",
-    "taskwise_kd_loss", "bias_correction", "bic_stage1_loss", "lwf_mc_loss",
+    "taskwise_kd_loss", "e2e_task_weight", "e2e_loss", "e2e_balanced_loss",
+    "bias_correction", "bic_stage1_loss", "bic_stage2_loss", "dgr_solver_loss", "lwf_mc_loss",
     "padded_soft_kd_loss", "vae_loss", "feature_kd_loss", "bn_stat_kl",
     "bn_alignment_loss", "smoothness_loss", "diversity_loss", "content_loss",
 ]

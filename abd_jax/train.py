@@ -101,13 +101,15 @@ class LossContext:
     forward(x) -> (logits [n, C], features [n, D], new_batch_stats): the student in train mode.
     model: the classifier module (for the teacher's eval-mode forward, `teacher_apply`).
     method_state: the method's own state pytree (e.g. its teacher and generator).
-    params: the student's, for head-only terms.
+    params, batch_stats: the trained state's (the student's: for head-only terms and
+    eval-mode forwards of a frozen backbone).
     images `[B, H, W, C]` augmented and normalised, labels `[B]` remapped.
     """
 
     forward: Callable = struct.field(pytree_node=False)
     model: nn.Module = struct.field(pytree_node=False)
     params: Any
+    batch_stats: Any
     method_state: Any
     images: jax.Array
     labels: jax.Array
@@ -119,10 +121,18 @@ class LossContext:
 LossFn = Callable[[LossContext], tuple]
 
 
-def sgd_with_weight_decay(learning_rate, momentum, weight_decay):
-    """PyTorch SGD: g + wd * p, heavy-ball momentum, then -lr."""
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.sgd(learning_rate, momentum=momentum))
+def sgd_with_weight_decay(learning_rate, momentum, weight_decay, trainable=None):
+    """PyTorch SGD: g + wd * p, heavy-ball momentum, then -lr. `trainable`: the names of the
+    top-level parameter groups it updates (e.g. ("head",)); the others stay exactly as they
+    are (no gradient step, no weight decay). None: all."""
+    sgd = optax.chain(optax.add_decayed_weights(weight_decay),
+                      optax.sgd(learning_rate, momentum=momentum))
+    if trainable is None:
+        return sgd
+    labels = lambda params: {name: jax.tree.map(
+        lambda _, name=name: "train" if name in trainable else "frozen", group)
+        for name, group in params.items()}
+    return optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()}, labels)
 
 
 def strongly_typed(tree):
@@ -131,10 +141,11 @@ def strongly_typed(tree):
     return jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.asarray(a).dtype), tree)
 
 
-def learner_optimizer(lr: float, momentum: float, weight_decay: float):
-    """The learner's SGD, its learning rate injected (set by every step from the schedule)."""
-    return optax.inject_hyperparams(sgd_with_weight_decay)(
-        learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
+def learner_optimizer(lr: float, momentum: float, weight_decay: float, trainable=None):
+    """The learner's SGD, its learning rate injected (set by every step from the schedule);
+    `trainable` as in `sgd_with_weight_decay`."""
+    return optax.inject_hyperparams(sgd_with_weight_decay, static_args=("trainable",))(
+        learning_rate=lr, momentum=momentum, weight_decay=weight_decay, trainable=trainable)
 
 
 def new_train_state(module: nn.Module, variables: dict, tx) -> TrainState:
@@ -159,6 +170,16 @@ def reset_optimizer(state: TrainState) -> TrainState:
     """Same weights, step 0, fresh optimiser state (SPEC: reset at the start of every task)."""
     return state.replace(step=jnp.zeros_like(state.step),
                          opt_state=strongly_typed(state.tx.init(state.params)))
+
+
+def with_optimizer(state: TrainState, tx) -> TrainState:
+    """`state`'s weights with optimiser `tx` (pass one from `programs.shared`), fresh."""
+    return reset_optimizer(state.replace(tx=tx))
+
+
+def parameters_state(params, tx) -> TrainState:
+    """A TrainState of bare parameters (no module, e.g. BiC's correction) and optimiser `tx`."""
+    return strongly_typed(TrainState.create(apply_fn=None, params=params, tx=tx))
 
 
 def teacher_of(state: TrainState) -> Teacher:
@@ -261,7 +282,8 @@ def method_loss(model: nn.Module, loss_fn: LossFn, state: TrainState, method_sta
             mutable=["batch_stats"])
         return logits, feats, updates["batch_stats"]
 
-    ctx = LossContext(forward=forward, model=model, params=params, method_state=method_state,
+    ctx = LossContext(forward=forward, model=model, params=params,
+                      batch_stats=state.batch_stats, method_state=method_state,
                       images=x, labels=y, num_old=task.num_old, num_seen=task.num_seen,
                       rng=rng)
     loss, new_bs, metrics = loss_fn(ctx)

@@ -53,20 +53,31 @@ def get_config() -> ml_collections.ConfigDict:
     c.abd = ml_collections.ConfigDict(dict(
         mu=0.1, task_balancing=True, local_ce=True, kd_on_real=True, kd_on_synthetic=True,
         ft_ce=True))
-    # Coreset baselines (SPEC section 6): a class-balanced memory of real training images.
+    # Coreset baselines (SPEC section 6b, as the release runs them; docs/methods.md lists
+    # every choice): a class-balanced memory of real training images.
     c.memory = 2000            # images kept (naive_rehearsal, lwf_coreset, e2e, bic)
     c.e2e = ml_collections.ConfigDict(dict(
-        balanced_epochs=30,      # E2E's class-balanced fine-tuning after every task but the first
-        balanced_lr_scale=0.01))  # at lr * 0.01 (SPEC: lr/100), constant
+        kd_weighting="mean",     # each past task's KD x |task| / K_old (release); "sum" (paper)
+        selection="closest_to_mean",  # memory by distance to the class mean (release);
+        #                          "herding" (paper), "herding_raw", "random"
+        balanced_trains="head",  # balanced fine-tuning trains the head (release) or "all"
+        balanced_epochs=0,       # 0 = the task's epochs and lr schedule (release); N = N
+        #                          epochs at a constant rate (the paper: 30, all layers)
+        balanced_lr_scale=0.01))  # at lr * 0.01
     c.bic = ml_collections.ConfigDict(dict(
-        val_fraction=0.1,        # held-out share of an old class's memory (BiC's 9:1 split)
-        steps=1000, lr=0.01))    # stage 2: full-batch Adam on (alpha, beta); our choice
-    # DGR (SPEC section 6): the release's variational autoencoder, trained after each task.
+        val_fraction=0.1,        # held out: int(val_fraction * memory / K_old) per class
+        selection="herding_raw",  # herding on raw features (release); "herding" (paper)
+        stage2_epochs=0,         # 0 = the task's epochs and lr schedule (release)
+        stage2_lr_scale=0.01,    # stage 2: SGD on (alpha, beta) at lr * 0.01
+        correct_at_test=False))  # False: evaluate the bare model, as the release (and the
+    #                              paper's BiC row); True: with the corrections (BiC paper)
+    # DGR (SPEC section 6b): the release's variational autoencoder, trained on each task's
+    # batches with the solver's SGD and schedule.
     c.dgr = ml_collections.ConfigDict(dict(
         z_dim=1024,              # the release's CIFAR latent size
-        epochs=0,                # 0 = as many epochs as the classifier (the release trains
-        #                          both together); Adam at lr:
-        lr=1e-3))
+        mu=1.0,                  # KD on the replayed images (release); 0 = the DGR paper's
+        weight_decay=0.0,        # the release's DGR script (solver and autoencoder)
+        normalize_inputs=False))  # False: images in [0, 1], as the release's DGR
     # Model inversion (SPEC section 3), shared by abd, deepinversion and lwf_synthetic.
     c.synthesis = ml_collections.ConfigDict(dict(
         iterations=10_000, batch_size=0,  # 0 = the learner's batch_size

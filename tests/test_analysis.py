@@ -33,6 +33,15 @@ def test_mid_hand_value():
     assert analysis.mean_image_distance(reference, reference) == 0.0
 
 
+def test_mid_divides_by_the_reference_std_not_its_variance():
+    # reference: features 0/4 and 10/10 +- 0 ... per feature mean (2, 10), population std
+    # (2, 0.5); sample mean (5, 9): ||((2 - 5) / 2, (10 - 9) / 0.5)|| = ||(-1.5, 2)|| = 2.5.
+    # Divided by the variances (4, 0.25) it would be ||(-0.75, 4)|| = 4.07.
+    reference = np.array([[0.0, 9.5], [4.0, 10.5]])
+    sample = np.array([[5.0, 8.0], [5.0, 10.0]])
+    assert analysis.mean_image_distance(reference, sample) == pytest.approx(2.5)
+
+
 def test_median_bandwidth_hand_value():
     # pooled points 0, 1, 3: distances 1, 3, 2 -> median 2.
     assert analysis.median_bandwidth(np.array([[0.0], [1.0]]), np.array([[3.0]])) == 2.0

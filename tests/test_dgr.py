@@ -1,5 +1,6 @@
-"""DGR (SPEC section 6): the release's autoencoder, its loss, replay labelled by the previous
-classifier, training after each task, memory, and resume through the autoencoder stage."""
+"""DGR (SPEC section 6b): the release's autoencoder, its loss, replay labelled by the previous
+classifier, the autoencoder's pass over the solver's own batches, memory, and resume through
+the autoencoder stage."""
 import json
 
 import jax
@@ -37,13 +38,20 @@ def test_autoencoder_matches_the_release_and_outputs_images_in_0_1(size, channel
 def test_vae_loss_terms():
     x = jnp.full((2, 4, 4, 1), 0.25)
     zeros = jnp.zeros((2, 3))
-    exact = losses.vae_loss(x, x, zeros, zeros)  # KL 0; BCE is x's entropy
-    np.testing.assert_allclose(exact, -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), rtol=1e-5)
-    shifted = losses.vae_loss(x, x, jnp.ones((2, 3)), zeros)  # KL = 0.5 * 3 per sample
+    exact, recon, kl = losses.vae_loss(x, x, zeros, zeros)  # KL 0; BCE is x's entropy
+    entropy = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+    np.testing.assert_allclose(exact, entropy, rtol=1e-5)
+    np.testing.assert_allclose(recon, entropy, rtol=1e-5)
+    shifted = losses.vae_loss(x, x, jnp.ones((2, 3)), zeros)[0]  # KL = 0.5 * 3 per sample
     np.testing.assert_allclose(shifted - exact, 1.5 / 16, rtol=1e-5)
+    # weights scale the reconstruction of each row (mean over rows), not the KL
+    weighted = losses.vae_loss(x, x, jnp.ones((2, 3)), zeros, jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(weighted[1], entropy / 2, rtol=1e-5)
+    np.testing.assert_allclose(weighted[2], 1.5 / 16, rtol=1e-5)
+    # rows outside `rows` count for nothing, neither in the sums nor in the means
     worse = jnp.concatenate([x[:1], jnp.full((1, 4, 4, 1), 0.9)])
-    weighted = losses.vae_loss(worse, x, zeros, zeros, jnp.array([1.0, 0.0]))
-    np.testing.assert_allclose(weighted, exact, rtol=1e-5)  # the zero-weight row is ignored
+    masked = losses.vae_loss(worse, x, zeros, zeros, rows=jnp.array([1.0, 0.0]))[0]
+    np.testing.assert_allclose(masked, exact, rtol=1e-5)
 
 
 def test_replay_is_labelled_by_the_previous_classifier_among_past_classes():
@@ -60,17 +68,18 @@ def test_replay_is_labelled_by_the_previous_classifier_among_past_classes():
     head["bias"] = jnp.zeros(6).at[1].set(50.0).at[5].set(100.0)
     teacher = state.teacher.replace(params={**state.teacher.params, "head": head})
     state = state.replace(teacher=teacher)
-    ctx = train.LossContext(forward=None, model=model, params=learner.params,
+    ctx = train.LossContext(forward=None, model=model, params=learner.params, batch_stats=None,
                             method_state=state, images=jnp.zeros((4, 8, 8, 1)),
                             labels=jnp.array([3, 4, 3, 4]), num_old=jnp.int32(3),
                             num_seen=jnp.int32(5), rng=jax.random.PRNGKey(2))
-    x, y = dgr.replay_batch(ctx, method.vae, method.mean, method.std)
-    assert x.shape == (8, 8, 8, 1)
+    x, y, replay_logits = dgr.replay_batch(ctx, method.vae, method.mean, method.std)
+    assert x.shape == (8, 8, 8, 1) and replay_logits.shape == (4, 6)
     np.testing.assert_array_equal(y, [3, 4, 3, 4, 1, 1, 1, 1])
+    assert float(x.min()) >= 0 and float(x.max()) <= 1  # the release's DGR: [0, 1] inputs
 
 
-def test_dgr_trains_its_autoencoder_after_each_task_but_the_last(digits_data_dir,
-                                                                 reference_run):
+def test_dgr_trains_its_autoencoder_on_each_tasks_batches_but_the_last(digits_data_dir,
+                                                                         reference_run):
     config = three_task_config(digits_data_dir, "dgr")
     results, workdir = reference_run(config)
     memory = results["repeats"][0]["memory"]
@@ -80,3 +89,34 @@ def test_dgr_trains_its_autoencoder_after_each_task_but_the_last(digits_data_dir
     assert {line["task"] for line in vae} == {1, 2}
     first = [line["loss"] for line in vae if line["task"] == 1]
     assert first[-1] < first[0]  # the autoencoder learns
+    # at the solver's learning rate, as many steps as the solver (the same batches)
+    for task in (1, 2):
+        solver = [line for line in lines if line.get("task") == task and "phase" not in line
+                  and "lr" in line]
+        steps = [line for line in vae if line["task"] == task]
+        assert steps[-1]["step"] == solver[-1]["step"]
+        assert [line["lr"] for line in steps] == [line["lr"] for line in solver]
+
+
+def test_the_autoencoder_pass_sees_the_solvers_batches(digits_data_dir, tmp_path, monkeypatch):
+    """The release updates the autoencoder in the solver's step; here a second pass over the
+    task must draw the very same batches: its TaskInfo (examples, key, epochs, schedule) is
+    the task's own."""
+    from abd_jax import experiment
+    infos = []
+    real = experiment.RepeatRunner._task_info
+
+    def record(self, *args, **kwargs):
+        info = real(self, *args, **kwargs)
+        infos.append(jax.device_get(info))
+        return info
+
+    monkeypatch.setattr(experiment.RepeatRunner, "_task_info", record)
+    config = three_task_config(digits_data_dir, "dgr")
+    config.num_tasks, config.num_classes = 2, 4
+    experiment.run(config, tmp_path)
+    # task 1's training, its autoencoder pass, task 2's training (no pass after the last)
+    assert len(infos) == 3
+    for field in ("index", "count", "key", "steps_per_epoch", "total_steps", "base_lr",
+                  "lr_milestones", "num_old", "num_seen"):
+        np.testing.assert_array_equal(getattr(infos[0], field), getattr(infos[1], field))

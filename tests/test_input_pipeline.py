@@ -163,10 +163,13 @@ def test_split_labels_are_read_once_per_version_of_the_split_files(digits_data_d
     assert third.reads == len(expected)
 
 
-def test_dgr_refuses_the_stream_path(digits_data_dir, tmp_path):
-    config = tiny_config(digits_data_dir, method="dgr", num_tasks=2, input_pipeline="stream")
-    with pytest.raises(ValueError, match="input_pipeline=device"):
-        experiment.run(config, tmp_path)
+def test_dgr_streams_the_autoencoders_batches_too(digits_data_dir, tmp_path):
+    """DGR's autoencoder pass reads the task's batches again: streamed, the same numbers."""
+    config = tiny_config(digits_data_dir, method="dgr", num_tasks=2, num_classes=4, epochs=1)
+    device = experiment.run(config, tmp_path / "device")
+    config.input_pipeline = "stream"
+    streamed = experiment.run(config, tmp_path / "stream")
+    assert streamed["repeats"][0]["R_global"] == device["repeats"][0]["R_global"]
 
 
 def test_cifar10_stream_resumes_mid_epoch_identically(prepared_cifar10, tmp_path,

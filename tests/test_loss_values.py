@@ -598,7 +598,7 @@ def _ctx(s, params=None, method_state=None):
                                               train=True, mutable=["batch_stats"])
         return logits, feats, upd["batch_stats"]
 
-    return train.LossContext(forward=forward, model=s["net"], params=params,
+    return train.LossContext(forward=forward, model=s["net"], params=params, batch_stats=bs,
                              method_state=s["state"] if method_state is None else method_state,
                              images=s["x"], labels=s["y"], num_old=jnp.int32(K_OLD),
                              num_seen=jnp.int32(K_NEW), rng=jax.random.PRNGKey(4))

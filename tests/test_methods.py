@@ -56,6 +56,7 @@ def _ctx(model, params, batch_stats, x, y, method_state=None):
         return logits, feats, upd["batch_stats"]
 
     return train.LossContext(forward=forward, model=model, params=params,
+                             batch_stats=batch_stats,
                              method_state=method_state, images=x, labels=y,
                              num_old=jnp.int32(0), num_seen=jnp.int32(4),
                              rng=jax.random.PRNGKey(0))

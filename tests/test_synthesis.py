@@ -184,7 +184,8 @@ def _ctx(method_name="abd"):
         return logits, feats, upd["batch_stats"]
 
     ctx = train.LossContext(
-        forward=forward, model=model, params=state.params, method_state=method_state, images=x,
+        forward=forward, model=model, params=state.params, batch_stats=state.batch_stats,
+        method_state=method_state, images=x,
         labels=labels[:8], num_old=jnp.int32(3), num_seen=jnp.int32(6),
         rng=jax.random.PRNGKey(11))
     return ctx, method, model, state

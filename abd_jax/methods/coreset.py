@@ -1,8 +1,10 @@
-"""Coreset (rehearsal) baselines (SPEC section 6): a class-balanced memory of real training
+"""Coreset (rehearsal) baselines (SPEC section 6b): a class-balanced memory of real training
 images, kept as indices into the training set and mixed into every later task's data.
 
 Naive Rehearsal is Base plus the memory; LwF + coreset is LwF plus the memory (random
-selection, seeded). E2E and BiC (their own modules) use the same memory with herding.
+selection, seeded). As in the release, each task trains on its own images plus as many
+memory samples drawn with replacement (1:1). E2E and BiC (their own modules) append the whole
+memory, chosen from features (`SELECTIONS`).
 
 The memory is `int32 [M]` (`-1` = empty): class by class in label order, each class's
 exemplars in priority order (herding's picking order, or a seeded shuffle), so shrinking a
@@ -21,7 +23,10 @@ from abd_jax import train
 from abd_jax.methods import base, lwf
 from abd_jax.methods.lifecycle import Method, Runtime, Task, TeacherMethod
 
-SELECTIONS = ("random", "herding")
+# random: a seeded shuffle. herding: iCaRL's herding on L2-normalised features (the iCaRL,
+# E2E and BiC papers); herding_raw: the same on raw features (the release's BiC);
+# closest_to_mean: by distance of the raw feature to the class mean (the release's E2E).
+SELECTIONS = ("random", "herding", "herding_raw", "closest_to_mean")
 
 
 def class_quotas(num_seen: int, size: int) -> np.ndarray:
@@ -34,11 +39,13 @@ def class_quotas(num_seen: int, size: int) -> np.ndarray:
     return quotas
 
 
-def herding_order(features: np.ndarray, count: int) -> np.ndarray:
+def herding_order(features: np.ndarray, count: int, normalize: bool = True) -> np.ndarray:
     """iCaRL's herding: positions (into `features [n, D]`) of `count` examples, in picking
-    order. Features are L2-normalised; step k picks the unpicked example that brings the mean
-    of the k picked ones closest to the class mean."""
-    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    order: step k picks the unpicked example that brings the mean of the k picked ones
+    closest to the class mean. Features are L2-normalised first unless `normalize` is False."""
+    f = np.asarray(features, np.float64)
+    if normalize:
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     mean = f.mean(axis=0)
     picked, total = [], np.zeros_like(mean)
     available = np.ones(len(f), bool)
@@ -50,6 +57,21 @@ def herding_order(features: np.ndarray, count: int) -> np.ndarray:
         available[i] = False
         total += f[i]
     return np.asarray(picked, np.int64)
+
+
+def closest_to_mean_order(features: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the `count` examples of `features [n, D]` nearest to their mean (raw
+    features, Euclidean), nearest first."""
+    f = np.asarray(features, np.float64)
+    distance = np.linalg.norm(f - f.mean(axis=0), axis=1)
+    return np.argsort(distance, kind="stable")[:count].astype(np.int64)
+
+
+def ranked(features: np.ndarray, count: int, selection: str) -> np.ndarray:
+    """Positions of `count` examples in priority order by a feature-based `selection`."""
+    if selection == "closest_to_mean":
+        return closest_to_mean_order(features, count)
+    return herding_order(features, count, normalize=selection == "herding")
 
 
 def memory_by_class(memory: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
@@ -100,17 +122,17 @@ class Coreset:
         index = rt.task_indices(task.index)
         labels = rt.train_labels[index]
         need = int(class_quotas(task.num_seen, self.size).max())
-        features = rt.predict_train(learner, index)[1] if self.selection == "herding" else None
-        ranked = {}
+        features = None if self.selection == "random" else rt.predict_train(learner, index)[1]
+        by_class = {}
         for c in range(task.num_old, task.num_seen):
             members = np.flatnonzero(labels == c)
-            if self.selection == "herding":
-                order = herding_order(features[members], need)
-            else:
+            if self.selection == "random":
                 order = np.asarray(jax.random.permutation(jax.random.fold_in(key, c),
                                                           len(members)))[:need]
-            ranked[c] = index[members[order]]
-        return ranked
+            else:
+                order = ranked(features[members], need, self.selection)
+            by_class[c] = index[members[order]]
+        return by_class
 
     def updated(self, rt: Runtime, learner, memory, task: Task, key) -> jax.Array:
         """The memory once `task` is learned (its new classes added, every class at quota)."""
@@ -139,7 +161,7 @@ class TeacherMemoryState:
 
 
 class RehearsalMixin:
-    """Trains on the task's data plus the memory; updates the memory at each task end."""
+    """Trains on the task's data plus the whole memory; updates the memory at each task end."""
 
     coreset: Coreset
 
@@ -157,7 +179,24 @@ class RehearsalMixin:
         return {**super().memory_footprint(rt, state), **self.coreset.footprint(rt)}
 
 
-class NaiveRehearsal(RehearsalMixin, Method):
+class RandomReplayMixin(RehearsalMixin):
+    """Trains on the task's images plus as many memory samples, drawn with replacement once
+    per task (the release's `append_coreset`: 1:1, e.g. 5,000 : 5,000 at 10 CIFAR-100 tasks)."""
+
+    def index_capacity(self, rt, num_tasks):
+        return 2 * max(len(rt.task_indices(t)) for t in range(num_tasks))
+
+    def train_index(self, rt, state, task):
+        own = rt.task_indices(task.index)
+        stored = self.coreset.stored(state.memory)
+        if not len(stored):
+            return own
+        key = jax.random.fold_in(rt.method_key, 30_000 + task.index)
+        draw = np.asarray(jax.random.randint(key, (len(own),), 0, len(stored)))
+        return np.concatenate([own, stored[draw]])
+
+
+class NaiveRehearsal(RandomReplayMixin, Method):
     """Base (CE over the valid logits) on the task's data plus a random class-balanced
     memory."""
 
@@ -190,7 +229,7 @@ class TeacherRehearsal(RehearsalMixin, TeacherMethod):
                                            memory=self.new_memory(rt, learner, state, task))
 
 
-class LwFCoreset(TeacherRehearsal):
+class LwFCoreset(RandomReplayMixin, TeacherRehearsal):
     """LwF's loss (CE + KD over the past classes) on the task's data plus a random memory."""
 
     name = "lwf_coreset"

@@ -1,20 +1,24 @@
-"""Deep Generative Replay (Shin et al. 2017), the paper's DGR row (SPEC section 6).
+"""Deep Generative Replay (Shin et al. 2017), the paper's DGR row, as the release runs it
+(SPEC section 6b).
 
-After each task a variational autoencoder (`models.ConvVAE`, the release's) is trained on the
-task's real images plus images replayed from its previous version; during the next task every
-step replays B decoded images labelled by the previous classifier (argmax over the past
-classes) and the solver minimises the task-balanced CE over real + replay (the release weights
-DGR's CE as ABD's task balancing). The autoencoder is kept between tasks, so its parameters
-count as stored memory.
+During every task after the first, each step replays B images decoded by the previous task's
+variational autoencoder (`models.ConvVAE`, the release's), labelled by the previous solver
+(argmax over the past classes); the solver minimises the task-balanced CE over real + replay
+plus `dgr.mu` times a KD over the past classes on the replayed images (`losses.dgr_solver_loss`).
+The autoencoder learns from the same batches (the task's augmented images plus those replayed
+images, with the same weights) with the solver's SGD and schedule, reset each task. The
+release updates it in the same step as the solver; neither update reads the other, so it is
+trained here in a second pass over the same batches (same example indices, augmentation and
+replay keys), which gives the same parameters. It is kept between tasks, so its parameters
+count as stored memory. The release's DGR runs without weight decay (`dgr.weight_decay`) on
+images in [0, 1] (`dgr.normalize_inputs=False`).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from abd_jax import losses, models, programs, train
 from abd_jax.methods import base
@@ -24,11 +28,18 @@ from abd_jax.train import LossContext
 
 @struct.dataclass
 class DGRState:
-    """teacher: the previous task's classifier. vae: the autoencoder's parameters and Adam
-    state (one autoencoder, trained on across tasks)."""
+    """teacher: the previous task's solver. vae: the autoencoder's parameters and SGD state
+    (one autoencoder, trained on across tasks)."""
 
     teacher: train.Teacher
     vae: train.TrainState
+
+
+@struct.dataclass
+class AutoencoderInputs:
+    """What the autoencoder's loss reads: the previous task's autoencoder (the replay)."""
+
+    previous: dict
 
 
 def decode_replay(vae: models.ConvVAE, vae_params, key, count: int, mean, std):
@@ -40,8 +51,9 @@ def decode_replay(vae: models.ConvVAE, vae_params, key, count: int, mean, std):
 
 
 def replay_batch(ctx: LossContext, vae: models.ConvVAE, mean, std):
-    """(x, y) `[2B, ...]`: the real batch, then B images decoded by the previous autoencoder
-    and labelled by the teacher's argmax among the past classes `[0, K_old)`."""
+    """(x, y, teacher logits of the replay) with x, y `[2B, ...]`: the real batch, then B
+    images decoded by the previous autoencoder from `ctx.rng` and labelled by the teacher's
+    argmax among the past classes `[0, K_old)`."""
     state: DGRState = ctx.method_state
     _, x_replay = decode_replay(vae, state.vae.params, ctx.rng, ctx.images.shape[0], mean,
                                 std)
@@ -49,52 +61,39 @@ def replay_batch(ctx: LossContext, vae: models.ConvVAE, mean, std):
     teacher_logits = train.teacher_apply(ctx.model, state.teacher, x_replay)[0]
     y_replay = jnp.argmax(losses.mask_logits(teacher_logits, 0, ctx.num_old), axis=-1)
     return (jnp.concatenate([ctx.images, x_replay]),
-            jnp.concatenate([ctx.labels, y_replay.astype(ctx.labels.dtype)]))
+            jnp.concatenate([ctx.labels, y_replay.astype(ctx.labels.dtype)]), teacher_logits)
 
 
-def dgr_loss(ctx: LossContext, vae: models.ConvVAE, mean, std):
-    """Task-balanced CE over the valid logits of [x_real; x_replay] (`replay_batch`)."""
-    x, y = replay_batch(ctx, vae, mean, std)
+def dgr_loss(ctx: LossContext, vae: models.ConvVAE, mean, std, mu: float, temperature: float):
+    """`losses.dgr_solver_loss` on [x_real; x_replay] (`replay_batch`)."""
+    x, y, replay_logits = replay_batch(ctx, vae, mean, std)
     logits, _, new_bs = ctx.forward(x)
-    w = losses.task_balancing_weights(y, ctx.num_old, ctx.num_seen)
-    ce = losses.valid_ce_loss(logits, y, ctx.num_seen, w)
-    return ce, new_bs, {"ce": ce}
+    loss, ce, kd = losses.dgr_solver_loss(logits, replay_logits, y, ctx.num_old, ctx.num_seen,
+                                          mu, temperature)
+    return loss, new_bs, {"ce": ce, "kd": kd}
 
 
-def make_vae_step(vae: models.ConvVAE, batch_size: int, mesh):
-    """Pure `(vae_state, previous_params, replay, images, labels, task) -> (vae_state,
-    metrics)`: one Adam step on the `step`-th batch of the task's images in [0, 1] (plus, when
-    `replay` is 1, as many images decoded by the previous autoencoder), with the VAE loss."""
-    batch_sharding = NamedSharding(mesh, P("data"))
-
-    def step(vae_state: train.TrainState, previous_params, replay, images, labels,
-             task: train.TaskInfo):
-        rng = jax.random.fold_in(task.key, vae_state.step)
-        replay_key, noise_key = jax.random.split(rng)
-        real, _ = train.sample_batch(images, labels, task, vae_state.step, batch_size)
-        real = jax.lax.with_sharding_constraint(real.astype(jnp.float32) / 255.0,
-                                                batch_sharding)
-        old, _ = decode_replay(vae, previous_params, replay_key, batch_size, 0.0, 1.0)
-        x = jnp.concatenate([real, old])
-        weights = jnp.concatenate([jnp.ones(batch_size), jnp.full(batch_size, replay)])
-
-        def loss_of(params):
-            recon, mean, logvar = vae.apply({"params": params}, x, noise_key)
-            return losses.vae_loss(recon, x, mean, logvar, weights)
-
-        loss, grads = jax.value_and_grad(loss_of)(vae_state.params)
-        return vae_state.apply_gradients(grads=grads), {"loss": loss}
-
-    return step
-
-
-def _vae_chunk(vae: models.ConvVAE, batch_size: int, mesh, steps_per_call: int):
-    return train.fuse_steps(make_vae_step(vae, batch_size, mesh), steps_per_call)
+def autoencoder_loss(ctx: LossContext, vae: models.ConvVAE, mean, std):
+    """`losses.vae_loss` of the autoencoder at `ctx.params` on the solver's batch of the same
+    step: the real images in [0, 1], then (from the second task on) the images the solver
+    replayed (same key), weighted as the solver weights them (1 - r real, r replayed)."""
+    inputs: AutoencoderInputs = ctx.method_state
+    b = ctx.images.shape[0]
+    real = ctx.images * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
+    replayed, _ = decode_replay(vae, inputs.previous, ctx.rng, b, 0.0, 1.0)
+    x = jnp.concatenate([real.astype(jnp.float32), replayed])
+    with_replay = (ctx.num_old > 0).astype(jnp.float32)
+    rows = jnp.concatenate([jnp.ones(b), jnp.full(b, with_replay)])
+    labels = jnp.concatenate([ctx.labels, jnp.zeros(b, ctx.labels.dtype)])  # replay: < K_old
+    weights = losses.task_balancing_weights(labels, ctx.num_old, ctx.num_seen)
+    recon, z_mean, z_logvar = vae.apply({"params": ctx.params}, x,
+                                        jax.random.fold_in(ctx.rng, 1))
+    loss, reconstruction, kl = losses.vae_loss(recon, x, z_mean, z_logvar, weights, rows)
+    return loss, None, {"reconstruction": reconstruction, "kl": kl}
 
 
 class DGR(TeacherMethod):
     name = "dgr"
-    needs_device_data = True  # the VAE's training loop samples the split on device
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
@@ -102,51 +101,46 @@ class DGR(TeacherMethod):
         height, _, channels = spec.image_shape
         self.vae = models.ConvVAE(image_size=height, channels=channels,
                                   z_dim=config.dgr.z_dim)
-        self.mean, self.std = tuple(spec.mean), tuple(spec.std)
+        self.mean, self.std = self.input_stats(spec)
         self.first_task_loss = base.ce
         self.distill_loss = programs.bind(dgr_loss, vae=self.vae, mean=self.mean,
-                                          std=self.std)
+                                          std=self.std, mu=config.dgr.mu,
+                                          temperature=config.kd_temperature)
+        self.autoencoder_loss = programs.bind(autoencoder_loss, vae=self.vae, mean=self.mean,
+                                              std=self.std)
+
+    def input_stats(self, spec) -> tuple[tuple, tuple]:
+        if self.config.dgr.normalize_inputs:
+            return super().input_stats(spec)
+        channels = spec.image_shape[-1]
+        return (0.0,) * channels, (1.0,) * channels
+
+    def weight_decay(self, config) -> float:
+        return config.dgr.weight_decay
 
     def init_state(self, rt: Runtime, learner) -> DGRState:
         h, w, c = rt.image_shape
         params = models.init_variables(self.vae, jax.random.fold_in(rt.method_key, 0),
                                        jnp.zeros((1, h, w, c)), jax.random.PRNGKey(0))["params"]
-        vae = train.new_train_state(self.vae, {"params": params},
-                                    programs.shared(optax.adam, self.config.dgr.lr))
+        c = self.config
+        tx = programs.shared(train.learner_optimizer, c.lr, c.momentum, self.weight_decay(c))
+        vae = train.new_train_state(self.vae, {"params": params}, tx)
         return DGRState(teacher=train.teacher_of(learner), vae=vae)
 
     def memory_footprint(self, rt, state: DGRState) -> dict:
         count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.vae.params))
         return {**super().memory_footprint(rt, state), "generator_parameters": count}
 
-    def vae_chunk(self, rt: Runtime):
-        """The jitted autoencoder chunk (one per process for equal settings, `programs`)."""
-        return programs.jitted(_vae_chunk, self.vae, self.config.batch_size, rt.mesh,
-                               rt.steps_per_call)
-
     def end_task(self, rt: Runtime, learner, state: DGRState, task: Task):
+        """The autoencoder's pass over the task's batches (not after the last task: nothing
+        replays from it)."""
         teacher = train.teacher_of(learner)
         if task.is_last:
             return learner, state.replace(teacher=teacher)
-        epochs = self.config.dgr.epochs or self.config.epochs
-        info = rt.task_info(task, rt.task_indices(task.index), epochs,
-                            jax.random.fold_in(rt.method_key, task.index + 1))
-        total = int(info.total_steps)
-        previous = state.vae.params
-        replay = jnp.float32(0.0 if task.is_first else 1.0)
-        vae_state = state.vae.replace(step=jnp.zeros_like(state.vae.step))
-        chunk = self.vae_chunk(rt)
-        done = 0
-        while done < total:
-            todo = min(self.config.log_every_steps, total - done)
-            vae_state, metrics = train.run_steps(chunk, vae_state, todo, rt.steps_per_call,
-                                                 total, previous, replay, rt.device_images,
-                                                 rt.device_labels, info)
-            active = metrics["active"] > 0
-            if not np.isfinite(metrics["loss"][active]).all():
-                raise FloatingPointError(f"non-finite autoencoder loss after task "
-                                         f"{task.index + 1}; lower --config.dgr.lr")
-            done += int(active.sum())
-            rt.log(done, {"loss": float(np.mean(metrics["loss"][active]))},
-                   task=task.index + 1, phase="autoencoder")
-        return learner, DGRState(teacher=teacher, vae=vae_state)
+        c = self.config
+        vae = rt.train_stage(
+            state.vae, AutoencoderInputs(previous=state.vae.params),
+            self.autoencoder_loss, self.train_index(rt, state, task), epochs=c.epochs,
+            lr=c.lr, lr_milestones=tuple(c.lr_milestones), key=rt.task_key(task.index),
+            task=task, name="autoencoder")
+        return learner, DGRState(teacher=teacher, vae=vae)

@@ -57,15 +57,15 @@ class Runtime:
     task_indices(t) / seen_indices(t) -> int32 training-example indices of task t's classes /
         of every class seen up to task t.
     train_labels: the (remapped) label of every training example, host int32 `[N]`.
-    device_images, device_labels: the training set on the mesh (uint8 images, labels), for a
-        method's own jitted loops (None when the run streams its data: a method that needs
-        them sets `needs_device_data`); task_info(task, index, epochs, key) -> the `TaskInfo` that
-        samples `index` for `epochs` with `train.sample_batch`.
+    task_key(t) -> the PRNG key task t's training draws its batches and step keys from.
     predict_train(learner, index) -> (logits `[n, C]`, features `[n, D]`), host numpy: the
         eval-mode model on the (normalised, not augmented) training images `index`.
-    train_stage(learner, state, loss_fn, index, *, epochs, lr, key, task, name) -> learner:
-        `epochs` more SGD epochs of `loss_fn` over `index` at a constant `lr`, with a fresh
-        optimiser (e.g. E2E's balanced fine-tuning), logged with phase=name.
+    train_stage(state, method_state, loss_fn, index, *, epochs, lr, lr_milestones, key, task,
+        name) -> state: `epochs` SGD epochs of `loss_fn` (seeing `method_state`) over `index`
+        (augmented batches, as the task's training), from a fresh optimiser of `state` (any
+        TrainState: the learner, or e.g. BiC's correction), at `lr` decayed after the epochs
+        `lr_milestones`, logged with phase=name (e.g. E2E's balanced fine-tuning). With the
+        task's own index, epochs, schedule and `task_key` its batches are the task's.
     checkpoint_progress(task, learner, state, progress) -> None: save a checkpoint inside
         `end_task` (progress: an int > 0 that grows, e.g. generator iterations done). An
         interrupt then resumes by calling `end_task` again with this `state`, so a method that
@@ -85,9 +85,7 @@ class Runtime:
     task_indices: Callable[[int], np.ndarray]
     seen_indices: Callable[[int], np.ndarray]
     train_labels: np.ndarray
-    device_images: Any
-    device_labels: Any
-    task_info: Callable[..., train.TaskInfo]
+    task_key: Callable[[int], Any]
     predict_train: Callable[..., tuple]
     train_stage: Callable[..., train.TrainState]
     checkpoint_progress: Callable[..., None]
@@ -106,8 +104,7 @@ class Runtime:
         return cls(config=config, model=model, mesh=mesh, image_shape=tuple(image_shape),
                    steps_per_call=steps_per_call, fresh_learner=no_data, task_indices=no_data,
                    seen_indices=no_data, train_labels=np.zeros(0, np.int32),
-                   device_images=None, device_labels=None, task_info=no_data,
-                   predict_train=no_data, train_stage=no_data,
+                   task_key=no_data, predict_train=no_data, train_stage=no_data,
                    checkpoint_progress=lambda *args: None, method_key=method_key,
                    log=lambda *args, **kwargs: None, save_samples=lambda *args: None)
 
@@ -137,12 +134,19 @@ class Method:
     """
 
     name: str = ""
-    needs_device_data: bool = False  # its hooks read `Runtime.device_images` (no streaming)
 
     def __init__(self, config, spec: data_lib.DatasetSpec):
         """Built by `methods.get_method` from the run's config and its data's spec (classes,
         image shape, mean/std)."""
         del config, spec
+
+    def input_stats(self, spec: data_lib.DatasetSpec) -> tuple[tuple, tuple]:
+        """(mean, std) per channel that the classifier's inputs are normalised with."""
+        return tuple(spec.mean), tuple(spec.std)
+
+    def weight_decay(self, config) -> float:
+        """The learner's SGD weight decay."""
+        return config.weight_decay
 
     def init_state(self, rt: Runtime, learner: train.TrainState) -> Any:
         """The state before the first task, with the structure it keeps all run."""
