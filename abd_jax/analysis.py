@@ -23,8 +23,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
-from abd_jax import experiment, train
+from abd_jax import experiment, methods, models, rng, train
+from abd_jax.methods.lifecycle import Runtime, learner_optimizer
+from abd_jax.methods.synthetic_replay import SyntheticReplay
+from abd_jax.methods.teacher import teacher_apply, teacher_of
+from abd_jax.plan import RunPlan
+from abd_jax.session import Session
 
 EPS = 1e-8
 
@@ -92,52 +98,61 @@ def load_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
 
 
 def feature_sets(workdir: pathlib.Path, task: int = 2, repeat: int = 0, split: str = "test",
-                 max_per_set: int = 1000, seed: int = 0) -> FeatureSets:
+                 max_per_set: int = 1000, seed: int = 0,
+                 session: Optional[Session] = None) -> FeatureSets:
     """Features of real task 1, real task `task` (`split` images, at most `max_per_set` each)
     and as many synthetic task-1 images, from the checkpoints at the ends of tasks `task - 1`
     (the generator replayed during task `task`) and `task` (the model)."""
+    if session is None:
+        with Session() as own:
+            return feature_sets(workdir, task, repeat, split, max_per_set, seed, own)
     config = load_config(workdir)
     if not 2 <= task <= config.num_tasks:
         raise ValueError(f"task must be in [2, {config.num_tasks}] (the model after task T is "
                          f"compared with the replay it learned from), got {task}")
-    splits = experiment.load_splits(config)
-    runner = experiment.RepeatRunner(config, workdir, splits,
-                                     experiment.make_mesh(config.num_devices), None, repeat)
-    method = runner.method
-    if not hasattr(method, "synthesizer"):
+    splits = experiment.load_splits(config, session)
+    spec = data_lib.classes_in_use(splits.spec, config.num_classes)
+    method = methods.get_method(config, spec)
+    if not isinstance(method, SyntheticReplay):
         raise ValueError(f"method {config.method!r} replays no generator; the diagnostics "
                          "compare synthetic with real data (use abd, deepinversion or "
                          "lwf_synthetic)")
-    learner = runner._fresh_state(runner.init_key)
-    template = {"state": learner, "method": method.init_state(runner.rt, learner)}
+    plan = RunPlan.create(config, splits.spec.num_classes, splits.train_labels,
+                          splits.test_labels, repeat)
+    model = models.create_classifier(config.model, spec.num_classes, config.dtype,
+                                     config.conv_impl)
+    rt = Runtime(config=config, plan=plan, model=model,
+                 mesh=experiment.make_mesh(config.num_devices), image_shape=spec.image_shape,
+                 steps_per_call=1, method_key=plan.method_key, session=session)
+    learner = train.create_train_state(session, model, plan.init_key, spec.image_shape,
+                                       learner_optimizer(rt, method.weight_decay(config)))
+    template = {"state": learner, "method": method.init_state(rt, learner)}
+    checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints" / f"repeat_{repeat}")
     try:
-        model_tree, _ = runner.checkpointer.restore_at(task, 0, template)
-        replay_tree, _ = runner.checkpointer.restore_at(task - 1, 0, template)
+        model_tree, _ = checkpointer.restore_at(task, 0, template)
+        replay_tree, _ = checkpointer.restore_at(task - 1, 0, template)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err}. Rerun with --config.keep_task_checkpoints=True to "
                                 "keep every finished task's checkpoint") from None
     finally:
-        runner.checkpointer.close()
-    model = train.teacher_of(model_tree["state"])
-
+        checkpointer.close()
+    trained = teacher_of(model_tree["state"])
     images = splits.test_images if split == "test" else splits.train_images
-    labels = runner.test_labels if split == "test" else runner.train_labels
-    rng = np.random.RandomState(seed)
+    labels = plan.test_labels if split == "test" else plan.train_labels
+    rand = np.random.RandomState(seed)
 
     def real(t: int) -> np.ndarray:
-        lo, hi = runner.bounds[t]
+        lo, hi = plan.bounds[t]
         idx = np.flatnonzero((labels >= lo) & (labels < hi))
         if len(idx) > max_per_set:
-            idx = np.sort(rng.choice(idx, max_per_set, replace=False))
-        return np.asarray(data_lib.normalize(images[idx], splits.spec.mean, splits.spec.std))
+            idx = np.sort(rand.choice(idx, max_per_set, replace=False))
+        return np.asarray(data_lib.normalize(images[idx], spec.mean, spec.std))
 
     real_first, real_current = real(0), real(task - 1)
-    synth = method.synthesizer(runner.rt)
-    old_teacher = replay_tree["method"].teacher
-    synthetic, _ = synth.labelled_samples(replay_tree["method"].generator, old_teacher,
-                                          runner.bounds[task - 2][1],
-                                          jax.random.PRNGKey(seed), len(real_first))
-    features = jax.jit(lambda x: train.teacher_apply(runner.model, model, x)[1])
+    synthetic, _ = method.synthesizer(rt).labelled_samples(
+        replay_tree["method"].generator, replay_tree["method"].teacher, plan.bounds[task - 2][1],
+        rng.key(seed), len(real_first))
+    features = jax.jit(lambda x: teacher_apply(model, trained, x)[1])
 
     def featurize(x: np.ndarray, batch: int = 500) -> np.ndarray:
         return np.concatenate([np.asarray(features(x[i:i + batch]), np.float32)

@@ -6,8 +6,8 @@ the state's layout). Its id encodes the position
 `(task, step)`, `id = task * ID_STRIDE + step`, and so the phase of task `t`:
 
 - `step < END_TASK`: training step `step` (`(t, total_steps)` once training is done);
-- `END_TASK + k`: inside the method's end-of-task hook, which saved its progress `k`;
-- `EVALUATE`: the end-of-task hook is done, the evaluation is not;
+- `END_TASK + i * STAGE_STRIDE + k`: the method's end-of-task stage `i`, `k` steps into it;
+- `EVALUATE`: every end-of-task stage is done, the evaluation is not;
 - a finished task `t` is saved as `(t + 1, 0)`.
 """
 from __future__ import annotations
@@ -32,16 +32,8 @@ from abd_jax import hosts
 
 ID_STRIDE = 10_000_000
 END_TASK = ID_STRIDE // 2
+STAGE_STRIDE = 1_000_000  # steps a loop may take (a task's training, or one stage)
 EVALUATE = ID_STRIDE - 1
-
-# Config fields that do not change the numbers a run produces; they may differ on resume.
-NON_RESULT_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data_dir", "download",
-                     "eval_batch_size", "upper_bound_results", "synthesis_log_every",
-                     "synthesis_checkpoint_every", "sample_grid_size", "keep_task_checkpoints",
-                     "tensorboard", "compile_ahead",
-                     # The input path: both read the same batches (`input_pipeline`).
-                     "input_pipeline", "stream_above_gb", "stream_workers", "stream_prefetch")
-
 
 def position_to_id(task: int, step: int) -> int:
     if not 0 <= step < ID_STRIDE:
@@ -51,6 +43,30 @@ def position_to_id(task: int, step: int) -> int:
 
 def id_to_position(ckpt_id: int) -> tuple[int, int]:
     return divmod(ckpt_id, ID_STRIDE)
+
+
+def stage_step(stage: int, progress: int) -> int:
+    """The step of a position `progress` steps into end-of-task stage `stage`."""
+    if not 0 <= progress < STAGE_STRIDE or END_TASK + (stage + 1) * STAGE_STRIDE > EVALUATE:
+        raise ValueError(f"stage {stage} progress {progress} has no checkpoint position")
+    return END_TASK + stage * STAGE_STRIDE + progress
+
+
+def stage_of(step: int) -> tuple[int, int]:
+    """(stage, progress) of an end-of-task step (`END_TASK <= step < EVALUATE`)."""
+    return divmod(step - END_TASK, STAGE_STRIDE)
+
+
+def describe_position(task: int, step: int) -> str:
+    """A checkpoint position in words, 1-based as the log counts tasks."""
+    if step == EVALUATE:
+        return f"task {task + 1}, before its evaluation"
+    if step >= END_TASK:
+        stage, progress = stage_of(step)
+        return f"task {task + 1}, end-of-task stage {stage + 1}, step {progress}"
+    if step == 0 and task > 0:
+        return f"the end of task {task}"
+    return f"task {task + 1}, training step {step}"
 
 
 class RunCheckpointer:
@@ -143,10 +159,10 @@ class RunCheckpointer:
             target = target.with_name(f"{step}.{suffix}")
         target.parent.mkdir(parents=True, exist_ok=True)
         reason = (str(err).strip().splitlines() or [""])[0][:200]
-        logging.warning("checkpoint %d (task %d step %d) in %s does not restore (%s: %s); "
-                        "moved it to %s and trying the one before", step,
-                        *id_to_position(step), self.directory, type(err).__name__, reason,
-                        target)
+        logging.warning("checkpoint %d (%s) in %s does not restore (%s: %s); moved it to %s "
+                        "and trying the one before", step,
+                        describe_position(*id_to_position(step)), self.directory,
+                        type(err).__name__, reason, target)
         if source.exists():
             os.replace(source, target)
         self._manager.reload()
@@ -171,9 +187,8 @@ def _pack(state: dict) -> tuple[dict, list]:
     """(what orbax saves, the layout to save with it). Host values (see `_host_value`) are
     fetched and concatenated per dtype into one 1-D array each, `{"packed": {dtype: [n]}}`,
     written once by process 0; any other leaf is kept as an orbax array under
-    `{"arrays": {leaf index: leaf}}`. Orbax costs about 0.7 ms of CPU per array: a tiny ABD
-    state of ~150 arrays saved in 0.13 s, packed in 0.03 s; a replicated `jax.Array` would also
-    be cut into per-device slices on the devices first.
+    `{"arrays": {leaf index: leaf}}`. Orbax's cost is per array, and a run's state is ~150
+    small ones; a replicated `jax.Array` would also be cut into per-device slices first.
     layout: `[key path, shape, dtype, packed?]` per leaf, in `jax.tree.leaves` order."""
     paths_and_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     host = [_host_value(leaf) for _, leaf in paths_and_leaves]
@@ -269,48 +284,3 @@ class WorkdirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
-
-
-# Result fields added after runs were made, with the value that reproduces those runs: a
-# stored config without one of them resumes as if it had that value.
-ADDED_FIELDS = {"image_size": 0, "num_classes": 0}
-
-
-def result_fields(config_dict: dict) -> dict:
-    """The fields that decide a run's numbers, with defaults resolved: a missing
-    `synthesis.generator_dtype` (runs made before it existed) is float32, "" is `dtype`."""
-    fields = {**ADDED_FIELDS, **{k: v for k, v in config_dict.items()
-                                 if k not in NON_RESULT_FIELDS}}
-    synth = fields.get("synthesis")
-    if isinstance(synth, dict):
-        generator_dtype = synth.get("generator_dtype", "float32") or fields.get("dtype")
-        fields["synthesis"] = {**synth, "generator_dtype": generator_dtype}
-    return fields
-
-
-def check_or_write_fingerprint(workdir: os.PathLike, config_dict: dict,
-                               write: bool = True) -> None:
-    """Refuse to resume into a workdir that holds a run with a different configuration.
-
-    `config_dict` must be JSON-serialisable. Unless `write` is False, the configuration is
-    then (re)written to `workdir/config.json`.
-    """
-    path = pathlib.Path(workdir) / "config.json"
-    current = json.loads(json.dumps(config_dict))
-    if path.exists():
-        stored = json.loads(path.read_text())
-        old, new = result_fields(stored), result_fields(current)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-            raise ValueError(
-                f"workdir {workdir} holds a run with a different configuration ({details}). "
-                "Refusing to overwrite it: pass a new --workdir, or delete the old one to "
-                "start again.")
-    if not write:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-

@@ -77,10 +77,13 @@ def fetch(tree):
     """`tree`'s leaves as numpy arrays holding their global values, also where a leaf is
     sharded over other processes' devices (gathered from them: every process calls this)."""
 
-    def get(leaf):
-        if (not isinstance(leaf, jax.Array) or leaf.is_fully_addressable
-                or leaf.is_fully_replicated):
+    def get(leaf):  # explicit transfers only (runs pass under jax.transfer_guard)
+        if not isinstance(leaf, jax.Array):
             return np.asarray(leaf)
+        if leaf.is_fully_addressable:
+            return np.asarray(jax.device_get(leaf))
+        if leaf.is_fully_replicated:
+            return np.asarray(jax.device_get(leaf.addressable_data(0)))
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
     return jax.tree.map(get, tree)

@@ -4,25 +4,22 @@
 gathers its batch there. "stream" leaves the split in its prepared array_record files:
 grain reads, decodes and transforms each step's examples on host threads or worker
 processes, every process only its own part of the global batch, and the batches reach the
-step as `train.StreamedBatches`. Both paths pick the same examples for a step
-(`train.batch_indices`), so they give the same numbers, and a batch is a function of
+step as `sampling.StreamedBatches`. Both paths pick the same examples for a step
+(`sampling.batch_indices`), so they give the same numbers, and a batch is a function of
 (task key, step) only: a checkpoint's (task, step) is the whole iterator state, and a resumed
 run reads the same batches from there on.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 import os
 
 import numpy as np
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import data as data_lib
-from abd_jax import hosts, train, transforms
+from abd_jax import hosts, sampling, transforms
 
 PIPELINES = ("auto", "device", "stream")
 
@@ -61,14 +58,14 @@ def steps_per_call_for(default: int, batch_size: int, image_shape,
     return max(1, min(default, max_bytes // (batch_size * int(np.prod(image_shape)))))
 
 
-def split_labels(source_without_images) -> np.ndarray:
+def split_labels(source_without_images, session) -> np.ndarray:
     """int32 `[N]` labels (read-only) of a split opened with images left undecoded
-    (`open_split(..., decoders=labels_only())`), read in chunks. Every record is parsed (about
-    45 us each: 2.7 s for CIFAR's 60,000), so a process keeps them per split and version of
-    its files: the later runs of a table, a sweep or a resume read them once."""
+    (`open_split(..., decoders=labels_only())`), read in chunks. Every record is parsed, so
+    the session keeps them per split and version of its files: the later runs of a table, a
+    sweep or a resume read them once."""
     key = _split_files(source_without_images)
-    if key is not None and key in _LABELS:
-        return _LABELS[key]
+    if key is not None and key in session.labels:
+        return session.labels[key]
     n, chunk = len(source_without_images), 8192
     labels = np.empty((n,), np.int32)
     for start in range(0, n, chunk):
@@ -76,11 +73,8 @@ def split_labels(source_without_images) -> np.ndarray:
         labels[start:start + len(examples)] = [ex["label"] for ex in examples]
     labels.flags.writeable = False
     if key is not None:
-        _LABELS[key] = labels
+        session.labels[key] = labels
     return labels
-
-
-_LABELS: dict[tuple, np.ndarray] = {}
 
 
 def _split_files(source):
@@ -108,10 +102,10 @@ class SourceImages:
 
     Indexing with a slice returns a numpy array; with an int array or a boolean mask it
     returns another `SourceImages` over those examples (nothing read yet), so that
-    `train.predict_all` can walk a selection batch by batch like an array."""
+    `evaluation.predict_all` can walk a selection batch by batch like an array."""
 
-    def __init__(self, source, spec: data_lib.DatasetSpec, index=None, transform=None):
-        self.source, self.spec, self.transform = source, spec, transform
+    def __init__(self, source, spec: data_lib.DatasetSpec, session, index=None, transform=None):
+        self.source, self.spec, self.session, self.transform = source, spec, session, transform
         self.index = np.arange(len(source)) if index is None else np.asarray(index)
 
     def __len__(self) -> int:
@@ -123,18 +117,19 @@ class SourceImages:
 
     def __getitem__(self, key):
         if isinstance(key, slice):
+            threads = os.cpu_count() or 1
             return read_images(self.source, self.index[key], self.spec, self.transform,
-                               threads=os.cpu_count() or 1)
-        return SourceImages(self.source, self.spec, self.index[np.asarray(key)],
+                               threads=threads, pool=self.session.pool(threads))
+        return SourceImages(self.source, self.spec, self.session, self.index[np.asarray(key)],
                             self.transform)
 
 
 def read_images(source, index: np.ndarray, spec: data_lib.DatasetSpec, transform=None,
-                seeds=None, threads: int = 1) -> np.ndarray:
+                seeds=None, threads: int = 1, pool=None) -> np.ndarray:
     """uint8 `[n, H, W, C]` images of examples `index` (any order, repeats allowed), each
     passed through `transform(image, rng)` when given (a stored image of any size -> the
     spec's shape), with rng = `np.random.default_rng(seeds[i])`; decoded on `threads`
-    threads (image decoding releases the GIL)."""
+    threads of `pool` (image decoding releases the GIL)."""
     out = np.empty((len(index), *spec.image_shape), np.uint8)
 
     def read(lo: int, hi: int) -> None:
@@ -144,16 +139,11 @@ def read_images(source, index: np.ndarray, spec: data_lib.DatasetSpec, transform
                 ex["image"], np.random.default_rng(None if seeds is None else seeds[i]))
 
     bounds = np.linspace(0, len(index), max(1, min(threads, len(index) // 32)) + 1).astype(int)
-    if len(bounds) == 2:
+    if len(bounds) == 2 or pool is None:
         read(0, len(index))
     else:
-        list(_pool(threads).map(read, bounds[:-1], bounds[1:]))
+        list(pool.map(read, bounds[:-1], bounds[1:]))
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="read_images")
 
 
 class _ReadBatch:
@@ -178,22 +168,26 @@ class _ReadBatch:
                 self.labels[chosen])
 
 
-def _host_epoch_orders(info: train.TaskInfo, epochs: int) -> np.ndarray:
-    """int32 `[epochs, M]`: `train.epoch_order` of every epoch, the same permutations the
+def _epoch_orders():
+    return jax.vmap(sampling.epoch_order, in_axes=(None, 0))
+
+
+def _host_epoch_orders(info: sampling.TaskInfo, epochs: int, session) -> np.ndarray:
+    """int32 `[epochs, M]`: `sampling.epoch_order` of every epoch, the same permutations the
     device path draws."""
-    orders = jax.jit(jax.vmap(train.epoch_order, in_axes=(None, 0)))(
-        info, jnp.arange(epochs, dtype=jnp.int32))
-    return hosts.fetch(orders)
+    placed = jax.device_put((info, np.arange(epochs, dtype=np.int32)))
+    return hosts.fetch(session.jitted(_epoch_orders)(*placed))
 
 
-class StreamFeed(train.Feed):
+class StreamFeed(sampling.Feed):
     """The batches of one training stage (steps `[start, total)` of `info`), read by grain
-    and placed on the mesh `steps_per_call` at a time as `train.StreamedBatches` (sharded
+    and placed on the mesh `steps_per_call` at a time as `sampling.StreamedBatches` (sharded
     over the batch axis; each process reads only its own rows)."""
 
     def __init__(self, source, spec: data_lib.DatasetSpec, labels: np.ndarray,
-                 info: train.TaskInfo, start: int, batch_size: int, steps_per_call: int,
-                 mesh: Mesh, workers: int = 0, prefetch: int = 4, transform=None):
+                 info: sampling.TaskInfo, start: int, batch_size: int, steps_per_call: int,
+                 mesh: Mesh, workers: int = 0, prefetch: int = 4, transform=None,
+                 session=None):
         import grain  # noqa: PLC0415 (only stream runs need it)
         host = hosts.fetch(info)
         total, steps_per_epoch = int(host.total_steps), int(host.steps_per_epoch)
@@ -202,7 +196,7 @@ class StreamFeed(train.Feed):
         self.replicated = NamedSharding(mesh, P())
         self.rows = self._process_rows(batch_size)
         read = _ReadBatch(source, spec, np.asarray(labels, np.int32), np.asarray(host.index),
-                          _host_epoch_orders(info, -(-total // steps_per_epoch)),
+                          _host_epoch_orders(host, -(-total // steps_per_epoch), session),
                           steps_per_epoch, batch_size, self.rows, transform,
                           np.asarray(jax.random.key_data(host.key)).ravel().tolist())
         dataset = grain.MapDataset.range(start, total).map(read).to_iter_dataset(
@@ -220,7 +214,7 @@ class StreamFeed(train.Feed):
                 for s in spans.values()]
         return min(r[0] for r in rows), max(r[1] for r in rows)
 
-    def next_call(self) -> train.StreamedBatches:
+    def next_call(self) -> sampling.StreamedBatches:
         """The next `steps_per_call` batches (past the stage's end the last one repeats; those
         steps are skipped by the chunk)."""
         if self.step >= self.total:
@@ -236,6 +230,6 @@ class StreamFeed(train.Feed):
         first = self.step
         self.step += self.steps_per_call
         rows = lambda a: hosts.to_global(np.stack(a), self.batch_sharding, whole=False)
-        return train.StreamedBatches(images=rows(images), labels=rows(labels),
+        return sampling.StreamedBatches(images=rows(images), labels=rows(labels),
                                      first_step=hosts.to_global(np.int32(first),
                                                                 self.replicated))

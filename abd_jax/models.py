@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from abd_jax import conv as conv_lib
-from abd_jax import programs
 
 BN_INPUTS = "bn_inputs"
 
@@ -37,22 +36,30 @@ def torch_default_bias(fan_in: int):
     return init
 
 
-def init_variables(module: nn.Module, rng, *inputs, **kwargs) -> dict:
-    """`module.init(rng, *inputs, **kwargs)` as one compiled program (`kwargs` static),
-    shared by equal modules in the process (`programs`).
+def init_variables(session, module: nn.Module, rng, *inputs, **kwargs) -> dict:
+    """`module.init(rng, *inputs, **kwargs)` as one compiled program (`kwargs` static), made
+    once per `session` for equal modules. An input given as a shape tuple is a float32 array
+    of zeros made inside the program (nothing crosses from the host).
 
-    Run eagerly, init compiles every initialiser and layer op on its own: hundreds of small
-    XLA compilations, ~9 s for a ResNet-8 and its generator on a 2-core CPU. Jitted, XLA:CPU
-    still spends ~5.6 s optimising their random-number code, which runs once: on CPU it is
-    compiled without LLVM optimisation (~1.5 s; values equal up to float rounding, the
-    optimised code fusing multiply-adds)."""
+    Run eagerly, init compiles every initialiser and layer op on its own (hundreds of small
+    XLA compilations). XLA:CPU also spends long optimising the random-number code, which runs
+    once: on CPU it is compiled without LLVM optimisation (values equal up to float rounding,
+    the optimised code fusing multiply-adds)."""
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    return programs.jitted(_init_fn, module, tuple(sorted(kwargs.items())),
-                           compiler_options=options)(rng, *inputs)
+    shapes = tuple(tuple(x) if isinstance(x, tuple) else None for x in inputs)
+    arrays = [x for x in inputs if not isinstance(x, tuple)]
+    return session.jitted(_init_fn, module, shapes, tuple(sorted(kwargs.items())),
+                          compiler_options=options)(jax.device_put(rng), *arrays)
 
 
-def _init_fn(module: nn.Module, kwargs: tuple):
-    return lambda key, *xs: module.init(key, *xs, **dict(kwargs))
+def _init_fn(module: nn.Module, shapes: tuple, kwargs: tuple):
+    def init(key, *arrays):
+        given = iter(arrays)
+        inputs = [next(given) if shape is None else jnp.zeros(shape, jnp.float32)
+                  for shape in shapes]
+        return module.init(key, *inputs, **dict(kwargs))
+
+    return init
 
 
 class BatchNorm(nn.BatchNorm):
@@ -307,8 +314,10 @@ class ConvVAE(nn.Module):
                 x = nn.relu(x)
         return nn.sigmoid(x)
 
-    def __call__(self, x, rng):
-        """(reconstruction, mean, log-variance) with z = mean + exp(logvar / 2) * N(0, I)."""
+    def __call__(self, x, rng=None):
+        """(reconstruction, mean, log-variance) with z = mean + exp(logvar / 2) * N(0, I)
+        (z = mean without `rng`)."""
         mean, logvar = self.encode(x)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+        z = mean if rng is None else (
+            mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape))
         return self.decode(z), mean, logvar

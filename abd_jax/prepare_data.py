@@ -6,8 +6,13 @@
         ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar> [--data_dir=...]
     python -m abd_jax.prepare_data --dataset=folder:/path/to/root [--image_size=64]
 
-(A folder dataset is also prepared on its first use by a run.)
+(A folder dataset is also prepared on its first use by a run.) A problem with the files is one
+line, `error: <what and the fix>`, and exit status 1; an interrupted preparation leaves nothing
+that a later one or a run would take for finished.
 """
+import sys
+
+import tensorflow_datasets as tfds
 from absl import app, flags
 
 from abd_jax import data, datasets, logs
@@ -29,7 +34,7 @@ def prepare(dataset: str, data_dir, manual_dir=None, image_size: int = 0) -> dic
     if dataset.startswith("folder:"):
         version_dir = datasets.prepare_folder(data.expand_path(dataset[len("folder:"):]),
                                               str(data.expand_path(data_dir)), image_size)
-        builder = datasets.tfds.builder_from_directory(str(version_dir))
+        builder = tfds.builder_from_directory(str(version_dir))
     elif dataset in datasets.OFFLINE_BUILDERS:
         builder = datasets.download_and_prepare(
             dataset, str(data.expand_path(data_dir)),
@@ -43,8 +48,14 @@ def prepare(dataset: str, data_dir, manual_dir=None, image_size: int = 0) -> dic
 def main(argv):
     del argv
     logs.quiet_library_logs()
-    for split, size in prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value,
-                               _IMAGE_SIZE.value).items():
+    try:
+        sizes = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, _IMAGE_SIZE.value)
+    except KeyboardInterrupt:
+        print("stopped; nothing half-prepared was kept: rerun the same command", file=sys.stderr)
+        raise SystemExit(130)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}")
+    for split, size in sizes.items():
         print(f"{_DATASET.value} {split}: {size} examples")
 
 

@@ -3,7 +3,9 @@
 After each task the frozen teacher is inverted: a generator G is trained so that its images
 x = G(z) are confidently classified (content), cover the seen classes (diversity), reproduce
 the teacher's BatchNorm statistics (stat alignment) and are smooth. During the next task, the
-learner draws a synthetic batch from G (eval mode) inside its jitted step.
+learner draws a synthetic batch from G (eval mode) inside its jitted step. A teacher here is
+anything with `.params` and `.batch_stats` (the frozen model's variables); the host loop that
+trains G is the shared driver's (`methods.synthetic_replay`).
 
 The stat-alignment KL reads the teacher's running statistics from its `batch_stats`
 collection and the batch statistics of every BN layer's input from the `bn_inputs`
@@ -13,19 +15,17 @@ over the global batch.
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from abd_jax import hosts, logs, losses, models, preemption, programs, train
+from abd_jax import hosts, losses, models, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,12 @@ class SynthesisConfig:
     generator_dtype: str = "float32"  # G's compute dtype (the teacher is inverted in float32)
 
 
+def frozen_apply(model: nn.Module, teacher, images, **kwargs):
+    """Eval-mode forward of a frozen model's variables `teacher` (`.params`, `.batch_stats`)."""
+    return model.apply({"params": teacher.params, "batch_stats": teacher.batch_stats}, images,
+                       train=False, **kwargs)
+
+
 def bn_layer_stats(bn_inputs, batch_stats) -> list[tuple]:
     """[(batch mean, batch var, running mean, running var)] of every BN layer that sowed
     `input_stats` in `bn_inputs`, paired with the running `mean`/`var` at the same module path
@@ -61,7 +67,7 @@ def bn_layer_stats(bn_inputs, batch_stats) -> list[tuple]:
 
 
 def generator_loss(gen_params, gen_batch_stats, generator: nn.Module, model: nn.Module,
-                   teacher: train.Teacher, z, num_seen, cfg: SynthesisConfig):
+                   teacher, z, num_seen, cfg: SynthesisConfig):
     """L_gen = w_c L_content + w_d L_div + w_s L_stat + w_sm L_smooth for x = G(z) (train mode).
 
     z `[B, z_dim]`; the teacher runs in eval mode on its first `num_seen` logits.
@@ -69,9 +75,7 @@ def generator_loss(gen_params, gen_batch_stats, generator: nn.Module, model: nn.
     """
     x, updates = generator.apply({"params": gen_params, "batch_stats": gen_batch_stats}, z,
                                  train=True, mutable=["batch_stats"])
-    (logits, _), sown = model.apply(
-        {"params": teacher.params, "batch_stats": teacher.batch_stats}, x, train=False,
-        mutable=[models.BN_INPUTS])
+    (logits, _), sown = frozen_apply(model, teacher, x, mutable=[models.BN_INPUTS])
     logits = losses.mask_logits(logits, 0, num_seen)
     terms = {
         "content": losses.content_loss(logits, cfg.content_temperature),
@@ -123,7 +127,7 @@ class Replay:
     num_real: int
 
 
-def replay_batch(ctx: train.LossContext, teacher: train.Teacher, generator: nn.Module,
+def replay_batch(ctx: train.LossContext, teacher, generator: nn.Module,
                  generator_variables, z_dim: int) -> Replay:
     """Draw B synthetic images from the frozen generator (eval mode), label them with the
     teacher among the past classes, and run the teacher once over [x_real; x_syn]."""
@@ -131,99 +135,55 @@ def replay_batch(ctx: train.LossContext, teacher: train.Teacher, generator: nn.M
     x_syn = sample_images(generator, generator_variables, ctx.rng, num_real, z_dim)
     x = jnp.concatenate([ctx.images, jax.lax.stop_gradient(x_syn).astype(ctx.images.dtype)])
     teacher_logits, teacher_features = jax.tree.map(
-        jax.lax.stop_gradient, train.teacher_apply(ctx.model, teacher, x))
+        jax.lax.stop_gradient, frozen_apply(ctx.model, teacher, x))
     y_syn = jnp.argmax(losses.mask_logits(teacher_logits[num_real:], 0, ctx.num_old), axis=-1)
     labels = jnp.concatenate([ctx.labels, y_syn.astype(ctx.labels.dtype)])
     return Replay(x, labels, teacher_logits, teacher_features, num_real)
 
 
 class Synthesizer:
-    """The persistent generator (and its Adam state) of a synthetic-replay method: created once
-    per run, trained against each new teacher, sampled inside the learner step.
+    """The programs of the persistent generator (and its Adam state) of a synthetic-replay
+    method: created once per run, trained against each new teacher, sampled inside the learner
+    step.
 
     The teacher is inverted in float32 whatever the classifier's compute dtype: the
     stat-alignment KL compares batch moments with running statistics, which bfloat16's 8-bit
-    mantissa would blur (`self.model` is the float32 clone).
+    mantissa would blur (`self.model` is the float32 clone). Fused generator chunks skip the
+    iterations past the end by masking (`train.fuse_steps`): measured faster than `lax.cond`
+    on a GPU (docs/performance.md)."""
 
-    Fused generator chunks skip the iterations past the end by masking (`train.fuse_steps`):
-    2.91 vs 2.99 ms per iteration with `lax.cond` on one H200 (README, Performance)."""
-
-    def __init__(self, cfg: SynthesisConfig, generator: nn.Module, model: nn.Module, mesh: Mesh,
-                 steps_per_call: int, skip: str = "mask"):
+    def __init__(self, session, cfg: SynthesisConfig, generator: nn.Module, model: nn.Module,
+                 mesh: Mesh, steps_per_call: int, skip: str = "mask"):
         model = model.clone(dtype=jnp.float32) if hasattr(model, "dtype") else model
-        self.cfg, self.generator, self.model, self.mesh = cfg, generator, model, mesh
+        self.session, self.cfg, self.generator, self.model = session, cfg, generator, model
+        self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.steps_per_call = steps_per_call
-        self.fused_step = programs.jitted(_generator_chunk, generator, model, cfg, mesh,
-                                          steps_per_call, skip)
-        self._sample_and_label = programs.jitted(_sample_and_label_fn, generator, model,
-                                                 cfg.z_dim, static_argnums=4)
+        self.fused_step = session.jitted(_generator_chunk, generator, model, cfg, mesh,
+                                         steps_per_call, skip, donate_argnums=(0,))
+        self._sample_and_label = session.jitted(_sample_and_label_fn, generator, model,
+                                                cfg.z_dim, static_argnums=4)
 
     def init(self, rng) -> train.TrainState:
-        variables = models.init_variables(self.generator, rng, jnp.zeros((2, self.cfg.z_dim)),
-                                          train=False)
-        state = train.new_train_state(self.generator, variables,
-                                      programs.shared(optax.adam, self.cfg.lr))
+        variables = models.init_variables(self.session, self.generator, rng,
+                                          (2, self.cfg.z_dim), train=False)
+        state = train.new_train_state(self.session, self.generator, variables,
+                                      self.session.shared(optax.adam, self.cfg.lr))
         return hosts.to_global(state, self.replicated)
 
-    @staticmethod
-    def variables(gen_state: train.TrainState) -> dict:
-        return {"params": gen_state.params, "batch_stats": gen_state.batch_stats}
+    def step_args(self, until: int, teacher, num_seen: int, key) -> tuple:
+        """The fused step's arguments after the state, placed: it stops at generator step
+        `until`, inverts `teacher` over its first `num_seen` logits, draws z from `key`."""
+        return hosts.to_global((np.int32(until), teacher, np.int32(num_seen),
+                                np.asarray(key, np.uint32)), self.replicated)
 
-    def train(self, gen_state: train.TrainState, teacher: train.Teacher, num_seen: int, key,
-              log: Optional[Callable[[int, dict], Any]] = None, log_every: int = 500, *,
-              until: Optional[int] = None,
-              checkpoint: Optional[Callable[[train.TrainState, int], Any]] = None,
-              checkpoint_every: int = 0) -> train.TrainState:
-        """Generator steps against `teacher` until `gen_state.step == until` (default: the
-        step plus `cfg.iterations`), so a state saved part-way continues where it stopped.
-        `log(iteration, mean terms)` every `log_every` iterations; `checkpoint(gen_state,
-        iteration)` every `checkpoint_every` iterations and when a stop is requested
-        (`preemption`), after which `Preempted` is raised. Iterations count from
-        `until - cfg.iterations`."""
-        until = int(gen_state.step) + self.cfg.iterations if until is None else until
-        first = until - self.cfg.iterations
-        num_seen = jnp.int32(num_seen)
-        done = last_saved = int(gen_state.step) - first
-        tic, start = time.time(), done
-        while done < self.cfg.iterations:
-            if preemption.requested():
-                if checkpoint is not None and done > last_saved:
-                    checkpoint(gen_state, done)
-                preemption.check()
-            todo = min(log_every - done % log_every, self.cfg.iterations - done)
-            gen_state, metrics = train.run_steps(self.fused_step, gen_state, todo,
-                                                 self.steps_per_call, until, teacher, num_seen,
-                                                 key)
-            active = metrics.pop("active") > 0
-            if not np.isfinite(metrics["loss"][active]).all():
-                raise FloatingPointError(f"non-finite generator loss near iteration {done}; "
-                                         "lower --config.synthesis.lr")
-            done += int(active.sum())
-            means = {k: float(np.mean(v[active])) for k, v in metrics.items()}
-            if log is not None:
-                log(done, means)
-            rate = (done - start) / max(time.time() - tic, 1e-9)
-            logging.info("generator %d/%d %s (%.1f it/s, %s left)", done, self.cfg.iterations,
-                         " ".join(f"{k} {v:.4f}" for k, v in means.items()), rate,
-                         logs.format_duration((self.cfg.iterations - done) / max(rate, 1e-9)))
-            if (checkpoint is not None and checkpoint_every and done < self.cfg.iterations
-                    and done - last_saved >= checkpoint_every):
-                checkpoint(gen_state, done)
-                last_saved = done
-        return gen_state
-
-    def step_program(self, gen_state: train.TrainState, teacher: train.Teacher, key):
-        """(the fused step, example arguments typed as `train` calls it: `until` a Python
-        int, `num_seen` int32), for compiling it ahead (`abd_jax.ahead`)."""
-        return self.fused_step, (gen_state, 0, teacher, jnp.int32(0), key)
-
-    def labelled_samples(self, gen_state, teacher: train.Teacher, num_seen: int, key,
-                         count: int):
+    def labelled_samples(self, gen_state, teacher, num_seen: int, key, count: int):
         """(images `[count, H, W, C]` normalised, teacher's predicted class `[count]`), on
         the host."""
-        return hosts.fetch(self._sample_and_label(self.variables(gen_state), teacher,
-                                                  jnp.int32(num_seen), key, count))
+        variables = {"params": gen_state.params, "batch_stats": gen_state.batch_stats}
+        placed = hosts.to_global((np.int32(num_seen), np.asarray(key, np.uint32)),
+                                 self.replicated)
+        return hosts.fetch(self._sample_and_label(variables, teacher, *placed, count))
 
 
 def _generator_chunk(generator: nn.Module, model: nn.Module, cfg: SynthesisConfig, mesh: Mesh,
@@ -235,7 +195,7 @@ def _generator_chunk(generator: nn.Module, model: nn.Module, cfg: SynthesisConfi
 def _sample_and_label_fn(generator: nn.Module, model: nn.Module, z_dim: int):
     def sample_and_label(gen_variables, teacher, num_seen, key, count: int):
         x = sample_images(generator, gen_variables, key, count, z_dim)
-        logits, _ = train.teacher_apply(model, teacher, x)
+        logits, _ = frozen_apply(model, teacher, x)
         return x, jnp.argmax(losses.mask_logits(logits, 0, num_seen), axis=-1)
 
     return sample_and_label

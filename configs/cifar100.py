@@ -44,18 +44,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr_decay = 0.1
     c.momentum = 0.9
     c.weight_decay = 2e-4
-    # Losses.
-    c.kd_temperature = 2.0
-    c.lwf_mu = 1.0
-    c.lwf_synthetic_mu = 0.1
-    c.deepinversion_mu = 1.0
+    # Losses (one subtree per method family).
+    c.kd_temperature = 2.0     # T of every logit KD (SPEC section 6)
+    c.lwf = ml_collections.ConfigDict(dict(mu=1.0))            # lwf, lwf_coreset
+    c.lwf_synthetic = ml_collections.ConfigDict(dict(mu=0.1))
+    c.deepinversion = ml_collections.ConfigDict(dict(mu=1.0))
     # ABD learner (SPEC section 5); the switches are the Table 3 ablations.
     c.abd = ml_collections.ConfigDict(dict(
         mu=0.1, task_balancing=True, local_ce=True, kd_on_real=True, kd_on_synthetic=True,
         ft_ce=True))
     # Coreset baselines (SPEC section 6b, as the release runs them; docs/methods.md lists
     # every choice): a class-balanced memory of real training images.
-    c.memory = 2000            # images kept (naive_rehearsal, lwf_coreset, e2e, bic)
+    c.coreset = ml_collections.ConfigDict(dict(
+        memory=2000))            # images kept (naive_rehearsal, lwf_coreset, e2e, bic)
     c.e2e = ml_collections.ConfigDict(dict(
         kd_weighting="mean",     # each past task's KD x |task| / K_old (release); "sum" (paper)
         selection="closest_to_mean",  # memory by distance to the class mean (release);
@@ -83,11 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
         iterations=10_000, batch_size=0,  # 0 = the learner's batch_size
         lr=1e-3, z_dim=1000, content_temperature=1e3, w_content=1.0, w_diversity=1.0,
         w_stat=50.0, w_smooth=1e-3, inner_bn_eps=0.8,
-        generator_dtype=""))   # G's compute dtype; "" = dtype (the teacher is always inverted
-    #                            in float32; G's parameters and Adam state stay float32)
-    c.synthesis_log_every = 500
-    c.synthesis_checkpoint_every = 2000  # generator iterations between checkpoints
-    c.sample_grid_size = 64    # synthetic samples drawn into samples_task<t>.png
+        generator_dtype="",    # G's compute dtype; "" = dtype (the teacher is always inverted
+        #                        in float32; G's parameters and Adam state stay float32)
+        log_every=500,
+        checkpoint_every=2000,  # generator iterations between checkpoints
+        sample_grid_size=64))   # synthetic samples drawn into samples_task<t>.png
     # Execution.
     c.num_devices = 0          # data-parallel over this many local devices (0 = all)
     c.eval_batch_size = 1000

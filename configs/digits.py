@@ -14,14 +14,14 @@ def get_config():
     c.epochs = 30
     c.lr = 0.05
     c.lr_milestones = (20, 25)
-    c.memory = 60               # ~4% of the 1,442 training images, as 2,000 of CIFAR's 50,000
+    c.coreset.memory = 60               # ~4% of the 1,442 training images, as 2,000 of CIFAR's 50,000
     c.bic.val_fraction = 0.6    # with 60 images, 10% holds out less than one batch: BiC's
     #                             stage 2 would take no step (see docs/methods.md)
     c.dgr.z_dim = 32
     c.synthesis.iterations = 300
     c.synthesis.z_dim = 100
-    c.synthesis_log_every = 100
-    c.synthesis_checkpoint_every = 100
+    c.synthesis.log_every = 100
+    c.synthesis.checkpoint_every = 100
     c.eval_batch_size = 256
     c.log_every_steps = 50
     c.checkpoint_every_steps = 100

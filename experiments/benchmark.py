@@ -28,28 +28,26 @@ states) for the ce and abd cases among `--cases`: what training repeats side by 
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import glob
-import gzip
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from abd_jax import data as data_lib
+from abd_jax import experiment, methods, models, sampling, synthesis, train
+from abd_jax.methods.teacher import Teacher
+from abd_jax.session import Session
+from configs import cifar100
 
-from abd_jax import data as data_lib  # noqa: E402
-from abd_jax import experiment, methods, models, synthesis, train  # noqa: E402
-from configs import cifar100  # noqa: E402
+import profile_summary  # experiments/ (the script's folder is on sys.path)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 100, "Timed steps per measurement.")
@@ -79,14 +77,13 @@ flags.DEFINE_string("profile_dir", "", "Write a profiler trace of each ladder ca
 flags.DEFINE_integer("top", 12, "Ops listed per profile.")
 flags.DEFINE_string("json_out", "", "Also write every measurement to this JSON file.")
 flags.DEFINE_bool("put_state", True, "Place the initial state on the mesh (replicated) as "
-                  "training does. False reproduces issue #10's benchmark: the first call's "
-                  "uncommitted state differs from the committed state it returns, so the "
-                  "second call compiles again inside the first measurement.")
+                  "training does. False leaves it uncommitted: the first call's state then "
+                  "differs from the committed state it returns, so the second call compiles "
+                  "again inside the first measurement (flagged RECOMPILED).")
 
-# PyTorch release (GT-RIPL/AlwaysBeDreaming-DFCIL, torch 2.11, cuDNN determinism as released),
-# ResNet-32 batch 128 float32 on one NVIDIA H200, as measured when issue #10 was filed.
+# The PyTorch release (GT-RIPL/AlwaysBeDreaming-DFCIL, torch 2.11), ResNet-32 batch 128
+# float32 on one NVIDIA H200 (docs/performance.md).
 RELEASE_MS_H200 = {"ce": 12.1, "abd": 52.9, "deepinversion": 44.9, "generator": 53.9}
-TARGET_MS = {"ce": 4.0, "abd": 7.0, "generator": 3.0}  # issue #10, one H100/H200, float32
 
 LEARNER_CASES = {  # key: (label, method, first task?, images per batch element)
     "ce": ("learner, task 1 (CE)", "base", True, 1),
@@ -129,15 +126,16 @@ class Learner:
     mesh: Any
     state: train.TrainState
     method_state: Any
-    data: train.DeviceData
-    task: train.TaskInfo
+    data: sampling.DeviceData
+    task: sampling.TaskInfo
 
     @property
     def args(self):
         return self.method_state, self.data, self.task
 
 
-def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learner:
+def make_learner(session: Session, case: str, dtype: str, conv_impl: str,
+                 seed: int = 0) -> Learner:
     """The step of `case` in task 2 (K_old = 10, K_new = 20) or, for "ce", task 1, with the
     method's state as the task loop builds it (teacher = the initial model)."""
     _, method_name, first_task, _ = LEARNER_CASES[case]
@@ -147,20 +145,22 @@ def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learne
     cfg = train.StepConfig(batch_size=FLAGS.batch_size, lr_decay=0.1,
                            augment=data_lib.AugmentConfig(), mean=(0.5071, 0.4865, 0.4409),
                            std=(0.2673, 0.2564, 0.2762))
-    state = train.create_train_state(model, jax.random.PRNGKey(seed), _image_shape(), 0.1, 0.9,
-                                     2e-4)
+    tx = session.shared(train.learner_optimizer, 0.1, 0.9, 2e-4)
+    state = train.create_train_state(session, model, jax.random.PRNGKey(seed), _image_shape(),
+                                     tx)
     n = 5000
     rng = np.random.RandomState(seed)
     images = jnp.asarray(rng.randint(0, 256, (n, *_image_shape())), jnp.uint8)
     labels = jnp.asarray(rng.randint(10, 20, n), jnp.int32)
-    task = train.TaskInfo(index=jnp.arange(n, dtype=jnp.int32), count=jnp.int32(n),
-                          num_old=jnp.int32(10), num_seen=jnp.int32(20),
-                          steps_per_epoch=jnp.int32(n // FLAGS.batch_size),
-                          total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(seed + 1),
-                          base_lr=jnp.float32(0.1), lr_milestones=train.lr_milestones((100,), 1))
-    rt = methods.Runtime.outside_the_loop(_method_config(method_name, dtype), model, mesh,
-                                          _image_shape(), _steps_per_call(),
-                                          jax.random.PRNGKey(seed + 2))
+    task = sampling.TaskInfo(index=jnp.arange(n, dtype=jnp.int32), count=jnp.int32(n),
+                             num_old=jnp.int32(10), num_seen=jnp.int32(20),
+                             steps_per_epoch=jnp.int32(n // FLAGS.batch_size),
+                             total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(seed + 1),
+                             base_lr=jnp.float32(0.1),
+                             lr_milestones=jnp.asarray(sampling.lr_milestones((100,), 1)))
+    rt = methods.Runtime(config=_method_config(method_name, dtype), plan=None, model=model,
+                         mesh=mesh, image_shape=_image_shape(), steps_per_call=_steps_per_call(),
+                         method_key=np.array([0, seed + 2], np.uint32), session=session)
     method_state = method.init_state(rt, state)
     loss_fn = method.loss_fn(methods.Task(index=0 if first_task else 1, num_tasks=10,
                                           num_old=0 if first_task else 10, num_seen=20))
@@ -169,7 +169,7 @@ def make_learner(case: str, dtype: str, conv_impl: str, seed: int = 0) -> Learne
         state, method_state, images, labels, task = jax.device_put(
             (state, method_state, images, labels, task), replicated)
     return Learner(model, loss_fn, cfg, mesh, state, method_state,
-                   train.DeviceData(images, labels), task)
+                   sampling.DeviceData(images, labels), task)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -223,17 +223,16 @@ def _fused_learner(lr: Learner, skip: str = "default"):
                                           _steps_per_call(), **_skip(skip)))
 
 
-def _generator_setup(dtype: str, conv_impl: str, skip: str = "default"):
+def _generator_setup(session: Session, dtype: str, conv_impl: str, skip: str = "default"):
     method = _method("abd", dtype)  # its synthesis settings and generator
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
-    synth = synthesis.Synthesizer(method.synthesis, method.generator, model,
+    synth = synthesis.Synthesizer(session, method.synthesis, method.generator, model,
                                   experiment.make_mesh(), _steps_per_call(), **_skip(skip))
-    variables = models.init_variables(model, jax.random.PRNGKey(0),
-                                      jnp.zeros((1, *_image_shape())), train=False)
-    teacher = train.Teacher(variables["params"], variables["batch_stats"])
-    step_fn = lambda s, *a: synth.fused_step(s, jnp.int32(2**30), *a)
-    return step_fn, synth.init(jax.random.PRNGKey(3)), (teacher, jnp.int32(20),
-                                                        jax.random.PRNGKey(4))
+    variables = models.init_variables(session, model, jax.random.PRNGKey(0),
+                                      (1, *_image_shape()), train=False)
+    teacher = Teacher(variables["params"], variables["batch_stats"])
+    args = synth.step_args(2**30, teacher, 20, np.array([0, 4], np.uint32))
+    return synth.fused_step, synth.init(jax.random.PRNGKey(3)), args
 
 
 def _stack(trees):
@@ -243,9 +242,9 @@ def _stack(trees):
                               [jnp.stack(group) for group in zip(*leaves)])
 
 
-def vmapped_learner(case: str, dtype: str, conv_impl: str, repeats: int):
+def vmapped_learner(session: Session, case: str, dtype: str, conv_impl: str, repeats: int):
     """`repeats` learners (own seeds: params, data, task key) as one vmapped fused chunk."""
-    learners = [make_learner(case, dtype, conv_impl, seed=r) for r in range(repeats)]
+    learners = [make_learner(session, case, dtype, conv_impl, seed=r) for r in range(repeats)]
     lr = learners[0]
     chunk = train.make_train_chunk(lr.model, lr.loss_fn, lr.cfg, lr.mesh, _steps_per_call())
     fn = jax.jit(jax.vmap(chunk))
@@ -309,62 +308,6 @@ def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
     return rungs
 
 
-# ----------------------------------------------------------------------------- profile
-
-
-def device_op_summary(trace_dir: str, steps: int, top: int) -> dict[str, list]:
-    """{line kind: [(op or kernel name, ms per step, % of that line's time)]} from the
-    perfetto trace that `jax.profiler.trace(create_perfetto_trace=True)` wrote under
-    `trace_dir`.
-
-    On GPU/TPU the device process (named like "/device:GPU:0") has one line per stream
-    ("kernels") and summary lines such as "XLA Ops" (HLO ops); each kind is summed on its own.
-    On CPU the XLA worker threads' events stand in ("host ops")."""
-    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
-                             recursive=True))
-    if not paths:
-        return {}
-    with gzip.open(paths[-1]) as f:
-        events = json.load(f)["traceEvents"]
-    procs = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    device_pids = {pid for pid, name in procs.items() if "/device:" in name}
-
-    def line_kind(e) -> str:
-        thread = threads.get((e["pid"], e.get("tid")), "")
-        if e["pid"] in device_pids:
-            return "kernels" if "stream" in thread.lower() else thread
-        if device_pids or e["name"].startswith("$") or any(
-                w in thread for w in ("codegen", "Compiler", ".py", "python")):
-            return ""
-        return "host ops"
-
-    totals: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for e in events:
-        kind = line_kind(e) if e.get("ph") == "X" else ""
-        if kind:
-            totals[kind][e["name"]] += float(e.get("dur", 0.0))
-    out = {}
-    for kind, counter in totals.items():
-        whole = sum(counter.values()) or 1.0
-        out[kind] = [(name, us / 1e3 / steps, 100.0 * us / whole)
-                     for name, us in counter.most_common(top)]
-        out[kind].append((f"(all {kind})", whole / 1e3 / steps, 100.0))
-    return out
-
-
-def profile_fn(fn, state, args, steps_per_call, trace_dir) -> list:
-    calls = max(1, FLAGS.steps // steps_per_call)
-    jax.block_until_ready(fn(state, *args))
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(calls):
-            state, out = fn(state, *args)
-        jax.block_until_ready((state, out))
-    return device_op_summary(trace_dir, calls * steps_per_call, FLAGS.top)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -379,6 +322,12 @@ HEADER = f"{'':52s} {'compile':>8s} {'min':>8s} {'median':>8s} {'max':>8s} {'ima
 
 def main(argv):
     del argv
+    with Session() as session:
+        report(session)
+
+
+def report(session: Session) -> None:
+    """The parts the flags ask for, printed (and recorded to --json_out)."""
     device = jax.devices()[0]
     print(f"backend {jax.default_backend()}, {jax.device_count()} x {device.device_kind}, "
           f"jax {jax.__version__}, model {FLAGS.model}, batch {FLAGS.batch_size}, "
@@ -398,7 +347,7 @@ def main(argv):
     for case in FLAGS.ladder:
         for conv_impl in FLAGS.conv_impls:
             dtype = FLAGS.dtypes[0]
-            lr = make_learner(case, dtype, conv_impl)
+            lr = make_learner(session, case, dtype, conv_impl)
             print(f"\nladder: {LEARNER_CASES[case][0]}, {dtype}, conv {conv_impl} "
                   "(ms per step)\n" + HEADER, flush=True)
             for name, fn, carries, k in ladder_rungs(lr):
@@ -408,8 +357,9 @@ def main(argv):
             if FLAGS.profile_dir:
                 trace_dir = os.path.join(FLAGS.profile_dir, f"{case}_{conv_impl}")
                 try:
-                    summary = profile_fn(_fused_learner(lr), lr.state, lr.args,
-                                         _steps_per_call(), trace_dir)
+                    summary = profile_summary.profile(
+                        _fused_learner(lr), lr.state, lr.args, _steps_per_call(), trace_dir,
+                        max(1, FLAGS.steps // _steps_per_call()), FLAGS.top)
                 except Exception as err:  # noqa: BLE001 (a profiler failure ends no timing)
                     print(f"  profiler failed: {type(err).__name__}: {err}")
                     summary = {}
@@ -430,10 +380,10 @@ def main(argv):
             tag += f", G {FLAGS.generator_dtype}"
         for case in [c for c in FLAGS.cases if c]:
             if case == "generator":
-                fn, state, args = _generator_setup(dtype, conv_impl, skip)
+                fn, state, args = _generator_setup(session, dtype, conv_impl, skip)
                 label, images = "generator iteration (31-layer KL)", b
             else:
-                lr = make_learner(case, dtype, conv_impl)
+                lr = make_learner(session, case, dtype, conv_impl)
                 fn, state, args = _fused_learner(lr, skip), lr.state, lr.args
                 label, images = LEARNER_CASES[case][0], b * LEARNER_CASES[case][3]
             t = time_fn(fn, state, args, _steps_per_call(), True)
@@ -443,7 +393,7 @@ def main(argv):
         if FLAGS.vmap_repeats > 1:
             for case in [c for c in ("ce", "abd") if c in FLAGS.cases]:
                 r = FLAGS.vmap_repeats
-                fn, states, args = vmapped_learner(case, dtype, conv_impl, r)
+                fn, states, args = vmapped_learner(session, case, dtype, conv_impl, r)
                 t = time_fn(fn, states, args, _steps_per_call(), True)
                 print(_row(f"{r} vmapped repeats: {case} [{tag}]", t,
                            r * b * LEARNER_CASES[case][3]) + f"  (one step of all {r})",
@@ -459,9 +409,8 @@ def main(argv):
             if jax.default_backend() == "gpu":
                 for c in ("ce", "abd", "generator"):
                     release = RELEASE_MS_H200[c]
-                    print(f"  {c:10s} {ms[c]:7.2f} ms   target <= {TARGET_MS[c]:.1f} ms   "
-                          f"PyTorch release on an H200 (issue #10): {release:.1f} ms -> "
-                          f"{release / ms[c]:.1f}x")
+                    print(f"  {c:10s} {ms[c]:7.2f} ms   PyTorch release on an H200: "
+                          f"{release:.1f} ms -> {release / ms[c]:.1f}x")
     if FLAGS.json_out:
         Path(FLAGS.json_out).write_text(json.dumps(record, indent=1))
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from abd_jax import experiment, logs  # noqa: E402
+from abd_jax import experiment, logs
+from abd_jax.session import Session
 
 # row name -> config overrides (dotted keys for nested fields)
 ROWS = {
@@ -110,6 +108,23 @@ def main(argv):
     task_counts = [int(n) for n in FLAGS.tasks] if FLAGS.tasks else [FLAGS.config.num_tasks]
     workdir = pathlib.Path(FLAGS.workdir)
     rows = sorted(rows, key=lambda r: r != "upper_bound")  # upper bound first, for Omega
+    with Session() as session:  # the table's runs compile each program once
+        session.stop.install()
+        try:
+            table = run_cells(rows, task_counts, workdir, session)
+        except KeyboardInterrupt:
+            raise SystemExit(130)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"error: {err}")
+    config_line = json.dumps({k: FLAGS.config[k] for k in ("dataset", "model", "epochs",
+                                                           "repeats")})
+    print(f"\n{config_line}\n{table}")
+
+
+def run_cells(rows: list[str], task_counts: list[int], workdir: pathlib.Path,
+              session: Session) -> str:
+    """Run (or resume) every cell, rewriting table.md / table.csv after each; returns the
+    Markdown table."""
     cells = {}
     for n in task_counts:
         folder = workdir / f"tasks_{n}" if FLAGS.tasks else workdir
@@ -120,15 +135,14 @@ def main(argv):
                 overrides["upper_bound_results"] = upper_bound_path
             logging.info("row %s, %d tasks: %s", row, n, overrides)
             cells[(row, n)] = experiment.run(experiment.config_with(FLAGS.config, overrides),
-                                             folder / row)["aggregate"]
+                                             folder / row, session=session)["aggregate"]
             if row == "upper_bound":
                 upper_bound_path = str(folder / row / "results.json")
             table, csv = format_table(rows, task_counts, cells)
+            workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "table.md").write_text(table)
             (workdir / "table.csv").write_text(csv)
-    config_line = json.dumps({k: FLAGS.config[k] for k in ("dataset", "model", "epochs",
-                                                           "repeats")})
-    print(f"\n{config_line}\n{table}")
+    return table
 
 
 def define_flags() -> None:

@@ -15,20 +15,17 @@ repeats for every worker count.
 import io
 import os
 import pathlib
-import sys
 import tarfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
+from absl import app, flags
+from PIL import Image
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from abd_jax import data as data_lib  # noqa: E402
-from abd_jax import experiment, input_pipeline, train  # noqa: E402
+from abd_jax import data as data_lib
+from abd_jax import experiment, input_pipeline, sampling
+from abd_jax.session import Session
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "cifar10", "a prepared dataset name or folder:<root>")
@@ -82,22 +79,22 @@ def make_fake_imagenet(folder: pathlib.Path, count: int) -> None:
     (folder / "ILSVRC2012_img_val.tar.part").rename(folder / "ILSVRC2012_img_val.tar")
 
 
-def time_feed(source, spec, labels, workers: int) -> list[float]:
+def time_feed(source, spec, labels, workers: int, session: Session) -> list[float]:
     """images/s of each repeat: `steps` batches through a fresh feed (after 2 warm-up)."""
     n = len(labels)
     steps_per_epoch = n // FLAGS.batch_size
-    info = train.TaskInfo(index=jnp.arange(n, dtype=jnp.int32), count=jnp.int32(n),
-                          num_old=jnp.int32(0), num_seen=jnp.int32(spec.num_classes),
-                          steps_per_epoch=jnp.int32(steps_per_epoch),
-                          total_steps=jnp.int32(steps_per_epoch * 1000),
-                          key=jax.random.PRNGKey(0), base_lr=jnp.float32(0.1),
-                          lr_milestones=train.lr_milestones((), 0))
+    info = sampling.TaskInfo(index=np.arange(n, dtype=np.int32), count=np.int32(n),
+                             num_old=np.int32(0), num_seen=np.int32(spec.num_classes),
+                             steps_per_epoch=np.int32(steps_per_epoch),
+                             total_steps=np.int32(steps_per_epoch * 1000),
+                             key=np.array([0, 0], np.uint32), base_lr=np.float32(0.1),
+                             lr_milestones=np.zeros(0, np.int32))
     rates = []
     for r in range(FLAGS.repeats):
         feed = input_pipeline.StreamFeed(
             source, spec, labels, info, r * (FLAGS.steps + 2), FLAGS.batch_size, 1,
             experiment.make_mesh(), workers, FLAGS.prefetch,
-            input_pipeline.train_transform(spec))
+            input_pipeline.train_transform(spec), session)
         for _ in range(2):
             jax.block_until_ready(feed.next_call().images)
         tic = time.perf_counter()
@@ -119,15 +116,16 @@ def main(argv):
         datasets.download_and_prepare(name, data_dir, base / "fake_ilsvrc")
     spec = data_lib.get_spec(name, data_dir)
     source = data_lib.open_split(spec, "train", data_dir)
+    session = Session()
     labels = input_pipeline.split_labels(data_lib.open_split(
-        spec, "train", data_dir, decoders=input_pipeline.labels_only()))
+        spec, "train", data_dir, decoders=input_pipeline.labels_only()), session)
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax "
           f"{jax.__version__}, host CPUs: {os.cpu_count()}")
     print(f"dataset {name}: {len(labels)} training images {spec.image_shape}, batch "
           f"{FLAGS.batch_size}, {FLAGS.steps} batches x {FLAGS.repeats} repeats")
     print(f"{'workers':>8s} {'min':>10s} {'median':>10s} {'max':>10s}  images/s")
     for workers in (int(w) for w in FLAGS.workers):
-        rates = time_feed(source, spec, labels, workers)
+        rates = time_feed(source, spec, labels, workers, session)
         print(f"{workers:8d} {min(rates):10.0f} {np.median(rates):10.0f} {max(rates):10.0f}",
               flush=True)
 

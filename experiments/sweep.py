@@ -19,16 +19,14 @@ import itertools
 import json
 import pathlib
 import re
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from abd_jax import data as data_lib  # noqa: E402
-from abd_jax import experiment, logs  # noqa: E402
+from abd_jax import data as data_lib
+from abd_jax import experiment, logs
+from abd_jax.session import Session
 
 FLAGS = flags.FLAGS
 
@@ -83,8 +81,10 @@ def cv_splits(spec: data_lib.DatasetSpec, images: np.ndarray, labels: np.ndarray
     return out
 
 
-def sweep(config, workdir: pathlib.Path, points: list[dict], folds: int) -> dict:
-    """Run every (point, fold); returns the report (also written as sweep.json / sweep.md)."""
+def sweep(config, workdir: pathlib.Path, points: list[dict], folds: int,
+          session: Session) -> dict:
+    """Run every (point, fold), sharing `session`'s programs; returns the report (also written
+    as sweep.json / sweep.md)."""
     if folds < 2:
         raise ValueError(f"--folds must be >= 2, got {folds}")
     if config.num_tasks < 2:
@@ -105,7 +105,7 @@ def sweep(config, workdir: pathlib.Path, points: list[dict], folds: int) -> dict
         for k, split in enumerate(splits):
             logging.info("point %s, fold %d/%d", point_name(point), k + 1, folds)
             result = experiment.run(fold_config, workdir / point_name(point) / f"fold_{k}",
-                                    split)
+                                    split, session)
             scores.append(result["repeats"][0]["final_accuracy"])
         report["points"].append({"point": point, "A_N": scores, "mean": float(np.mean(scores)),
                                  "std": float(np.std(scores))})
@@ -133,10 +133,14 @@ def main(argv):
     logs.quiet_library_logs()
     points = parse_grid(FLAGS.grid, FLAGS.config)
     workdir = pathlib.Path(FLAGS.workdir).expanduser()
-    try:
-        report = sweep(FLAGS.config, workdir, points, FLAGS.folds)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}")
+    with Session() as session:
+        session.stop.install()
+        try:
+            report = sweep(FLAGS.config, workdir, points, FLAGS.folds, session)
+        except KeyboardInterrupt:
+            raise SystemExit(130)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"error: {err}")
     print((workdir / "sweep.md").read_text())
     print(f"best: {point_name(report['best'])}")
 

@@ -12,17 +12,14 @@ it, so a run longer than one sitting is timed as consecutive segments
 """
 from __future__ import annotations
 
-import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from abd_jax import data, experiment, logs, preemption  # noqa: E402
+from abd_jax import data, experiment, logs
+from abd_jax.session import Session
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -47,14 +44,16 @@ def random_splits(config) -> experiment.Splits:
 def main(argv):
     del argv
     logs.quiet_library_logs()
-    preemption.install()
     tic = time.time()
-    try:
-        results = experiment.run(FLAGS.config, FLAGS.workdir, random_splits(FLAGS.config))
-    except KeyboardInterrupt:
-        print(f"stopped after {time.time() - tic:.1f} s with a checkpoint; the same command "
-              "resumes it")
-        raise SystemExit(130)
+    with Session() as session:
+        session.stop.install()
+        try:
+            results = experiment.run(FLAGS.config, FLAGS.workdir, random_splits(FLAGS.config),
+                                     session)
+        except KeyboardInterrupt:
+            print(f"stopped after {time.time() - tic:.1f} s with a checkpoint; the same "
+                  "command resumes it")
+            raise SystemExit(130)
     total = time.time() - tic
     rep = results["repeats"][0]
     print(f"method {FLAGS.config.method}, {FLAGS.config.num_tasks} tasks, "

@@ -40,6 +40,15 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
+def session():
+    """One `abd_jax.session.Session` per test process: runs and steps built by different
+    tests share their compiled programs (as the runs of a table do)."""
+    from abd_jax.session import Session
+    with Session() as shared:
+        yield shared
+
+
+@pytest.fixture(scope="session")
 def shared_data_dir():
     """Folder with the offline archives (../shared/data or $ABD_SHARED_DATA); skips if absent."""
     if not (SHARED_DATA / "cifar-10-binary.tar.gz").exists():
@@ -88,7 +97,7 @@ def digits_data_dir():
 
 
 @pytest.fixture(scope="session")
-def reference_run():
+def reference_run(session):
     """`reference_run(config) -> (results, workdir)`: `experiment.run(config)` done once per
     test run for each distinct config, whichever worker asks first, so tests comparing
     against the same uninterrupted run share it. Read its workdir; never write there."""
@@ -100,7 +109,7 @@ def reference_run():
     def run(config):
         key = hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
         workdir = _built_once(f"reference_runs/{key}",
-                              lambda folder: experiment.run(config, folder))
+                              lambda folder: experiment.run(config, folder, session=session))
         return json.loads((workdir / "results.json").read_text()), workdir
 
     return run

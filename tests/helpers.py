@@ -1,12 +1,10 @@
 """Shared test helpers (importable as `helpers`: pytest puts tests/ on sys.path)."""
 from configs import digits
 
-# Compiling is most of the suite's time. XLA:CPU's loop emitters compile the tiny test
-# programs in about 60% of the time of its default fusion emitters (the tiny ABD learner
-# chunk: 8 s -> 5 s), and LLVM's -O1 in about half the time of its -O2 (standalone: 3.9 s ->
-# 2.0 s); both run them as fast (22.5 ms -> 20 ms a step). The whole suite: 7 min 44 s ->
-# 6 min 24 s with -O1 (2 cores, one run each). -O0 compiles faster still but runs steps about
-# 7 times slower: only for scripts that run a step or two (experiments/benchmark.py).
+# Compiling is most of the suite's time: XLA:CPU's loop emitters and LLVM's -O1 compile the
+# tiny test programs faster than the defaults and run them as fast (docs/testing.md). -O0
+# compiles faster still but runs steps several times slower: only for scripts that run a
+# step or two (experiments/benchmark.py).
 XLA_TEST_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
@@ -19,10 +17,9 @@ def xla_flags(devices: int = 0, llvm_opt_level: int = 1) -> str:
 
 def tiny_config(data_dir, **overrides):
     """The digits config on a schedule of seconds: 2 epochs, 20 generator iterations, one
-    device (a quarter faster on 2 cores than 4 simulated ones; tests about data parallelism
-    pass `num_devices=0` for all 4), checkpoints only where a stage ends (each periodic save
-    costs ~0.15 s; tests about periodic checkpoints set `checkpoint_every_steps` and
-    `synthesis_checkpoint_every` themselves)."""
+    device (faster on 2 cores than 4 simulated ones; tests about data parallelism pass
+    `num_devices=0` for all 4), checkpoints only where a stage ends (tests about periodic
+    checkpoints set `checkpoint_every_steps` and `synthesis.checkpoint_every` themselves)."""
     c = digits.get_config()
     c.data_dir = data_dir
     c.num_devices = 1
@@ -30,9 +27,9 @@ def tiny_config(data_dir, **overrides):
     c.log_every_steps = 4
     c.checkpoint_every_steps = 10_000
     c.synthesis.iterations = 20
-    c.synthesis_log_every = 10
-    c.synthesis_checkpoint_every = 10_000
-    c.sample_grid_size = 4
+    c.synthesis.log_every = 10
+    c.synthesis.checkpoint_every = 10_000
+    c.synthesis.sample_grid_size = 4
     for k, v in overrides.items():
         c[k] = v
     return c

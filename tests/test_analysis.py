@@ -63,10 +63,10 @@ def test_mmd2_separates_distributions_and_is_unbiased():
 
 
 @pytest.fixture(scope="module")
-def abd_run(digits_data_dir, tmp_path_factory):
+def abd_run(digits_data_dir, tmp_path_factory, session):
     workdir = tmp_path_factory.mktemp("abd")
     experiment.run(tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=2,
-                               keep_task_checkpoints=True), workdir)
+                               keep_task_checkpoints=True), workdir, session=session)
     return workdir
 
 

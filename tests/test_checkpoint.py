@@ -32,22 +32,22 @@ DAMAGE = {
 
 
 @pytest.fixture(scope="module")
-def clean_run(digits_data_dir, tmp_path_factory):
+def clean_run(digits_data_dir, tmp_path_factory, session):
     config = tiny_config(digits_data_dir, method="lwf", epochs=1)
     workdir = tmp_path_factory.mktemp("clean")
-    return config, workdir, experiment.run(config, workdir)
+    return config, workdir, experiment.run(config, workdir, session=session)
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes(clean_run, tmp_path,
-                                                                       damage, caplog):
+                                                                       damage, caplog, session):
     config, clean, reference = clean_run
     workdir = tmp_path / "run"
     shutil.copytree(clean, workdir)
     steps = workdir / "checkpoints" / "repeat_0"
     newest = max((p for p in steps.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     DAMAGE[damage](newest)
-    results = experiment.run(config, workdir)
+    results = experiment.run(config, workdir, session=session)
     assert [r["R_global"] for r in results["repeats"]] == [
         r["R_global"] for r in reference["repeats"]]
     moved = steps.with_name("repeat_0.damaged") / newest.name
@@ -126,35 +126,3 @@ def test_a_state_is_saved_packed_and_restores_placed_like_its_template(tmp_path)
             "saved ['state']['w'] float32[3, 4] where this run has ['state']['w'] float32[4, 3]")):
         checkpointer.restore_at(0, 1, template)
     checkpointer.close()
-
-
-def test_a_run_made_before_a_setting_existed_resumes_with_its_default(tmp_path):
-    """config.json of an older run lacks `image_size`; it stands for the default (0)."""
-    from abd_jax import checkpoint as ckpt_lib
-
-    ckpt_lib.check_or_write_fingerprint(tmp_path, {"method": "abd", "lr": 0.1})
-    ckpt_lib.check_or_write_fingerprint(tmp_path, {"method": "abd", "lr": 0.1,
-                                                   "image_size": 0}, write=False)
-    with pytest.raises(ValueError, match="image_size: 0 -> 32"):
-        ckpt_lib.check_or_write_fingerprint(tmp_path, {"method": "abd", "lr": 0.1,
-                                                       "image_size": 32}, write=False)
-
-
-def test_fingerprint_resolves_the_generator_dtype(tmp_path):
-    """Runs made before `synthesis.generator_dtype` existed had a float32 generator: a float32
-    run resumes with the new default "" (= dtype), a bfloat16 run does not (its G now
-    computes in bfloat16) unless generator_dtype=float32 is passed."""
-    from abd_jax import checkpoint as ckpt_lib
-
-    def config(dtype, **synthesis):
-        return {"method": "abd", "dtype": dtype, "synthesis": {"lr": 1e-3, **synthesis}}
-
-    old_f32, old_bf16 = tmp_path / "f32", tmp_path / "bf16"
-    ckpt_lib.check_or_write_fingerprint(old_f32, config("float32"))
-    ckpt_lib.check_or_write_fingerprint(old_f32, config("float32", generator_dtype=""), False)
-    ckpt_lib.check_or_write_fingerprint(old_bf16, config("bfloat16"))
-    with pytest.raises(ValueError, match="generator_dtype': 'float32'.*'bfloat16'"):
-        ckpt_lib.check_or_write_fingerprint(old_bf16, config("bfloat16", generator_dtype=""),
-                                            False)
-    ckpt_lib.check_or_write_fingerprint(old_bf16, config("bfloat16", generator_dtype="float32"),
-                                        False)

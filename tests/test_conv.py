@@ -76,13 +76,13 @@ def test_backend_choice():
         conv.conv_for_backend("fft")
 
 
-def test_classifier_gradients_do_not_depend_on_the_convolution():
+def test_classifier_gradients_do_not_depend_on_the_convolution(session):
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
     y = jnp.array([0, 1, 2, 3])
     grads = []
     for impl in ("xla", "im2col"):
         model = models.create_classifier("resnet8", 4, conv_impl=impl)
-        v = models.init_variables(model, jax.random.PRNGKey(1), x[:1])
+        v = models.init_variables(session, model, jax.random.PRNGKey(1), x[:1])
 
         def loss(p):
             (logits, _), _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,

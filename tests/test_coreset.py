@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from abd_jax import experiment, losses, methods, models, train
-from abd_jax.methods import bic, coreset, dgr
+from abd_jax import experiment, losses, methods, models, runner, train
+from abd_jax.methods import coreset
 from configs import digits
 from helpers import three_task_config, tiny_config
 
@@ -55,110 +55,146 @@ def test_closest_to_mean_ranks_by_distance_to_the_class_mean():
     np.testing.assert_array_equal(coreset.ranked(f, 2, "closest_to_mean"), [3, 2])
 
 
-class FakeRuntime:
-    """The services a coreset method uses, on 4 classes x 10 toy examples."""
+class FakePlan:
+    """A plan of 2 tasks of 2 classes, 4 classes x 10 toy examples."""
 
-    def __init__(self, memory_size=8, key=0):
-        self.train_labels = np.repeat(np.arange(4), 10).astype(np.int32)
-        rng = np.random.RandomState(1)
-        self.features = rng.randn(40, 3)
-        self.method_key = jax.random.PRNGKey(key)
-        self.image_shape = (2, 2, 1)
-        self.stages = []
-        self.logged = []
-
-    def task_key(self, t):
-        return jax.random.fold_in(jax.random.PRNGKey(99), t)
+    train_labels = np.repeat(np.arange(4), 10).astype(np.int32)
+    num_tasks = 2
 
     def task_indices(self, t):
         return np.flatnonzero((self.train_labels >= 2 * t) & (self.train_labels < 2 * t + 2))
 
+    def task_key(self, t):
+        return np.array([99, t], np.uint32)
+
+
+class FakeServices:
+    """Records the stages' loops (runs none) and logs; features are fixed toy vectors."""
+
+    def __init__(self):
+        self.features = np.random.RandomState(1).randn(40, 3)
+        self.loops, self.logged = [], []
+
     def predict_train(self, learner, index):
         return np.zeros((len(index), 4)), self.features[index]
 
-    def train_stage(self, learner, state, loss_fn, index, **kwargs):
-        self.stages.append((np.asarray(index), kwargs, learner, state))
-        return learner
+    def sgd_loop(self, name, loss_fn, method_state, index, schedule, key, task, start):
+        self.loops.append(dict(name=name, inputs=method_state, index=np.asarray(index),
+                               schedule=schedule, start=start))
+        return None
 
     def log(self, *args, **kwargs):
         self.logged.append((args, kwargs))
+
+
+def fake_runtime(session, config=None, key=0):
+    config = config or digits.get_config()
+    return methods.Runtime(config=config, plan=FakePlan(), model=None, mesh=None,
+                           image_shape=(2, 2, 1), steps_per_call=1,
+                           method_key=np.array([0, key], np.uint32), session=session,
+                           services=FakeServices())
+
+
+def end_task(method, rt, learner, state, task):
+    """The stages after `task`, as the task loop runs them (loops recorded, not driven)."""
+    for stage in method.end_task(task):
+        if isinstance(stage, methods.Update):
+            learner, state = stage.fn(rt, learner, state, task)
+            continue
+        learner, state = stage.begin(rt, learner, state, task)
+        assert stage.program(rt, learner, state, task, 0) is None
+        learner, state = stage.end(rt, learner, state, task)
+    return learner, state
 
 
 def _task(t):
     return methods.Task(index=t, num_tasks=2, num_old=2 * t, num_seen=2 * t + 2)
 
 
+def _learner(session, lr=0.1):
+    model = models.CifarResNet(depth=8, num_classes=4, width=4)
+    tx = session.shared(train.learner_optimizer, lr, 0.9, 0.0)
+    return train.create_train_state(session, model, jax.random.PRNGKey(0), (8, 8, 1), tx)
+
+
+def _method(**overrides):
+    config = digits.get_config()
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config, methods.get_method(config)
+
+
 @pytest.mark.parametrize("selection", coreset.SELECTIONS)
-def test_memory_is_class_balanced_deterministic_and_shrinks(selection):
-    rt, store = FakeRuntime(), coreset.Coreset(8, selection)
+def test_memory_is_class_balanced_deterministic_and_shrinks(selection, session):
+    rt, store = fake_runtime(session), coreset.Coreset(8, selection)
+    labels, features = rt.plan.train_labels, rt.services.features
     m1 = np.asarray(store.updated(rt, None, store.empty(), _task(0), rt.method_key))
-    assert (m1 >= 0).all() and np.bincount(rt.train_labels[m1]).tolist() == [4, 4]
+    assert (m1 >= 0).all() and np.bincount(labels[m1]).tolist() == [4, 4]
     again = np.asarray(store.updated(rt, None, store.empty(), _task(0), rt.method_key))
     np.testing.assert_array_equal(m1, again)
-    m2 = np.asarray(store.updated(rt, None, jnp.asarray(m1), _task(1), rt.method_key))
-    assert np.bincount(rt.train_labels[m2]).tolist() == [2, 2, 2, 2]
+    m2 = np.asarray(store.updated(rt, None, m1, _task(1), rt.method_key))
+    assert np.bincount(labels[m2]).tolist() == [2, 2, 2, 2]
     for c in (0, 1):  # old classes keep their first (highest-priority) exemplars
-        np.testing.assert_array_equal(m2[rt.train_labels[m2] == c],
-                                      m1[rt.train_labels[m1] == c][:2])
+        np.testing.assert_array_equal(m2[labels[m2] == c], m1[labels[m1] == c][:2])
     if selection != "random":
-        members = np.flatnonzero(rt.train_labels == 2)
-        np.testing.assert_array_equal(m2[rt.train_labels[m2] == 2], members[coreset.ranked(
-            rt.features[members], 2, selection)])
+        members = np.flatnonzero(labels == 2)
+        np.testing.assert_array_equal(m2[labels[m2] == 2], members[coreset.ranked(
+            features[members], 2, selection)])
     else:
         other = np.asarray(store.updated(rt, None, store.empty(), _task(0),
-                                         jax.random.PRNGKey(5)))
+                                         np.array([0, 5], np.uint32)))
         assert not np.array_equal(other, m1)  # another seed, another selection
 
 
 @pytest.mark.parametrize("name", ["naive_rehearsal", "lwf_coreset"])
-def test_random_memory_methods_draw_as_many_memory_samples_as_the_task_has(name):
+def test_random_memory_methods_draw_as_many_memory_samples_as_the_task_has(name, session):
     """The release's append_coreset: the task's images plus len(task) memory samples drawn
     with replacement, once per task (a pure function of the state and the task)."""
-    config = digits.get_config()
-    config.method, config.memory = name, 8
-    method = methods.get_method(config)
-    rt = FakeRuntime()
-    model = models.CifarResNet(depth=8, num_classes=4, width=4)
-    learner = train.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
+    config, method = _method(method=name, **{"coreset.memory": 8})
+    rt = fake_runtime(session, config)
+    learner = _learner(session)
     state = method.init_state(rt, learner)
-    np.testing.assert_array_equal(method.train_index(rt, state, _task(0)), rt.task_indices(0))
-    _, state = method.end_task(rt, learner, state, _task(0))
+    np.testing.assert_array_equal(method.train_index(rt, state, _task(0)),
+                                  rt.plan.task_indices(0))
+    _, state = end_task(method, rt, learner, state, _task(0))
     index = method.train_index(rt, state, _task(1))
-    np.testing.assert_array_equal(index[:20], rt.task_indices(1))
+    np.testing.assert_array_equal(index[:20], rt.plan.task_indices(1))
     replayed = index[20:]
     assert len(replayed) == 20 and set(replayed) <= set(np.asarray(state.memory))
     assert len(set(replayed)) < len(replayed)  # with replacement: 20 draws from 8
     np.testing.assert_array_equal(index, method.train_index(rt, state, _task(1)))
-    assert method.index_capacity(rt, 2) == 40
+    assert method.index_capacity(rt) == 40
 
 
-def test_e2e_balanced_stage_follows_the_release():
+def test_e2e_balanced_stage_follows_the_release(session):
     """Head only, on the updated (class-balanced) memory, at lr / 100, with the task's epochs
     and schedule; from the model before the stage and the previous task's teacher."""
-    config = digits.get_config()
-    config.method, config.memory = "e2e", 8
-    method = methods.get_method(config)
-    rt = FakeRuntime()
-    model = models.CifarResNet(depth=8, num_classes=4, width=4)
-    learner = train.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
+    config, method = _method(method="e2e", **{"coreset.memory": 8})
+    rt = fake_runtime(session, config)
+    learner = _learner(session)
     state = method.init_state(rt, learner)
-    _, state = method.end_task(rt, learner, state, _task(0))
-    assert rt.stages == []  # nothing to balance after the first task
+    _, state = end_task(method, rt, learner, state, _task(0))
+    assert rt.services.loops == []  # nothing to balance after the first task
     previous = state.teacher
-    out, state = method.end_task(rt, learner, state, _task(1))
-    (index, kwargs, stage, inputs), = rt.stages
-    np.testing.assert_array_equal(index, np.asarray(state.memory))  # the updated memory
-    assert np.bincount(rt.train_labels[index]).tolist() == [2, 2, 2, 2]
-    assert kwargs["lr"] == pytest.approx(config.lr / 100)
-    assert kwargs["epochs"] == config.epochs
-    assert kwargs["lr_milestones"] == tuple(config.lr_milestones)
-    assert stage.tx is not learner.tx and out.tx is learner.tx  # its own optimiser, then back
-    assert inputs.teacher is previous
-    jax.tree.map(np.testing.assert_array_equal, inputs.before.params, learner.params)
+    out, state = end_task(method, rt, learner, state, _task(1))
+    loop, = rt.services.loops
+    np.testing.assert_array_equal(loop["index"], np.asarray(state.memory))  # the new memory
+    assert np.bincount(rt.plan.train_labels[loop["index"]]).tolist() == [2, 2, 2, 2]
+    assert loop["schedule"].lr == pytest.approx(config.lr / 100)
+    assert loop["schedule"].epochs == config.epochs
+    assert loop["schedule"].milestones == tuple(config.lr_milestones)
+    assert loop["inputs"].teacher is previous
+    jax.tree.map(np.testing.assert_array_equal, loop["inputs"].before.params, learner.params)
+    jax.tree.map(np.testing.assert_array_equal, state.head.params, learner.params["head"])
     config.e2e.balanced_epochs = 30  # the E2E paper's: 30 epochs at a constant rate
-    rt.stages.clear()
-    methods.get_method(config).end_task(rt, learner, state, _task(1))
-    assert rt.stages[0][1]["epochs"] == 30 and rt.stages[0][1]["lr_milestones"] == ()
+    rt.services.loops.clear()
+    end_task(methods.get_method(config), rt, learner, state, _task(1))
+    assert rt.services.loops[0]["schedule"].epochs == 30
+    assert rt.services.loops[0]["schedule"].milestones == ()
 
 
 def test_taskwise_kd_sums_one_weighted_kd_per_past_task():
@@ -179,54 +215,51 @@ def test_bias_correction_touches_only_the_corrected_tasks_logits():
     np.testing.assert_array_equal(out[:, 4:], z[:, 4:])
 
 
-def test_bic_holds_out_the_first_exemplars_and_images_of_each_class():
+def test_bic_holds_out_the_first_exemplars_and_images_of_each_class(session):
     """The release's split: int(int(val_fraction * stored) / K_old) per class, the old
     classes' first (highest-priority) exemplars and the new classes' first images."""
-    config = digits.get_config()
-    config.method, config.memory, config.num_tasks = "bic", 8, 2
-    config.bic.val_fraction = 0.5
-    method = methods.get_method(config)
-    rt = FakeRuntime()
-    model = models.CifarResNet(depth=8, num_classes=4, width=4)
-    learner = train.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
+    config, method = _method(method="bic", num_tasks=2, **{"coreset.memory": 8,
+                                                           "bic.val_fraction": 0.5})
+    rt = fake_runtime(session, config)
+    labels = rt.plan.train_labels
+    learner = _learner(session)
     state = method.init_state(rt, learner)
     assert len(method.split(rt, state, _task(0))[1]) == 0
-    _, state = method.end_task(rt, learner, state, _task(0))
+    _, state = end_task(method, rt, learner, state, _task(0))
     train_index, held = method.split(rt, state, _task(1))
     # 8 stored exemplars, K_old 2: int(int(0.5 * 8) / 2) = 2 per class
-    assert np.bincount(rt.train_labels[held], minlength=4).tolist() == [2, 2, 2, 2]
-    memory = coreset.memory_by_class(np.asarray(state.memory), rt.train_labels)
+    assert np.bincount(labels[held], minlength=4).tolist() == [2, 2, 2, 2]
+    memory = coreset.memory_by_class(np.asarray(state.memory), labels)
     for c in (0, 1):
-        np.testing.assert_array_equal(held[rt.train_labels[held] == c], memory[c][:2])
+        np.testing.assert_array_equal(held[labels[held] == c], memory[c][:2])
     for c in (2, 3):
-        np.testing.assert_array_equal(held[rt.train_labels[held] == c],
-                                      np.flatnonzero(rt.train_labels == c)[:2])
+        np.testing.assert_array_equal(held[labels[held] == c],
+                                      np.flatnonzero(labels == c)[:2])
     assert not set(train_index) & set(held)
     assert len(train_index) + len(held) == 20 + 8
     np.testing.assert_array_equal(held, method.split(rt, state, _task(1))[1])
 
 
-def test_bic_stage2_follows_the_release_and_skips_a_split_under_one_batch():
-    config = digits.get_config()
-    config.method, config.memory, config.num_tasks, config.batch_size = "bic", 8, 2, 8
-    config.bic.val_fraction = 0.5
-    method = methods.get_method(config)
-    rt = FakeRuntime()
-    model = models.CifarResNet(depth=8, num_classes=4, width=4)
-    learner = train.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
+def test_bic_stage2_follows_the_release_and_skips_a_split_under_one_batch(session):
+    config, method = _method(method="bic", num_tasks=2, batch_size=8,
+                             **{"coreset.memory": 8, "bic.val_fraction": 0.5})
+    rt = fake_runtime(session, config)
+    learner = _learner(session)
     state = method.init_state(rt, learner)
-    _, state = method.end_task(rt, learner, state, _task(0))
-    method.end_task(rt, learner, state, _task(1))
-    (index, kwargs, stage, inputs), = rt.stages
-    np.testing.assert_array_equal(index, method.split(rt, state, _task(1))[1])
-    assert kwargs["lr"] == pytest.approx(config.lr / 100)
-    assert kwargs["epochs"] == config.epochs
-    assert kwargs["lr_milestones"] == tuple(config.lr_milestones)
-    assert set(stage.params) == {"alpha", "beta"} and int(inputs.task_index) == 1
+    _, state = end_task(method, rt, learner, state, _task(0))
+    _, after = end_task(method, rt, learner, state, _task(1))
+    loop, = rt.services.loops
+    np.testing.assert_array_equal(loop["index"], method.split(rt, state, _task(1))[1])
+    assert loop["schedule"].lr == pytest.approx(config.lr / 100)
+    assert loop["schedule"].epochs == config.epochs
+    assert loop["schedule"].milestones == tuple(config.lr_milestones)
+    assert int(loop["inputs"].task_index) == 1
+    assert set(after.correction.params) == {"alpha", "beta"}
     config.batch_size = 16  # the held-out split (8 images) is under one batch: no stage 2
-    rt.stages.clear()
-    _, after = methods.get_method(config).end_task(rt, learner, state, _task(1))
-    assert rt.stages == [] and float(after.alpha[1]) == 1.0 and float(after.beta[1]) == 0.0
+    rt.services.loops.clear()
+    _, after = end_task(methods.get_method(config), rt, learner, state, _task(1))
+    assert rt.services.loops == [] and float(after.alpha[1]) == 1.0
+    assert float(after.beta[1]) == 0.0
 
 
 @pytest.mark.parametrize("method", ["naive_rehearsal", "lwf_coreset", "e2e", "bic"])
@@ -254,44 +287,66 @@ def test_e2e_balanced_finetuning_steps_at_its_own_learning_rate(digits_data_dir,
         pytest.approx(config.lr * config.e2e.balanced_lr_scale)]
 
 
-def test_replay_methods_count_their_generator(digits_data_dir, tmp_path):
+def test_replay_methods_count_their_generator(digits_data_dir, tmp_path, session):
     results = experiment.run(tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=2),
-                             tmp_path)
+                             tmp_path, session=session)
     memory = results["repeats"][0]["memory"]
     assert memory["generator_parameters"] > memory["classifier_parameters"] > 0
     assert "stored_images" not in memory
 
 
-def _interrupt_once(monkeypatch, owner, name, at_call):
-    real = getattr(owner, name)
-    calls = {"n": 0}
+def test_interrupt_in_a_host_stage_reruns_it_identically(digits_data_dir, reference_run,
+                                                         tmp_path, monkeypatch, session):
+    """A crash inside Naive Rehearsal's memory update after task 2 (an `Update` stage): the
+    rerun does that stage again from the checkpoint taken when training ended."""
+    config = three_task_config(digits_data_dir, "naive_rehearsal")
+    reference, _ = reference_run(config)
+    real, calls = coreset.Coreset.updated, {"n": 0}
 
-    def wrapper(*args, **kwargs):
+    def crashing(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == at_call:
+        if calls["n"] == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(owner, name, wrapper)
-    return real
-
-
-@pytest.mark.parametrize("method,stage", [
-    ("naive_rehearsal", "coreset update"), ("e2e", "balanced fine-tuning"),
-    ("bic", "bias fit"), ("dgr", "autoencoder training")])
-def test_interrupt_in_an_end_of_task_stage_resumes_identically(digits_data_dir, reference_run,
-                                                               tmp_path, monkeypatch, method,
-                                                               stage):
-    config = three_task_config(digits_data_dir, method)
-    reference, _ = reference_run(config)
-    owner, name = {"coreset update": (coreset.Coreset, "updated"),
-                   "balanced fine-tuning": (experiment.RepeatRunner, "_train_stage"),
-                   "bias fit": (bic.BiC, "fit_correction"),
-                   "autoencoder training": (experiment.RepeatRunner, "_train_stage")}[stage]
-    real = _interrupt_once(monkeypatch, owner, name, at_call=2)  # at the end of task 3 or 2
+    monkeypatch.setattr(coreset.Coreset, "updated", crashing)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run(config, tmp_path / "resumed")
-    monkeypatch.setattr(owner, name, real)
-    resumed = experiment.run(config, tmp_path / "resumed")
+        experiment.run(config, tmp_path, session=session)
+    monkeypatch.setattr(coreset.Coreset, "updated", real)
+    resumed = experiment.run(config, tmp_path, session=session)
+    assert [r["R_global"] for r in resumed["repeats"]] == [
+        r["R_global"] for r in reference["repeats"]]
+
+
+@pytest.mark.parametrize("method,phase,stage,overrides", [
+    ("e2e", "balanced_finetuning", 1, {"e2e.balanced_epochs": 3}),
+    ("bic", "bias_correction", 0, {}),
+    ("dgr", "autoencoder", 0, {})])
+def test_a_crash_inside_an_end_of_task_loop_resumes_from_its_checkpoint(
+        digits_data_dir, reference_run, tmp_path, monkeypatch, session, method, phase, stage,
+        overrides):
+    """E2E's balanced stage, BiC's stage 2 and DGR's autoencoder run through the shared driver:
+    checkpointed inside (here every step), a crash at their second step after task 2 resumes
+    from step 1 of that stage, to the uninterrupted numbers."""
+    config = experiment.config_with(three_task_config(digits_data_dir, method), overrides)
+    reference, _ = reference_run(config)
+    config = experiment.config_with(config, {"checkpoint_every_steps": 1,
+                                             "log_every_steps": 1})
+    real = runner.RepeatRunner.log
+
+    def crashing(self, step, scalars, **tags):
+        if tags.get("phase") == phase and tags.get("task") == 2 and step == 2:
+            raise KeyboardInterrupt
+        return real(self, step, scalars, **tags)
+
+    monkeypatch.setattr(runner.RepeatRunner, "log", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(config, tmp_path, session=session)
+    monkeypatch.setattr(runner.RepeatRunner, "log", real)
+    from abd_jax import checkpoint as ckpt_lib
+    checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "checkpoints" / "repeat_0")
+    assert checkpointer.latest() == (1, ckpt_lib.stage_step(stage, 1))
+    checkpointer.close()
+    resumed = experiment.run(config, tmp_path, session=session)
     assert [r["R_global"] for r in resumed["repeats"]] == [
         r["R_global"] for r in reference["repeats"]]

@@ -137,9 +137,11 @@ def test_digits(tmp_path):
 def test_png_bytes_decode_to_the_image(shape):
     from PIL import Image
     rng = np.random.default_rng(0)
-    for image in (rng.integers(0, 256, shape, dtype=np.uint8),  # (rows wrap mod 256)
+    planes = rng.integers(0, 256, shape[::-1], dtype=np.uint8)  # [C, W, H] as CIFAR stores it
+    for image in (rng.integers(0, 256, shape, dtype=np.uint8), planes.transpose(2, 1, 0),
                   np.full(shape, 255, np.uint8), np.zeros(shape, np.uint8)):
-        with Image.open(io.BytesIO(datasets._png_bytes(image))) as decoded:
+        with Image.open(io.BytesIO(datasets.png_bytes(image))) as decoded:
+            assert decoded.format == "PNG"
             assert decoded.mode == ("L" if shape[-1] == 1 else "RGB")
             np.testing.assert_array_equal(np.asarray(decoded).reshape(shape), image)
 
@@ -152,13 +154,13 @@ def _archive_test_split(shared_data_dir):
     return records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), records[:, 0]
 
 
-def test_prepare_cifar10_offline(prepared_cifar10, shared_data_dir):
+def test_prepare_cifar10_offline(prepared_cifar10, shared_data_dir, session):
     data_dir, counts = prepared_cifar10
     assert counts == {"train": 50000, "test": 10000}
     spec = data.get_spec("cifar10")
     for split, per_class in (("train", 5000), ("test", 1000)):
         labels = input_pipeline.split_labels(data.open_split(
-            spec, split, data_dir, decoders=input_pipeline.labels_only()))
+            spec, split, data_dir, decoders=input_pipeline.labels_only()), session)
         np.testing.assert_array_equal(np.bincount(labels, minlength=10), [per_class] * 10)
     # The test split's images decoded whole (the train split's take ~12 s more on 2 cores;
     # tests/test_input_pipeline.py streams some of them).

@@ -24,10 +24,10 @@ def _torch_param_count(c, side, z):
 
 
 @pytest.mark.parametrize("size,channels,z", [(32, 3, 1024), (8, 1, 32)])
-def test_autoencoder_matches_the_release_and_outputs_images_in_0_1(size, channels, z):
+def test_autoencoder_matches_the_release_and_outputs_images_in_0_1(size, channels, z, session):
     vae = models.ConvVAE(image_size=size, channels=channels, z_dim=z)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, size, size, channels))
-    variables = models.init_variables(vae, jax.random.PRNGKey(1), x, jax.random.PRNGKey(2))
+    variables = models.init_variables(session, vae, jax.random.PRNGKey(1), x)
     count = sum(p.size for p in jax.tree.leaves(variables["params"]))
     assert count == _torch_param_count(channels, size // 8, z)
     recon, mean, logvar = jax.jit(vae.apply)(variables, x, jax.random.PRNGKey(3))
@@ -54,14 +54,16 @@ def test_vae_loss_terms():
     np.testing.assert_allclose(masked, exact, rtol=1e-5)
 
 
-def test_replay_is_labelled_by_the_previous_classifier_among_past_classes():
+def test_replay_is_labelled_by_the_previous_classifier_among_past_classes(session):
     config = digits.get_config()
     config.method = "dgr"
     method = methods.get_method(config)
     model = models.CifarResNet(depth=8, num_classes=6, width=4)
-    learner = train.create_train_state(model, jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
-    rt = methods.Runtime.outside_the_loop(config, model, None, (8, 8, 1), 1,
-                                          jax.random.PRNGKey(1))
+    learner = train.create_train_state(session, model, jax.random.PRNGKey(0), (8, 8, 1),
+                                       session.shared(train.learner_optimizer, 0.1, 0.9, 0.0))
+    rt = methods.Runtime(config=config, plan=None, model=model, mesh=None,
+                         image_shape=(8, 8, 1), steps_per_call=1,
+                         method_key=np.array([0, 1], np.uint32), session=session)
     state = method.init_state(rt, learner)
     # A teacher whose head prefers class 1 among the past classes [0, 3), class 5 overall.
     head = dict(state.teacher.params["head"])
@@ -98,23 +100,24 @@ def test_dgr_trains_its_autoencoder_on_each_tasks_batches_but_the_last(digits_da
         assert [line["lr"] for line in steps] == [line["lr"] for line in solver]
 
 
-def test_the_autoencoder_pass_sees_the_solvers_batches(digits_data_dir, tmp_path, monkeypatch):
+def test_the_autoencoder_pass_sees_the_solvers_batches(digits_data_dir, tmp_path, monkeypatch,
+                                                       session):
     """The release updates the autoencoder in the solver's step; here a second pass over the
     task must draw the very same batches: its TaskInfo (examples, key, epochs, schedule) is
     the task's own."""
-    from abd_jax import experiment
+    from abd_jax import experiment, plan
     infos = []
-    real = experiment.RepeatRunner._task_info
+    real = plan.RunPlan.task_info
 
     def record(self, *args, **kwargs):
         info = real(self, *args, **kwargs)
-        infos.append(jax.device_get(info))
+        infos.append(info)
         return info
 
-    monkeypatch.setattr(experiment.RepeatRunner, "_task_info", record)
+    monkeypatch.setattr(plan.RunPlan, "task_info", record)
     config = three_task_config(digits_data_dir, "dgr")
     config.num_tasks, config.num_classes = 2, 4
-    experiment.run(config, tmp_path)
+    experiment.run(config, tmp_path, session=session)
     # task 1's training, its autoencoder pass, task 2's training (no pass after the last)
     assert len(infos) == 3
     for field in ("index", "count", "key", "steps_per_epoch", "total_steps", "base_lr",

@@ -24,8 +24,8 @@ from helpers import xla_flags
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"method": "abd", "num_tasks": 2, "epochs": 1, "num_devices": 0,  # all devices
             "log_every_steps": 4, "checkpoint_every_steps": 10_000,  # (stops save anyway)
-            "synthesis.iterations": 20, "synthesis_log_every": 10,
-            "synthesis_checkpoint_every": 10_000, "sample_grid_size": 4}
+            "synthesis.iterations": 20, "synthesis.log_every": 10,
+            "synthesis.checkpoint_every": 10_000, "synthesis.sample_grid_size": 4}
 
 
 def test_one_process_is_the_plain_operation():
@@ -110,14 +110,14 @@ def test_two_processes_match_one_and_stop_together(digits_data_dir, tmp_path):
         procs[1].send_signal(signal.SIGTERM)
         (rc0, err0), (rc1, err1) = _finish(procs)
         assert (rc0, rc1) == (130, 130), err0[-3000:] + err1[-3000:]
-        saved = [re.findall(r"saving a checkpoint at task (\d+) step (\d+)", err)
+        saved = [re.findall(r"saving a checkpoint at task (\d+) training step (\d+)", err)
                  for err in (err0, err1)]
         assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # the same chunk
         assert not (workdir / "results.json").exists()
         checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints" / "repeat_0")
         task, step = checkpointer.latest()
         checkpointer.close()
-        assert (task, step) == (0, int(saved[0][0][1])), (task, step)
+        assert (task, step) == (int(saved[0][0][0]) - 1, int(saved[0][0][1])), (task, step)
 
         # Resumed on the stream path (the same batches, each process reading its own rows):
         # both input paths run on two processes in one test.
@@ -131,7 +131,7 @@ def test_two_processes_match_one_and_stop_together(digits_data_dir, tmp_path):
     assert rc == 0, err[-3000:]
     reference = json.loads((tmp_path / "one" / "results.json").read_text())
     assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
-    assert f"resuming repeat 0 at task 1 step {step}" in err0 and "streaming" in err0
+    assert f"resuming repeat 0 at task 1, training step {step}" in err0 and "streaming" in err0
     two = json.loads((workdir / "results.json").read_text())
     for key in ("R_global", "R_local"):
         np.testing.assert_allclose(np.array(two["repeats"][0][key], float),

@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from abd_jax import config as config_lib
 from abd_jax import data as data_lib
 from abd_jax import datasets, experiment, models, transforms
 from configs import imagenet
@@ -185,7 +186,7 @@ def test_imagenet_config_and_resnet18_at_224():
     assert (c.augment.brightness, c.augment.contrast, c.augment.flip,
             c.augment.crop_padding) == (0, 0, True, 0)
     assert c.synthesis.iterations == 50_000 and c.input_pipeline == "stream"
-    experiment.validate_config(c, num_devices=1)
+    config_lib.validate(c, num_devices=1)
     model = models.create_classifier(c.model, 1000, c.dtype, c.conv_impl)
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 224, 224, 3)), jnp.float32)
     # Random variables of the right shapes (model.init's 11.7M draws take ~20 s on 2 CPUs).
@@ -198,7 +199,7 @@ def test_imagenet_config_and_resnet18_at_224():
     assert np.isfinite(logits).all()
 
 
-def test_a_streamed_two_task_run_on_the_fake_archive(prepared, tmp_path):
+def test_a_streamed_two_task_run_on_the_fake_archive(prepared, tmp_path, session):
     """configs/imagenet.py end to end on the fake archive (a small net and schedule): the
     stream path crops the varying sizes on the host (random-resized for training, resize +
     centre crop for testing); top-5 lands in results.json."""
@@ -214,18 +215,18 @@ def test_a_streamed_two_task_run_on_the_fake_archive(prepared, tmp_path):
     c.num_devices = 1
     c.eval_batch_size = 4
     c.tensorboard = False
-    splits = experiment.load_splits(c)
+    splits = experiment.load_splits(c, session)
     assert splits.streamed and len(splits.train_images) == 8
     batch = splits.test_images[:2]
     assert batch.shape == (2, 224, 224, 3) and batch.dtype == np.uint8
-    results = experiment.run(c, tmp_path)
+    results = experiment.run(c, tmp_path, session=session)
     rep = results["repeats"][0]
     assert len(rep["R_global"]) == 2
     top1, top5 = (np.array(rep[k], dtype=float) for k in ("R_global", "R_global_top5"))
     assert np.all(np.tril(top5) >= np.tril(top1))
     c.input_pipeline = "device"
     with pytest.raises(ValueError, match="input_pipeline=stream"):
-        experiment.run(c, tmp_path / "device")
+        experiment.run(c, tmp_path / "device", session=session)
 
 
 def test_imagenet50_is_the_first_50_classes_in_5_tasks():
@@ -233,4 +234,4 @@ def test_imagenet50_is_the_first_50_classes_in_5_tasks():
     c = imagenet50.get_config()
     spec = data_lib.classes_in_use(data_lib.get_spec(c.dataset), c.num_classes)
     assert (spec.num_classes, c.num_tasks, c.model, c.seed) == (50, 5, "resnet18", 1993)
-    experiment.validate_config(c, 1)
+    config_lib.validate(c, 1)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from abd_jax import data as data_lib
-from abd_jax import experiment, input_pipeline, preemption, train
+from abd_jax import experiment, input_pipeline, preemption, runner, sampling
+from abd_jax.session import Session
 from helpers import tiny_config
 
 SPEC = data_lib.DatasetSpec("fake", 5, (4, 4, 1), (0.5,), (0.25,))
@@ -30,38 +31,32 @@ class FakeSource:
                 for i in indices]
 
 
-@pytest.fixture(autouse=True)
-def no_pending_stop():
-    preemption.clear()
-    yield
-    preemption.clear()
-
-
 def _task(count=23, capacity=30, steps_per_epoch=5, total=13):
     index = np.zeros(capacity, np.int32)
     index[:count] = np.arange(100, 100 + count)
-    return train.TaskInfo(index=jnp.asarray(index), count=jnp.int32(count),
-                          num_old=jnp.int32(0), num_seen=jnp.int32(5),
-                          steps_per_epoch=jnp.int32(steps_per_epoch),
-                          total_steps=jnp.int32(total), key=jax.random.PRNGKey(3),
-                          base_lr=jnp.float32(0.1), lr_milestones=train.lr_milestones((), 0))
+    return sampling.TaskInfo(index=index, count=np.int32(count), num_old=np.int32(0),
+                             num_seen=np.int32(5), steps_per_epoch=np.int32(steps_per_epoch),
+                             total_steps=np.int32(total), key=np.array([0, 3], np.uint32),
+                             base_lr=np.float32(0.1), lr_milestones=np.zeros(0, np.int32))
 
 
 @pytest.mark.parametrize("start,steps_per_call", [(0, 1), (7, 3)])
-def test_stream_feed_reads_the_batches_the_device_path_samples(start, steps_per_call):
+def test_stream_feed_reads_the_batches_the_device_path_samples(start, steps_per_call,
+                                                               session):
     """Across epoch boundaries, from a mid-epoch start, with a padded last call."""
     task, batch = _task(), 4
     labels = np.arange(200, dtype=np.int32) % 7
     images = np.arange(200, dtype=np.int32) % 256
     feed = input_pipeline.StreamFeed(FakeSource(200), SPEC, labels, task, start, batch,
-                                     steps_per_call, experiment.make_mesh(2))
+                                     steps_per_call, experiment.make_mesh(2), session=session)
+    task = jax.device_put(task)
     step = start
     while step < 13:
         got = feed.next_call()
         assert got.images.shape == (steps_per_call, batch, *SPEC.image_shape)
         assert int(got.first_step) == step
         for i in range(steps_per_call):
-            want_x, want_y = train.sample_batch(jnp.asarray(images), jnp.asarray(labels), task,
+            want_x, want_y = sampling.sample_batch(jnp.asarray(images), jnp.asarray(labels), task,
                                                 min(step + i, 12), batch)
             x, y = got.batch(task, jnp.int32(step + i), batch)
             np.testing.assert_array_equal(np.asarray(x)[:, 0, 0, 0], np.asarray(want_x))
@@ -71,18 +66,18 @@ def test_stream_feed_reads_the_batches_the_device_path_samples(start, steps_per_
         feed.next_call()
 
 
-def test_every_example_once_per_epoch():
+def test_every_example_once_per_epoch(session):
     task = _task(count=20, steps_per_epoch=5, total=10)
     feed = input_pipeline.StreamFeed(FakeSource(200), SPEC, np.zeros(200, np.int32), task, 0,
-                                     4, 5, experiment.make_mesh(1))
+                                     4, 5, experiment.make_mesh(1), session=session)
     for _ in range(2):
         seen = np.asarray(feed.next_call().images)[..., 0, 0, 0].ravel()
         assert sorted(seen) == list(range(100, 120))
 
 
-def test_source_images_read_on_demand():
+def test_source_images_read_on_demand(session):
     source = FakeSource(50)
-    images = input_pipeline.SourceImages(source, SPEC)
+    images = input_pipeline.SourceImages(source, SPEC, session)
     assert len(images) == 50 and images.shape == (50, 4, 4, 1)
     picked = images[np.arange(50) % 2 == 0][np.array([3, 1, 4])]  # mask, then indices
     assert source.reads == 0 and len(picked) == 3
@@ -114,7 +109,7 @@ def _log(workdir):
     return [{k: v for k, v in line.items() if k != "images_per_second"} for line in lines]
 
 
-def test_stream_and_device_paths_give_the_same_run(digits_data_dir, tmp_path):
+def test_stream_and_device_paths_give_the_same_run(digits_data_dir, tmp_path, session):
     """E2E: task training, a balanced fine-tuning stage, herding on predicted features and
     evaluation all read through the stream path, on 2 devices."""
     runs = {}
@@ -122,15 +117,16 @@ def test_stream_and_device_paths_give_the_same_run(digits_data_dir, tmp_path):
         config = tiny_config(digits_data_dir, method="e2e", num_tasks=2, epochs=1,
                              num_devices=2, input_pipeline=pipeline)
         config.e2e.balanced_epochs = 1
-        runs[pipeline] = experiment.run(config, tmp_path / pipeline)
+        runs[pipeline] = experiment.run(config, tmp_path / pipeline, session=session)
     assert runs["stream"]["repeats"][0]["R_global"] == runs["device"]["repeats"][0]["R_global"]
     assert _log(tmp_path / "stream") == _log(tmp_path / "device")
 
 
 def test_split_labels_are_read_once_per_version_of_the_split_files(digits_data_dir,
                                                                     tmp_path):
-    """A second run in the process reuses a split's labels; a split prepared again (its
+    """A second run in the session reuses a split's labels; a split prepared again (its
     files rewritten) is read again."""
+    session = Session()
     import shutil
     folder = tmp_path / "digits"
     shutil.copytree(digits_data_dir, folder)
@@ -152,28 +148,28 @@ def test_split_labels_are_read_once_per_version_of_the_split_files(digits_data_d
             return self.source.__getitems__(indices)
 
     first, second = Counted(), Counted()
-    np.testing.assert_array_equal(input_pipeline.split_labels(first), expected)
-    np.testing.assert_array_equal(input_pipeline.split_labels(second), expected)
+    np.testing.assert_array_equal(input_pipeline.split_labels(first, session), expected)
+    np.testing.assert_array_equal(input_pipeline.split_labels(second, session), expected)
     assert (first.reads, second.reads) == (len(expected), 0)
     [train_file] = folder.rglob("*-train.array_record*")
     stat = train_file.stat()
     os.utime(train_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     third = Counted()
-    np.testing.assert_array_equal(input_pipeline.split_labels(third), expected)
+    np.testing.assert_array_equal(input_pipeline.split_labels(third, session), expected)
     assert third.reads == len(expected)
 
 
-def test_dgr_streams_the_autoencoders_batches_too(digits_data_dir, tmp_path):
+def test_dgr_streams_the_autoencoders_batches_too(digits_data_dir, tmp_path, session):
     """DGR's autoencoder pass reads the task's batches again: streamed, the same numbers."""
     config = tiny_config(digits_data_dir, method="dgr", num_tasks=2, num_classes=4, epochs=1)
-    device = experiment.run(config, tmp_path / "device")
+    device = experiment.run(config, tmp_path / "device", session=session)
     config.input_pipeline = "stream"
-    streamed = experiment.run(config, tmp_path / "stream")
+    streamed = experiment.run(config, tmp_path / "stream", session=session)
     assert streamed["repeats"][0]["R_global"] == device["repeats"][0]["R_global"]
 
 
 def test_cifar10_stream_resumes_mid_epoch_identically(prepared_cifar10, tmp_path,
-                                                      monkeypatch):
+                                                      monkeypatch, session):
     """Forced stream on real CIFAR-10 (its first 4 classes, 2 tasks): 5 steps per epoch,
     stopped after step 8 (mid epoch 2, checkpoint there), resumed: the same numbers and
     metrics log as without the stop."""
@@ -182,29 +178,28 @@ def test_cifar10_stream_resumes_mid_epoch_identically(prepared_cifar10, tmp_path
                          num_classes=4, batch_size=16, train_per_class=40,
                          input_pipeline="stream", eval_batch_size=500)
     config.model = "resnet8"
-    straight = experiment.run(config, tmp_path / "straight")
-    assert experiment.load_splits(config).streamed
+    straight = experiment.run(config, tmp_path / "straight", session=session)
+    assert experiment.load_splits(config, session).streamed
 
-    real_log = experiment.RepeatRunner._log
+    real_log = runner.RepeatRunner.log
     calls = {"n": 0}
 
     def stop_after_second_log(self, *args, **kwargs):
         real_log(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 2:  # step 8 of task 1
-            preemption.request()
+            self.session.stop.request()
 
-    monkeypatch.setattr(experiment.RepeatRunner, "_log", stop_after_second_log)
-    with pytest.raises(preemption.Preempted):
-        experiment.run(config, tmp_path / "resumed")
-    monkeypatch.setattr(experiment.RepeatRunner, "_log", real_log)
-    preemption.clear()
+    monkeypatch.setattr(runner.RepeatRunner, "log", stop_after_second_log)
+    with Session() as stopped, pytest.raises(preemption.Preempted):
+        experiment.run(config, tmp_path / "resumed", session=stopped)
+    monkeypatch.setattr(runner.RepeatRunner, "log", real_log)
     from abd_jax import checkpoint as ckpt_lib
     checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "resumed" / "checkpoints" / "repeat_0")
     try:
         assert checkpointer.latest() == (0, 8)  # mid epoch (epochs are 5 steps)
     finally:
         checkpointer.close()
-    resumed = experiment.run(config, tmp_path / "resumed")
+    resumed = experiment.run(config, tmp_path / "resumed", session=session)
     assert resumed["repeats"][0]["R_global"] == straight["repeats"][0]["R_global"]
     assert _log(tmp_path / "resumed") == _log(tmp_path / "straight")

@@ -1,4 +1,4 @@
-"""Loss values pinned to SPEC.md's equations (issue #8, item 5).
+"""Loss values pinned to SPEC.md's equations.
 
 Expected numbers are worked out by hand (stated in the comments) or with plain float64 numpy
 arithmetic written out here from the SPEC formula; no test compares a loss with another copy
@@ -18,8 +18,8 @@ import pytest
 
 from abd_jax import losses, models, train
 from abd_jax.methods import abd, deepinversion, lwf
-from abd_jax.methods.lifecycle import TeacherState
 from abd_jax.methods.synthetic_replay import ReplayState, replay
+from abd_jax.methods.teacher import Teacher, TeacherState, teacher_apply
 
 # One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("loss_values")
@@ -584,7 +584,7 @@ def setup():
         gen.init(jax.random.PRNGKey(3), jnp.zeros((2, Z_DIM)), train=False)))()
     gen_state = train.TrainState.create(apply_fn=gen.apply, params=gv["params"],
                                         batch_stats=gv["batch_stats"], tx=optax.identity())
-    state = ReplayState(teacher=train.Teacher(teacher["params"], teacher["batch_stats"]),
+    state = ReplayState(teacher=Teacher(teacher["params"], teacher["batch_stats"]),
                         generator=gen_state)
     return dict(net=net, x=x, y=y, student=student, state=state, gen=gen)
 
@@ -628,7 +628,7 @@ def runs(setup):
         return dict(
             images=rep.images, labels=rep.labels, z=logits, f=feats, tz=rep.teacher_logits,
             tf=rep.teacher_features, z_real=real_ctx.forward(s["x"])[0],
-            tz_real=train.teacher_apply(s["net"], s["state"].teacher, s["x"])[0],
+            tz_real=teacher_apply(s["net"], s["state"].teacher, s["x"])[0],
             abd={name: drop_bs(abd.abd_loss(ctx, s["gen"], Z_DIM, abd.AbdOptions(**sw)))
                  for name, sw in ABD_VARIANTS.items()},
             deepinversion={str(mu): drop_bs(deepinversion.deepinversion_loss(
@@ -753,7 +753,7 @@ def test_abd_gradient_masks_on_the_head(setup):
         return abd.abd_loss(_ctx(s, params=params), s["gen"], Z_DIM, opts)[0]
 
     def teacher_loss(params):
-        teacher = train.Teacher(params, state.teacher.batch_stats)
+        teacher = Teacher(params, state.teacher.batch_stats)
         ctx = _ctx(s, method_state=state.replace(teacher=teacher))
         return abd.abd_loss(ctx, s["gen"], Z_DIM, abd.AbdOptions())[0]
 

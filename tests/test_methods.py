@@ -10,7 +10,7 @@ import pytest
 from flax import struct
 
 from abd_jax import checkpoint as ckpt_lib
-from abd_jax import experiment, losses, methods, models, synthesis, train
+from abd_jax import experiment, losses, methods, models, runner, train
 from abd_jax.methods import base, lifecycle
 from configs import digits
 from helpers import tiny_config
@@ -18,10 +18,12 @@ from helpers import tiny_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_the_task_loop_names_no_method():
-    """No identifier of experiment.py, and no string literal equal to a method's name, refers
-    to a method (messages may mention one, e.g. how to produce Omega's denominators)."""
-    path = REPO / "abd_jax" / "experiment.py"
+@pytest.mark.parametrize("module", ["experiment.py", "runner.py", "driver.py", "plan.py"])
+def test_the_task_loop_names_no_method(module):
+    """No identifier of the task loop's modules, and no string literal equal to a method's
+    name, refers to a method (messages may mention one, e.g. how to produce Omega's
+    denominators)."""
+    path = REPO / "abd_jax" / module
     with path.open("rb") as f:
         tokens = list(tokenize.tokenize(f.readline))
     names = {t.string for t in tokens if t.type == tokenize.NAME}
@@ -62,14 +64,14 @@ def _ctx(model, params, batch_stats, x, y, method_state=None):
                              rng=jax.random.PRNGKey(0))
 
 
-def test_lwf_mc_trains_its_first_task_with_bce():
+def test_lwf_mc_trains_its_first_task_with_bce(session):
     config = digits.get_config()
     config.method = "lwf_mc"
     method = methods.get_method(config)
     model = models.CifarResNet(depth=8, num_classes=6, width=4)
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 8, 8, 1))
     y = jnp.array([0, 1, 2, 3, 1])
-    v = models.init_variables(model, jax.random.PRNGKey(2), x[:1])
+    v = models.init_variables(session, model, jax.random.PRNGKey(2), x[:1])
 
     @jax.jit
     def first_task_loss(v, x, y):
@@ -103,22 +105,27 @@ class CountingMethod(lifecycle.Method):
     def loss_fn(self, task):
         return base.ce
 
-    def end_task(self, rt, learner, state, task):
-        rt.log(task.index, {"ended": 1.0}, task=task.index + 1, phase="counting")
+    def end_task(self, task):
+        return [lifecycle.Update("count", self.count)]
+
+    def count(self, rt, learner, state, task):
+        rt.services.log(task.index, {"ended": 1.0}, task=task.index + 1, phase="counting")
         return learner, CountState(state.tasks_ended + 1,
                                    state.head_sum + jnp.sum(learner.params["head"]["kernel"]))
 
 
 def test_a_new_method_plugs_in_and_its_state_is_checkpointed(digits_data_dir, tmp_path,
-                                                             monkeypatch):
+                                                             monkeypatch, session):
     monkeypatch.setitem(methods._CLASSES, "counting", CountingMethod)
+    monkeypatch.setattr(methods, "METHODS", (*methods.METHODS, "counting"))
     config = tiny_config(digits_data_dir, method="counting", epochs=1)
-    results = experiment.run(config, tmp_path)
+    results = experiment.run(config, tmp_path, session=session)
     assert len(results["repeats"][0]["A_global"]) == 5
     ckpt = ckpt_lib.RunCheckpointer(tmp_path / "checkpoints" / "repeat_0")
     assert ckpt.latest() == (5, 0)
-    learner = train.create_train_state(models.create_classifier("resnet8", 10),
-                                       jax.random.PRNGKey(0), (8, 8, 1), 0.1, 0.9, 0.0)
+    learner = train.create_train_state(session, models.create_classifier("resnet8", 10),
+                                       jax.random.PRNGKey(0), (8, 8, 1),
+                                       session.shared(train.learner_optimizer, 0.05, 0.9, 2e-4))
     _, restored, _ = ckpt.restore_latest({"state": learner,
                                           "method": CountState(jnp.int32(0), jnp.float32(0))})
     assert int(restored["method"].tasks_ended) == 5
@@ -129,34 +136,27 @@ def test_a_new_method_plugs_in_and_its_state_is_checkpointed(digits_data_dir, tm
 
 
 def test_interrupted_synthesis_resumes_to_identical_results(digits_data_dir, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, session):
     """An exception (as a crash) inside the generator training after task 2, after its
-    progress checkpoint at iteration 10 of 20: the rerun continues that end-of-task hook
-    from the saved generator."""
-    config = tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=5,
-                         synthesis_checkpoint_every=10)
-    reference = experiment.run(config, tmp_path / "straight")
-    real = synthesis.Synthesizer.train
-    calls = {"n": 0}
+    progress checkpoint at iteration 10 of 20: the rerun continues that stage from the saved
+    generator."""
+    config = tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=5)
+    config.synthesis.checkpoint_every = 10
+    reference = experiment.run(config, tmp_path / "straight", session=session)
+    real = runner.RepeatRunner.log
 
-    def interrupted(self, gen_state, teacher, num_seen, key, log=None, log_every=500,
-                    **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the synthesis after task 2, at its last log
-            def stop(it, terms):
-                if it >= self.cfg.iterations:
-                    raise KeyboardInterrupt
-                log(it, terms)
-            return real(self, gen_state, teacher, num_seen, key, stop, log_every, **kwargs)
-        return real(self, gen_state, teacher, num_seen, key, log, log_every, **kwargs)
+    def crashing(self, step, scalars, **tags):
+        if tags.get("phase") == "generator" and tags.get("task") == 2 and step == 20:
+            raise KeyboardInterrupt  # at its last log, after the checkpoint at 10
+        return real(self, step, scalars, **tags)
 
-    monkeypatch.setattr(synthesis.Synthesizer, "train", interrupted)
+    monkeypatch.setattr(runner.RepeatRunner, "log", crashing)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run(config, tmp_path / "resumed")
-    monkeypatch.setattr(synthesis.Synthesizer, "train", real)
+        experiment.run(config, tmp_path / "resumed", session=session)
+    monkeypatch.setattr(runner.RepeatRunner, "log", real)
     checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "resumed" / "checkpoints" / "repeat_0")
-    assert checkpointer.latest() == (1, ckpt_lib.END_TASK + 10)  # task 2's generator, it. 10
+    assert checkpointer.latest() == (1, ckpt_lib.stage_step(0, 10))  # task 2's generator
     checkpointer.close()
-    resumed = experiment.run(config, tmp_path / "resumed")
+    resumed = experiment.run(config, tmp_path / "resumed", session=session)
     assert [r["R_global"] for r in resumed["repeats"]] == [
         r["R_global"] for r in reference["repeats"]]

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from abd_jax import metrics
+from abd_jax import metrics, reporting
 
 nan = float("nan")
 
@@ -114,7 +114,7 @@ def test_write_results(tmp_path):
     res = metrics.build_results(runs, upper_bound={"A_mean": [100.0, 80.0]})
     cfg = {"method": "abd", "dataset": "cifar100", "num_tasks": 2}
     out = tmp_path / "run"
-    metrics.write_results(out, res, cfg, title="ABD test")
+    reporting.write_results(out, res, cfg, title="ABD test")
 
     loaded = json.loads((out / "results.json").read_text())
     for key in ("repeats", "aggregate", "A_mean", "config", "title", "num_tasks"):
@@ -135,10 +135,10 @@ def test_write_results(tmp_path):
 
 def test_metric_writer_appends(tmp_path):
     path = tmp_path / "logs" / "metrics.jsonl"
-    w = metrics.MetricWriter(path)
+    w = reporting.MetricWriter(path)
     w.write(1, {"loss": np.float32(0.5), "acc": 3}, task=0, phase="train")
     w.close()
-    with metrics.MetricWriter(path) as w:  # resumed run keeps earlier lines
+    with reporting.MetricWriter(path) as w:  # resumed run keeps earlier lines
         w.write(2, {"loss": float("nan")}, task=1)
     lines = [json.loads(s) for s in path.read_text().splitlines()]
     assert lines[0] == {"step": 1, "task": 0, "phase": "train", "loss": 0.5, "acc": 3.0}
@@ -147,11 +147,11 @@ def test_metric_writer_appends(tmp_path):
 
 def test_metric_writer_truncates_to_a_checkpointed_length(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    with metrics.MetricWriter(path) as w:
+    with reporting.MetricWriter(path) as w:
         w.write(1, {"loss": 1.0})
         saved = w.tell()  # what a checkpoint records
         w.write(2, {"loss": 2.0})  # logged after the checkpoint, then the run was killed
-    with metrics.MetricWriter(path) as w:  # the resumed run
+    with reporting.MetricWriter(path) as w:  # the resumed run
         w.truncate(saved)
         assert w.tell() == saved
         w.write(2, {"loss": 2.0})
@@ -162,7 +162,7 @@ def test_metric_writer_truncates_to_a_checkpointed_length(tmp_path):
 def test_accuracy_plot_has_a_fixed_axis_and_an_honest_legend(num_repeats):
     runs = [_run(r, [[99, None], [97 - r, 95]], [[99, None], [97, 95]])
             for r in range(num_repeats)]
-    fig = metrics.accuracy_figure(metrics.build_results(runs), "t")
+    fig = reporting.accuracy_figure(metrics.build_results(runs), "t")
     ax = fig.axes[0]
     assert ax.get_ylim() == (0, 100)  # not auto-zoomed to 95-99
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -193,7 +193,7 @@ def scalars(events):
 
 def test_metric_writer_writes_tensorboard_runs_and_purges_on_resume(tmp_path):
     tb = tmp_path / "tb"
-    with metrics.MetricWriter(tmp_path / "m.jsonl", tb) as writer:
+    with reporting.MetricWriter(tmp_path / "m.jsonl", tb) as writer:
         writer.write(4, {"loss": 2.0, "ce": 1.5}, repeat=0, task=1)
         writer.write(8, {"loss": 1.0, "ce": float("nan")}, repeat=0, task=1)
         writer.write(10, {"loss": 7.0}, repeat=0, task=1, phase="generator")
@@ -207,7 +207,7 @@ def test_metric_writer_writes_tensorboard_runs_and_purges_on_resume(tmp_path):
 
     # A resumed process rewrites task 1 from step 8: its run starts with a purge at step 8,
     # so TensorBoard drops the old step-8 point.
-    with metrics.MetricWriter(tmp_path / "m.jsonl", tb) as writer:
+    with reporting.MetricWriter(tmp_path / "m.jsonl", tb) as writer:
         writer.write(8, {"loss": 0.5}, repeat=0, task=1)
     events = read_events(tb / "repeat_0" / "task_1" / "train")
     starts = [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]

@@ -53,11 +53,11 @@ def test_the_32x32_generator_has_the_releases_parameter_count():
     assert _num_params(g, (2, 1000)) == 8_423_939
 
 
-def test_generator_and_head_are_initialised_as_pytorch_layers():
+def test_generator_and_head_are_initialised_as_pytorch_layers(session):
     """Generator Linear/Conv: PyTorch defaults U(+-1/sqrt(fan_in)) for weights and biases;
     classifier head: Kaiming-normal weights (SPEC section 2), PyTorch's default bias."""
     g = models.create_generator(32, 3, 1000)
-    params = models.init_variables(g, jax.random.PRNGKey(0), jnp.zeros((2, 1000)),
+    params = models.init_variables(session, g, jax.random.PRNGKey(0), (2, 1000),
                                    train=False)["params"]
     for name, fan_in in (("fc", 1000), ("conv1", 9 * 128), ("conv2", 9 * 128),
                          ("conv_out", 9 * 64)):
@@ -68,7 +68,7 @@ def test_generator_and_head_are_initialised_as_pytorch_layers():
             # uniform on [-b, b]: standard deviation b / sqrt(3)
             np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.15 if
                                        values.size > 100 else 0.6, err_msg=f"{name} {leaf}")
-    head = models.init_variables(models.create_classifier("resnet32", 100),
-                                 jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]["head"]
+    head = models.init_variables(session, models.create_classifier("resnet32", 100),
+                                 jax.random.PRNGKey(1), (1, 32, 32, 3))["params"]["head"]
     assert np.abs(np.asarray(head["bias"])).max() <= 1 / 8 and np.asarray(head["bias"]).std() > 0
     np.testing.assert_allclose(np.asarray(head["kernel"]).std(), np.sqrt(2 / 64), rtol=0.1)

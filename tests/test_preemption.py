@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from abd_jax import checkpoint as ckpt_lib
-from abd_jax import experiment, preemption, synthesis, train
+from abd_jax import evaluation, experiment, preemption, runner
+from abd_jax.methods import synthetic_replay
+from abd_jax.session import Session
 from helpers import tiny_config, xla_flags
 
 # One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
@@ -21,16 +23,10 @@ pytestmark = pytest.mark.xdist_group("preemption")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def no_pending_stop():
-    preemption.clear()
-    yield
-    preemption.clear()
-
-
-def _request_stop_on_call(monkeypatch, owner, name, at_call=1, when=lambda *a, **k: True):
-    """Wrap owner.name so that its `at_call`-th matching call first records a stop request,
-    as a SIGTERM arriving during that call would."""
+def _request_stop_on_call(monkeypatch, stop, owner, name, at_call=1,
+                          when=lambda *a, **k: True):
+    """Wrap owner.name so that its `at_call`-th matching call first records a stop request in
+    `stop` (a session's), as a SIGTERM arriving during that call would."""
     real = getattr(owner, name)
     calls = {"n": 0}
 
@@ -38,7 +34,7 @@ def _request_stop_on_call(monkeypatch, owner, name, at_call=1, when=lambda *a, *
         if when(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == at_call:
-                preemption.request()
+                stop.request()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, wrapper)
@@ -64,43 +60,44 @@ def _abd_config(data_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(digits_data_dir, tmp_path_factory):
+def reference(digits_data_dir, tmp_path_factory, session):
     """One uninterrupted ABD run (its results and metrics log)."""
     workdir = tmp_path_factory.mktemp("straight")
-    results = experiment.run(_abd_config(digits_data_dir), workdir)
+    results = experiment.run(_abd_config(digits_data_dir), workdir, session=session)
     return results, _log_lines(workdir)
 
 
-RG = experiment.RepeatRunner
+RG = runner.RepeatRunner
 _GENERATOR_LOG = lambda self, step, scalars, **tags: tags.get("phase") == "generator"
+_TRAINING_LOG = lambda self, step, scalars, **tags: tags.get("task") and "phase" not in tags
 PHASES = {  # phase: (owner, name, at_call, when, where the newest checkpoint must be)
-    "first learner call": (RG, "_train_task", 2, None, lambda s: s < ckpt_lib.END_TASK),
-    "mid learner": (RG, "_log", 7, None, lambda s: 0 < s < ckpt_lib.END_TASK),
-    "first generator call": (synthesis.Synthesizer, "train", 1, None,
-                             lambda s: 0 < s < ckpt_lib.END_TASK),
-    "mid generator": (RG, "_write", 1, _GENERATOR_LOG,
-                      lambda s: s == ckpt_lib.END_TASK + 10),
-    "evaluation": (train, "predict_all", 2, None, lambda s: s == ckpt_lib.EVALUATE),
+    "first learner call": (RG, "_train", 2, None, lambda s: s < ckpt_lib.END_TASK),
+    "mid learner": (RG, "log", 7, _TRAINING_LOG, lambda s: 0 < s < ckpt_lib.END_TASK),
+    "first generator call": (synthetic_replay.Inversion, "program", 1, None,
+                             lambda s: s == ckpt_lib.stage_step(0, 0)),
+    "mid generator": (RG, "log", 1, _GENERATOR_LOG,
+                      lambda s: s == ckpt_lib.stage_step(0, 10)),
+    "evaluation": (evaluation, "predict_all", 2, None, lambda s: s == ckpt_lib.EVALUATE),
 }
 
 
 @pytest.mark.parametrize("phase", sorted(PHASES))
 def test_stop_request_saves_and_resumes_identically(digits_data_dir, tmp_path, monkeypatch,
-                                                    reference, phase):
+                                                    reference, phase, session):
     owner, name, at_call, when, saved_at = PHASES[phase]
     # Compiling ahead (background threads, joined also when stopped) changes no number.
     config = _abd_config(digits_data_dir)
     config.compile_ahead = True
-    real = _request_stop_on_call(monkeypatch, owner, name, at_call,
-                                 when or (lambda *a, **k: True))
-    with pytest.raises(preemption.Preempted):
-        experiment.run(config, tmp_path)
+    with Session() as stopped:
+        real = _request_stop_on_call(monkeypatch, stopped.stop, owner, name, at_call,
+                                     when or (lambda *a, **k: True))
+        with pytest.raises(preemption.Preempted):
+            experiment.run(config, tmp_path, session=stopped)
     assert not (tmp_path / "results.json").exists()
     _, step = _newest_position(tmp_path)
     assert saved_at(step), ckpt_lib.id_to_position(step)
     monkeypatch.setattr(owner, name, real)
-    preemption.clear()
-    resumed = experiment.run(config, tmp_path)
+    resumed = experiment.run(config, tmp_path, session=session)
     results, lines = reference
     assert [r["R_global"] for r in resumed["repeats"]] == [
         r["R_global"] for r in results["repeats"]]
@@ -108,15 +105,17 @@ def test_stop_request_saves_and_resumes_identically(digits_data_dir, tmp_path, m
 
 
 def test_stop_in_a_training_stage_of_an_end_of_task_hook(digits_data_dir, tmp_path,
-                                                          monkeypatch):
+                                                          monkeypatch, session):
     config = tiny_config(digits_data_dir, method="e2e", epochs=1, num_tasks=2)
-    reference = experiment.run(config, tmp_path / "straight")
-    real = _request_stop_on_call(monkeypatch, RG, "_train_stage")
-    with pytest.raises(preemption.Preempted):
-        experiment.run(config, tmp_path / "resumed")
-    monkeypatch.setattr(RG, "_train_stage", real)
-    preemption.clear()
-    resumed = experiment.run(config, tmp_path / "resumed")
+    reference = experiment.run(config, tmp_path / "straight", session=session)
+    with Session() as stopped:
+        real = _request_stop_on_call(
+            monkeypatch, stopped.stop, RG, "log",
+            when=lambda self, step, scalars, **tags: tags.get("phase") == "balanced_finetuning")
+        with pytest.raises(preemption.Preempted):
+            experiment.run(config, tmp_path / "resumed", session=stopped)
+    monkeypatch.setattr(RG, "log", real)
+    resumed = experiment.run(config, tmp_path / "resumed", session=session)
     assert [r["R_global"] for r in resumed["repeats"]] == [
         r["R_global"] for r in reference["repeats"]]
 
@@ -126,7 +125,7 @@ def _launch(workdir, data_dir, *extra):
             f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.epochs=1",
             "--config.num_tasks=2",
             "--config.method=abd", "--config.synthesis.iterations=3000",
-            "--config.synthesis_log_every=5", "--config.synthesis_checkpoint_every=100000",
+            "--config.synthesis.log_every=5", "--config.synthesis.checkpoint_every=100000",
             "--config.num_devices=1", *extra]
     return subprocess.Popen(args, cwd=REPO, env={**os.environ, "XLA_FLAGS": xla_flags()},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -159,9 +158,10 @@ def test_sigterm_during_synthesis_saves_the_generator_and_exits_130_quickly(digi
 def test_the_handler_only_records_and_a_second_signal_exits_at_once(monkeypatch, capsys):
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
-    preemption._on_signal(signal.SIGTERM, None)  # the handler: no exception, no exit
-    assert preemption.requested() and not exits
+    stop = preemption.StopRequests()
+    stop._on_signal(signal.SIGTERM, None)  # the handler: no exception, no exit
+    assert stop.requested() and not exits
     with pytest.raises(preemption.Preempted, match="signal 15"):
-        preemption.check()
-    preemption._on_signal(signal.SIGINT, None)
+        stop.check()
+    stop._on_signal(signal.SIGINT, None)
     assert exits == [130] and "again: exiting now" in capsys.readouterr().err

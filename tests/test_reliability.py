@@ -17,21 +17,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_second_launch_on_a_busy_workdir_is_refused_naming_the_holder(digits_data_dir,
-                                                                        tmp_path):
+                                                                        tmp_path, session):
     with ckpt_lib.WorkdirLock(tmp_path):
         with pytest.raises(ckpt_lib.WorkdirBusy, match=f"pid {os.getpid()} on "):
-            experiment.run(tiny_config(digits_data_dir, epochs=1), tmp_path)
+            experiment.run(tiny_config(digits_data_dir, epochs=1), tmp_path, session=session)
     assert not (tmp_path / "results.json").exists()
     # Released with its holder: the same workdir is usable again.
-    experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2), tmp_path)
+    experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2), tmp_path, session=session)
     assert (tmp_path / "results.json").exists()
 
 
-def test_tilde_and_variables_in_paths_are_expanded(digits_data_dir, tmp_path, monkeypatch):
+def test_tilde_and_variables_in_paths_are_expanded(digits_data_dir, tmp_path, monkeypatch, session):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ABD_TEST_TFDS", digits_data_dir)
     config = tiny_config("$ABD_TEST_TFDS", epochs=1, num_tasks=2)
-    experiment.run(config, "~/runs/digits")
+    experiment.run(config, "~/runs/digits", session=session)
     assert (tmp_path / "home" / "runs" / "digits" / "results.json").exists()
 
 
@@ -41,24 +41,24 @@ def test_tilde_and_variables_in_paths_are_expanded(digits_data_dir, tmp_path, mo
     ({"train_per_class": 1}, "task 1 has 2 training images"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(digits_data_dir, tmp_path,
-                                                             overrides, message):
+                                                             overrides, message, session):
     with pytest.raises(ValueError, match=message):
-        experiment.run(tiny_config(digits_data_dir, **overrides), tmp_path / "run")
+        experiment.run(tiny_config(digits_data_dir, **overrides), tmp_path / "run", session=session)
     assert not (tmp_path / "run" / "config.json").exists()
     # The corrected rerun is not refused as "a different configuration".
-    experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2), tmp_path / "run")
+    experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2), tmp_path / "run", session=session)
 
 
-def test_a_workdir_that_is_a_file_is_refused(digits_data_dir, tmp_path):
+def test_a_workdir_that_is_a_file_is_refused(digits_data_dir, tmp_path, session):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file"):
-        experiment.run(tiny_config(digits_data_dir), tmp_path / "file")
+        experiment.run(tiny_config(digits_data_dir), tmp_path / "file", session=session)
 
 
-def test_results_are_readable_as_the_umask_allows(digits_data_dir, tmp_path):
+def test_results_are_readable_as_the_umask_allows(digits_data_dir, tmp_path, session):
     old = os.umask(0o022)
     try:
-        experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2), tmp_path)
+        experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2), tmp_path, session=session)
     finally:
         os.umask(old)
     for name in ("results.json", "summary.md", "accuracy.png", "config.json"):
@@ -99,9 +99,9 @@ def test_library_info_noise_is_dropped_and_warnings_kept():
     assert logs._keep(record("/work/abd_jax/experiment.py", py_logging.INFO, "task 1 step 5"))
 
 
-def test_a_data_dir_that_cannot_hold_the_prepared_data_is_one_error(tmp_path):
+def test_a_data_dir_that_cannot_hold_the_prepared_data_is_one_error(tmp_path, session):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="cannot prepare sklearn_digits.*--config.data_dir"):
-        experiment.run(tiny_config(str(blocker / "tfds")), tmp_path / "run")
+        experiment.run(tiny_config(str(blocker / "tfds")), tmp_path / "run", session=session)
     assert not (tmp_path / "run" / "config.json").exists()

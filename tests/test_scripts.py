@@ -48,9 +48,9 @@ def test_benchmark_ladder_profile_and_vmapped_repeats(tmp_path):
     assert all(len(r["ms"]) == 2 and r["ms_min"] <= r["ms_median"] <= r["ms_max"] for r in rows)
 
 
-def test_benchmark_reports_the_recompilation_of_issue_10(tmp_path):
-    """Issue #10's numbers: an uncommitted initial state makes the second call compile again
-    inside the first measurement; the benchmark must say so."""
+def test_benchmark_reports_a_recompilation_while_timed(tmp_path):
+    """An uncommitted initial state makes the second call compile again inside the first
+    measurement; the benchmark must say so."""
     out = _run([*TINY_BENCHMARK, "--repeats=1", "--cases=ce", "--put_state=False",
                 "--conv_impls=xla", f"--json_out={tmp_path / 'b.json'}"], BENCHMARK_ENV)
     assert "RECOMPILED while timed" in out, out

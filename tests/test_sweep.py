@@ -53,7 +53,7 @@ def test_parse_grid_products_and_names_unknown_fields():
 
 
 def test_sweep_scores_each_point_on_held_out_training_folds(digits_data_dir, tmp_path,
-                                                             monkeypatch):
+                                                             monkeypatch, session):
     sweep = _sweep_module()
     loaded = []
     real_load = data_lib.load_split
@@ -62,7 +62,7 @@ def test_sweep_scores_each_point_on_held_out_training_folds(digits_data_dir, tmp
                             spec, split, *a, **k))
     config = tiny_config(digits_data_dir, method="base", epochs=1)
     points = [{"lr": 0.05}, {"lr": 0.1}]
-    report = sweep.sweep(config, tmp_path, points, folds=2)
+    report = sweep.sweep(config, tmp_path, points, folds=2, session=session)
     assert loaded == ["train"]  # the test split is never read
     assert report["tasks"] == 2 and len(report["classes"]) == 4
     for entry in report["points"]:
@@ -75,5 +75,5 @@ def test_sweep_scores_each_point_on_held_out_training_folds(digits_data_dir, tmp
     run_config = json.loads((tmp_path / "lr=0.05" / "fold_0" / "config.json").read_text())
     assert run_config["num_tasks"] == 2 and run_config["class_order"] == "identity"
     # Rerunning resumes: every (point, fold) is already complete, same numbers.
-    again = sweep.sweep(config, tmp_path, points, folds=2)
+    again = sweep.sweep(config, tmp_path, points, folds=2, session=session)
     assert [p["A_N"] for p in again["points"]] == [p["A_N"] for p in report["points"]]

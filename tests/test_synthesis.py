@@ -8,19 +8,21 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from abd_jax import data, experiment, losses, methods, models, synthesis, train
+from abd_jax import data, driver, experiment, losses, methods, models, sampling, synthesis, train
 from abd_jax.methods import abd, synthetic_replay
+from abd_jax.methods.teacher import Teacher, teacher_apply
+from abd_jax.preemption import StopRequests
 from configs import digits
 
 IMAGE_SHAPE = (8, 8, 3)
 NUM_CLASSES = 6
 
 
-def _teacher(depth=8, width=4):
+def _teacher(session, depth=8, width=4):
     model = models.CifarResNet(depth=depth, num_classes=NUM_CLASSES, width=width)
-    variables = models.init_variables(model, jax.random.PRNGKey(0),
-                                      jnp.zeros((1, *IMAGE_SHAPE)), train=False)
-    return model, train.Teacher(variables["params"], variables["batch_stats"])
+    variables = models.init_variables(session, model, jax.random.PRNGKey(0), (1, *IMAGE_SHAPE),
+                                      train=False)
+    return model, Teacher(variables["params"], variables["batch_stats"])
 
 
 def _sown_stats(model, teacher, x):
@@ -34,18 +36,18 @@ def _alignment(model, teacher, x):
     return losses.bn_alignment_loss(pairs)
 
 
-def test_resnet32_sows_the_input_stats_of_all_31_bn_layers():
+def test_resnet32_sows_the_input_stats_of_all_31_bn_layers(session):
     model = models.CifarResNet(depth=32, num_classes=10)
-    variables = models.init_variables(model, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+    variables = models.init_variables(session, model, jax.random.PRNGKey(0), (1, 32, 32, 3),
                                       train=False)
-    teacher = train.Teacher(variables["params"], variables["batch_stats"])
+    teacher = Teacher(variables["params"], variables["batch_stats"])
     sown = _sown_stats(model, teacher, jnp.ones((2, 32, 32, 3)))
     assert len(traverse_util.flatten_dict(sown)) == 31
     assert len(traverse_util.flatten_dict(teacher.batch_stats)) == 62  # mean + var each
 
 
-def test_bn_alignment_is_zero_when_running_stats_match_the_batch():
-    model, teacher = _teacher()
+def test_bn_alignment_is_zero_when_running_stats_match_the_batch(session):
+    model, teacher = _teacher(session)
     x = jax.random.normal(jax.random.PRNGKey(1), (16, *IMAGE_SHAPE))
     assert _alignment(model, teacher, x) > 0
     # Layer l's input depends only on layers < l, so L passes reach the fixed point.
@@ -62,21 +64,20 @@ def test_bn_alignment_is_zero_when_running_stats_match_the_batch():
     np.testing.assert_allclose(kl, 0.0, atol=1e-5)
 
 
-def _synthesis_setup(mesh_devices):
-    model, teacher = _teacher()
-    cfg = synthesis.SynthesisConfig(iterations=2, batch_size=8, z_dim=16)
+def _synthesis_setup(session, mesh_devices, iterations=2):
+    model, teacher = _teacher(session)
+    cfg = synthesis.SynthesisConfig(iterations=iterations, batch_size=8, z_dim=16)
     generator = models.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps)
     mesh = experiment.make_mesh(mesh_devices)
-    synth = synthesis.Synthesizer(cfg, generator, model, mesh, steps_per_call=1)
+    synth = synthesis.Synthesizer(session, cfg, generator, model, mesh, steps_per_call=1)
     return synth, synth.init(jax.random.PRNGKey(2)), teacher
 
 
-def test_generator_step_one_and_four_devices_agree():
+def test_generator_step_one_and_four_devices_agree(session):
     outs = []
     for n in (1, 4):
-        synth, gen_state, teacher = _synthesis_setup(n)
-        state, metrics = synth.fused_step(gen_state, jnp.int32(10), teacher, jnp.int32(4),
-                                          jax.random.PRNGKey(3))
+        synth, gen_state, teacher = _synthesis_setup(session, n)
+        state, metrics = synth.fused_step(gen_state, *synth.step_args(10, teacher, 4, [0, 3]))
         outs.append((state, metrics))
     (s1, m1), (s4, m4) = outs
     for term in ("loss", "content", "diversity", "stat_alignment", "smoothness"):
@@ -92,20 +93,21 @@ def test_generator_step_one_and_four_devices_agree():
     chex.assert_trees_all_close(s1.batch_stats, s4.batch_stats, rtol=1e-4, atol=1e-6)
 
 
-def test_generator_training_lowers_its_loss_and_logs_terms():
-    synth, gen_state, teacher = _synthesis_setup(1)
-    synth = synthesis.Synthesizer(
-        synthesis.SynthesisConfig(iterations=60, batch_size=8, z_dim=16), synth.generator,
-        synth.model, synth.mesh, steps_per_call=1)
+def test_generator_training_lowers_its_loss_and_logs_terms(session):
+    """The generator's loop through the shared driver: logs every 20 iterations."""
+    synth, gen_state, teacher = _synthesis_setup(session, 1, iterations=60)
     logged = []
-    gen_state = synth.train(gen_state, teacher, 4, jax.random.PRNGKey(5),
-                            log=lambda it, terms: logged.append((it, terms)), log_every=20)
+    loop = driver.Loop("generator", synth.fused_step,
+                       synth.step_args(60, teacher, 4, [0, 5]), 0, 60, 1)
+    hooks = driver.Hooks(stop=StopRequests(), log=lambda it, terms: logged.append((it, terms)),
+                         log_every=20)
+    gen_state, _, _ = driver.drive(loop, gen_state, hooks)
     assert [it for it, _ in logged] == [20, 40, 60] and int(gen_state.step) == 60
     assert logged[-1][1]["loss"] < logged[0][1]["loss"]
     assert set(logged[0][1]) == {"loss", "content", "diversity", "stat_alignment", "smoothness"}
 
 
-def _learner_setup(method_name, mesh_devices, chunk=2, **overrides):
+def _learner_setup(session, method_name, mesh_devices, chunk=2, **overrides):
     """(the jittable chunk of `chunk` steps of the method's task-2 loss, its arguments,
     method, model): chunk 2 is the fused `lax.scan` path of GPU/TPU runs, 1 the CPU path."""
     config = digits.get_config()
@@ -115,11 +117,13 @@ def _learner_setup(method_name, mesh_devices, chunk=2, **overrides):
         config.abd[k] = v
     spec = dataclasses.replace(data.get_spec("digits"), image_shape=IMAGE_SHAPE)
     method = methods.get_method(config, spec)
-    model, teacher = _teacher()
-    state = train.create_train_state(model, jax.random.PRNGKey(7), IMAGE_SHAPE, 0.1, 0.9, 2e-4)
+    model, teacher = _teacher(session)
+    tx = session.shared(train.learner_optimizer, 0.1, 0.9, 2e-4)
+    state = train.create_train_state(session, model, jax.random.PRNGKey(7), IMAGE_SHAPE, tx)
     mesh = experiment.make_mesh(mesh_devices)
-    rt = methods.Runtime.outside_the_loop(config, model, mesh, IMAGE_SHAPE, 1,
-                                          jax.random.PRNGKey(8))
+    rt = methods.Runtime(config=config, plan=None, model=model, mesh=mesh,
+                         image_shape=IMAGE_SHAPE, steps_per_call=1,
+                         method_key=np.array([0, 8], np.uint32), session=session)
     method_state = method.init_state(rt, state).replace(teacher=teacher)
     cfg = train.StepConfig(batch_size=8, lr_decay=0.1,
                            augment=data.AugmentConfig(),
@@ -127,22 +131,22 @@ def _learner_setup(method_name, mesh_devices, chunk=2, **overrides):
     rng = np.random.RandomState(0)
     images = jnp.asarray(rng.randint(0, 256, (24, *IMAGE_SHAPE)), jnp.uint8)
     labels = jnp.asarray(rng.randint(3, 6, 24), jnp.int32)
-    task = train.TaskInfo(index=jnp.arange(24, dtype=jnp.int32), count=jnp.int32(24),
-                          num_old=jnp.int32(3), num_seen=jnp.int32(6),
-                          steps_per_epoch=jnp.int32(3), total_steps=jnp.int32(2),
-                          key=jax.random.PRNGKey(9), base_lr=jnp.float32(0.1),
-                          lr_milestones=train.lr_milestones((), 0))
+    task = sampling.TaskInfo(index=jnp.arange(24, dtype=jnp.int32), count=jnp.int32(24),
+                             num_old=jnp.int32(3), num_seen=jnp.int32(6),
+                             steps_per_epoch=jnp.int32(3), total_steps=jnp.int32(2),
+                             key=jax.random.PRNGKey(9), base_lr=jnp.float32(0.1),
+                             lr_milestones=jnp.zeros(0, jnp.int32))
     loss_fn = method.loss_fn(methods.Task(index=1, num_tasks=2, num_old=3, num_seen=6))
     step = train.make_train_chunk(model, loss_fn, cfg, mesh, chunk)
-    return step, state, (method_state, train.DeviceData(images, labels), task), method, model
+    return step, state, (method_state, sampling.DeviceData(images, labels), task), method, model
 
 
-def test_learner_step_one_and_four_devices_agree():
+def test_learner_step_one_and_four_devices_agree(session):
     """ABD's fused steps (synthetic replay sampled inside the step) on one device and
     data-parallel on four; the other losses differ only in terms of the same outputs."""
     outs = []
     for n in (1, 4):
-        step, state, args, _, _ = _learner_setup("abd", n)
+        step, state, args, _, _ = _learner_setup(session, "abd", n)
         outs.append(jax.jit(step)(state, *args))
     (s1, m1), (s4, m4) = outs
     assert "ft_ce" in m1
@@ -167,14 +171,15 @@ def test_abd_config_switches_reach_the_learners_loss(ablation):
         assert dict(loss.kwargs)["opts"] == expected
 
 
-def test_abd_without_ft_ce_trains_and_logs_no_ft_ce():
-    step, state, args, _, _ = _learner_setup("abd", 1, chunk=1, ft_ce=False)
+def test_abd_without_ft_ce_trains_and_logs_no_ft_ce(session):
+    step, state, args, _, _ = _learner_setup(session, "abd", 1, chunk=1, ft_ce=False)
     _, metrics = jax.jit(step)(state, *args)
     assert np.isfinite(metrics["loss"]).all() and "ft_ce" not in metrics
 
 
-def _ctx(method_name="abd"):
-    step, state, (method_state, data, task), method, model = _learner_setup(method_name, 1)
+def _ctx(session, method_name="abd"):
+    step, state, (method_state, data, task), method, model = _learner_setup(session,
+                                                                            method_name, 1)
     labels = data.labels
     x = jax.random.normal(jax.random.PRNGKey(10), (8, *IMAGE_SHAPE))
 
@@ -191,8 +196,8 @@ def _ctx(method_name="abd"):
     return ctx, method, model, state
 
 
-def test_synthetic_labels_lie_in_the_past_classes():
-    ctx, method, _, _ = _ctx()
+def test_synthetic_labels_lie_in_the_past_classes(session):
+    ctx, method, _, _ = _ctx(session)
     replay = synthetic_replay.replay(ctx, method.generator, 16)
     y_syn = np.asarray(replay.labels[8:])
     assert replay.images.shape == (16, *IMAGE_SHAPE)
@@ -207,8 +212,8 @@ def _split_head(grads):
     return head, backbone
 
 
-def test_ft_ce_reaches_only_the_head():
-    ctx, _, _, state = _ctx()
+def test_ft_ce_reaches_only_the_head(session):
+    ctx, _, _, state = _ctx(session)
     y = jnp.array([0, 1, 2, 3, 4, 5, 3, 4])
 
     def loss(params):
@@ -222,10 +227,10 @@ def test_ft_ce_reaches_only_the_head():
     assert any(np.abs(np.asarray(g)).sum() > 0 for g in head)
 
 
-def test_feature_kd_gives_the_head_no_gradient():
-    ctx, _, _, state = _ctx()
+def test_feature_kd_gives_the_head_no_gradient(session):
+    ctx, _, _, state = _ctx(session)
     teacher = ctx.method_state.teacher
-    teacher_feats = train.teacher_apply(ctx.model, teacher, ctx.images)[1]
+    teacher_feats = teacher_apply(ctx.model, teacher, ctx.images)[1]
     kernel = teacher.params["head"]["kernel"]
 
     def loss(params):
@@ -237,25 +242,27 @@ def test_feature_kd_gives_the_head_no_gradient():
     assert any(np.abs(np.asarray(g)).sum() > 0 for g in backbone)
 
 
-def test_bfloat16_generator_keeps_float32_parameters_images_and_teacher():
+def test_bfloat16_generator_keeps_float32_parameters_images_and_teacher(session):
     """generator_dtype=bfloat16 (the default under --config.dtype=bfloat16): G computes in
     bfloat16, its parameters, Adam state and images stay float32, the teacher's forward is
     float32, and the loss terms are close to a float32 G's from the same state, not equal."""
-    model, teacher = _teacher()
+    model, teacher = _teacher(session)
     mesh = experiment.make_mesh(1)
     terms, states = {}, {}
     for dtype in ("float32", "bfloat16"):
         cfg = synthesis.SynthesisConfig(iterations=1, batch_size=8, z_dim=16,
                                         generator_dtype=dtype)
         generator = models.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps, dtype)
-        synth = synthesis.Synthesizer(cfg, generator, model.clone(dtype=jnp.bfloat16), mesh, 1)
+        synth = synthesis.Synthesizer(session, cfg, generator, model.clone(dtype=jnp.bfloat16),
+                                      mesh, 1)
         assert synth.model.dtype == jnp.float32
         state = synth.init(jax.random.PRNGKey(2))
-        images = synthesis.sample_images(generator, synth.variables(state),
-                                         jax.random.PRNGKey(5), 4, cfg.z_dim)
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        images = synthesis.sample_images(generator, variables, jax.random.PRNGKey(5), 4,
+                                         cfg.z_dim)
         chex.assert_type(images, jnp.float32)
-        states[dtype], terms[dtype] = synth.fused_step(state, jnp.int32(1), teacher,
-                                                       jnp.int32(4), jax.random.PRNGKey(3))
+        states[dtype], terms[dtype] = synth.fused_step(state, *synth.step_args(1, teacher, 4,
+                                                                               [0, 3]))
     chex.assert_trees_all_equal_dtypes(states["bfloat16"].params, states["float32"].params)
     chex.assert_trees_all_equal_dtypes(states["bfloat16"].opt_state,
                                        states["float32"].opt_state)
@@ -282,24 +289,24 @@ def test_bad_generator_dtype_names_the_setting():
         models.create_generator(8, 3, 16, dtype="float16")
 
 
-def test_bfloat16_classifier_is_inverted_in_float32():
+def test_bfloat16_classifier_is_inverted_in_float32(session):
     """With --config.dtype=bfloat16 the teacher's forward during synthesis (and so the
     stat-alignment KL) still runs in float32: same terms as a float32 classifier."""
-    model, teacher = _teacher()
+    model, teacher = _teacher(session)
     cfg = synthesis.SynthesisConfig(iterations=1, batch_size=8, z_dim=16)
     generator = models.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps)
     mesh = experiment.make_mesh(1)
     terms = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        synth = synthesis.Synthesizer(cfg, generator, model.clone(dtype=dtype), mesh, 1)
+        synth = synthesis.Synthesizer(session, cfg, generator, model.clone(dtype=dtype), mesh, 1)
         assert synth.model.dtype == jnp.float32
-        _, metrics = synth.fused_step(synth.init(jax.random.PRNGKey(2)), jnp.int32(1), teacher,
-                                      jnp.int32(4), jax.random.PRNGKey(3))
+        _, metrics = synth.fused_step(synth.init(jax.random.PRNGKey(2)),
+                                      *synth.step_args(1, teacher, 4, [0, 3]))
         terms[dtype] = metrics
     chex.assert_trees_all_close(terms[jnp.float32], terms[jnp.bfloat16], rtol=1e-6, atol=1e-7)
     # The check can fail: the same term computed by a bfloat16 teacher is visibly different.
     z = jax.random.normal(jax.random.PRNGKey(4), (8, 16))
-    gen_vars = models.init_variables(generator, jax.random.PRNGKey(2), z, train=False)
+    gen_vars = models.init_variables(session, generator, jax.random.PRNGKey(2), z, train=False)
     loss = jax.jit(synthesis.generator_loss, static_argnums=(2, 3, 6, 7))
     kl = {dtype: loss(gen_vars["params"], gen_vars["batch_stats"],
                                           generator, model.clone(dtype=dtype), teacher, z, 4,

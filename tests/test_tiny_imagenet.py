@@ -76,9 +76,9 @@ def test_a_wrong_archive_is_named(tmp_path):
         datasets.download_and_prepare("tiny_imagenet", tmp_path / "tfds2", tmp_path / "none")
 
 
-def test_a_two_task_run_on_tiny_imagenet(prepared, tmp_path):
+def test_a_two_task_run_on_tiny_imagenet(prepared, tmp_path, session):
     root, _ = prepared
     config = tiny_config(str(root / "tfds"), dataset="tiny_imagenet", num_tasks=2,
                          batch_size=16, method="lwf", epochs=1, download=False)
-    results = experiment.run(config, tmp_path)
+    results = experiment.run(config, tmp_path, session=session)
     assert len(results["repeats"][0]["A_global"]) == 2

@@ -8,29 +8,34 @@ import numpy as np
 import pytest
 
 from abd_jax import data as data_lib
-from abd_jax import experiment, methods, models, train
+from abd_jax import experiment, methods, models, plan, sampling, train
 from abd_jax.methods import base, lwf
+from abd_jax.methods.teacher import TeacherState, teacher_of
 
 NUM_CLASSES = 6
 IMAGE_SHAPE = (8, 8, 3)
 
 
-def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1,
-           with_teacher=False):
+def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1, with_teacher=False,
+           session=None):
+    from abd_jax.session import Session
+    session = session or Session()
     model = models.CifarResNet(depth=8, num_classes=NUM_CLASSES, width=4)
     cfg = train.StepConfig(batch_size=batch_size, lr_decay=0.1,
                            augment=data_lib.AugmentConfig(), mean=(0.5,) * 3, std=(0.25,) * 3)
     mesh = experiment.make_mesh(mesh_devices)
-    state = train.create_train_state(model, jax.random.PRNGKey(0), IMAGE_SHAPE, 0.1, 0.9, 2e-4)
+    tx = session.shared(train.learner_optimizer, 0.1, 0.9, 2e-4)
+    state = train.create_train_state(session, model, jax.random.PRNGKey(0), IMAGE_SHAPE, tx)
     rng = np.random.RandomState(0)
     images = jnp.asarray(rng.randint(0, 256, (40, *IMAGE_SHAPE)), jnp.uint8)
     labels = jnp.asarray(np.repeat(np.arange(NUM_CLASSES), 7)[:40], jnp.int32)
     index = jnp.asarray(np.r_[np.arange(20, 40), np.zeros(10)], jnp.int32)
-    task = train.TaskInfo(index=index, count=jnp.int32(20), num_old=jnp.int32(3),
-                          num_seen=jnp.int32(6), steps_per_epoch=jnp.int32(20 // batch_size),
-                          total_steps=jnp.int32(3), key=jax.random.PRNGKey(1),
-                          base_lr=jnp.float32(0.1), lr_milestones=train.lr_milestones((1,), 1))
-    frozen = methods.lifecycle.TeacherState(train.teacher_of(state)) if with_teacher else None
+    task = sampling.TaskInfo(index=index, count=jnp.int32(20), num_old=jnp.int32(3),
+                             num_seen=jnp.int32(6), steps_per_epoch=jnp.int32(20 // batch_size),
+                             total_steps=jnp.int32(3), key=jax.random.PRNGKey(1),
+                             base_lr=jnp.float32(0.1),
+                             lr_milestones=jnp.asarray(sampling.lr_milestones((1,), 1)))
+    frozen = TeacherState(teacher_of(state)) if with_teacher else None
     fn = train.make_train_chunk(model, loss_fn, cfg, mesh, chunk)
     return fn, state, frozen, images, labels, task
 
@@ -44,7 +49,7 @@ def test_one_and_four_devices_agree():
     for n in (1, 4):
         fn, state, frozen, images, labels, task = _setup(loss_fn, mesh_devices=n,
                                                          with_teacher=True)
-        outs.append(jax.jit(fn)(state, frozen, train.DeviceData(images, labels), task))
+        outs.append(jax.jit(fn)(state, frozen, sampling.DeviceData(images, labels), task))
     (s1, m1), (s4, m4) = outs
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(s1.params, s4.params, rtol=1e-4, atol=1e-6)
@@ -58,15 +63,15 @@ class JitEquivalenceTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_train_chunk(self):
         fn, state, frozen, images, labels, task = _setup()
-        new_state, metrics = self.variant(fn)(state, frozen, train.DeviceData(images, labels), task)
-        ref_state, ref_metrics = jax.jit(fn)(state, frozen, train.DeviceData(images, labels), task)
+        new_state, metrics = self.variant(fn)(state, frozen, sampling.DeviceData(images, labels), task)
+        ref_state, ref_metrics = jax.jit(fn)(state, frozen, sampling.DeviceData(images, labels), task)
         np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
         chex.assert_trees_all_close(new_state.params, ref_state.params, rtol=1e-4, atol=1e-6)
 
 
 def test_chunk_stops_at_total_steps_and_schedule_decays():
     fn, state, frozen, images, labels, task = _setup(chunk=5)  # total_steps=3
-    new_state, metrics = jax.jit(fn)(state, frozen, train.DeviceData(images, labels), task)
+    new_state, metrics = jax.jit(fn)(state, frozen, sampling.DeviceData(images, labels), task)
     assert int(new_state.step) == 3
     np.testing.assert_array_equal(metrics["active"], [1, 1, 1, 0, 0])
     # 2 steps per epoch, milestone after epoch 1: steps 0,1 at 0.1, step 2 at 0.01.
@@ -78,23 +83,23 @@ def test_batches_cover_the_task_once_per_epoch():
     task = task.replace(steps_per_epoch=jnp.int32(4))
     seen = []
     for step in range(4):
-        _, y = train.sample_batch(jnp.arange(40), jnp.arange(40), task, step, 5)
+        _, y = sampling.sample_batch(jnp.arange(40), jnp.arange(40), task, step, 5)
         seen.extend(np.asarray(y).tolist())
     assert sorted(seen) == list(range(20, 40))  # every task example exactly once, no padding
-    _, y_next = train.sample_batch(jnp.arange(40), jnp.arange(40), task, 4, 5)
+    _, y_next = sampling.sample_batch(jnp.arange(40), jnp.arange(40), task, 4, 5)
     assert sorted(np.asarray(y_next)) != sorted(seen[:5])  # new epoch, new order
 
 
 def test_a_longer_index_gives_the_same_batches():
-    """Runs pad `TaskInfo.index` to `experiment.shared_capacity` (so runs of other task sizes
+    """Runs pad `TaskInfo.index` to `plan.shared_capacity` (so runs of other task sizes
     share a compiled step): the padding must not change any batch."""
     _, _, _, _, _, task = _setup(batch_size=5)
     task = task.replace(steps_per_epoch=jnp.int32(4))
     longer = task.replace(index=jnp.concatenate([task.index, jnp.zeros(2000, jnp.int32)]))
     for step in (0, 3, 4, 9):
-        chex.assert_trees_all_equal(train.batch_indices(task, step, 5),
-                                    train.batch_indices(longer, step, 5))
-    assert [experiment.shared_capacity(n) for n in (0, 288, 2048, 2049, 5000)] == [
+        chex.assert_trees_all_equal(sampling.batch_indices(task, step, 5),
+                                    sampling.batch_indices(longer, step, 5))
+    assert [plan.shared_capacity(n) for n in (0, 288, 2048, 2049, 5000)] == [
         2048, 2048, 2048, 4096, 8192]
 
 
@@ -115,7 +120,7 @@ def test_skipping_by_mask_equals_skipping_by_cond():
                                std=(0.25,) * 3)
         fn = train.make_train_chunk(model, base.ce, cfg,
                                     experiment.make_mesh(1), 5, skip)
-        outs.append(jax.jit(fn)(state, frozen, train.DeviceData(images, labels), task))
+        outs.append(jax.jit(fn)(state, frozen, sampling.DeviceData(images, labels), task))
     (s_cond, m_cond), (s_mask, m_mask) = outs
     assert int(s_mask.step) == 3
     np.testing.assert_array_equal(m_mask["active"], [1, 1, 1, 0, 0])

@@ -1,5 +1,5 @@
 """Methods: each is its losses plus task-boundary hooks with its own typed state (see
-`lifecycle`), plugged into the one shared task loop (`abd_jax.experiment`).
+`lifecycle`), plugged into the one shared task loop (`abd_jax.runner`).
 `get_method(config, spec)` builds one by name."""
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from abd_jax.methods.coreset import LwFCoreset, NaiveRehearsal
 from abd_jax.methods.deepinversion import DeepInversion
 from abd_jax.methods.dgr import DGR
 from abd_jax.methods.e2e import E2E
-from abd_jax.methods.lifecycle import Method, Runtime, Task
+from abd_jax.methods.lifecycle import Loop, Method, Runtime, SGDLoop, Update
 from abd_jax.methods.lwf import LwF, LwFMC, LwFSynthetic
+from abd_jax.plan import Task
 
 _CLASSES: dict[str, type] = {cls.name: cls for cls in (
     ABD, DeepInversion, LwFSynthetic, Base, UpperBound, LwF, LwFMC, NaiveRehearsal, LwFCoreset,
@@ -33,4 +34,4 @@ def get_method(config, spec: Optional[data_lib.DatasetSpec] = None) -> Method:
     return _CLASSES[config.method](config, spec or data_lib.spec_of(config))
 
 
-__all__ = ["Method", "METHODS", "Runtime", "Task", "get_method"]
+__all__ = ["Loop", "Method", "METHODS", "Runtime", "SGDLoop", "Task", "Update", "get_method"]

@@ -6,9 +6,10 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from abd_jax import losses, programs
-from abd_jax.methods import base
+from abd_jax import losses
+from abd_jax.methods.base import ce
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
+from abd_jax.session import bind
 from abd_jax.train import LossContext
 
 
@@ -62,10 +63,10 @@ def abd_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOption
 
 class ABD(SyntheticReplay):
     name = "abd"
+    sections = ("abd", "synthesis")
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.first_task_loss = base.ce
-        self.distill_loss = programs.bind(abd_loss, generator=self.generator,
-                                          z_dim=self.synthesis.z_dim,
-                                          opts=AbdOptions(**config.abd.to_dict()))
+        self.first_task_loss = ce
+        self.distill_loss = bind(abd_loss, generator=self.generator, z_dim=self.synthesis.z_dim,
+                                 opts=AbdOptions(**config.abd.to_dict()))

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from abd_jax import losses
-from abd_jax.methods.lifecycle import Method, Task
+from abd_jax.methods.lifecycle import Method
+from abd_jax.plan import Task
 from abd_jax.train import LossContext
 
 
@@ -25,13 +26,13 @@ class UpperBound(Base):
 
     name = "upper_bound"
 
-    def index_capacity(self, rt, num_tasks):
-        return len(rt.seen_indices(num_tasks - 1))
+    def index_capacity(self, rt):
+        return len(rt.plan.seen_indices(rt.plan.num_tasks - 1))
 
     def begin_task(self, rt, learner, state, task):
         if task.is_first:
             return super().begin_task(rt, learner, state, task)
-        return rt.fresh_learner(task.index), state
+        return rt.services.fresh_learner(task.index), state
 
     def train_index(self, rt, state, task):
-        return rt.seen_indices(task.index)
+        return rt.plan.seen_indices(task.index)

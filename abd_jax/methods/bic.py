@@ -9,30 +9,35 @@ apply to the student and the teacher in later tasks. The release evaluates the b
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import struct
 
-from abd_jax import losses, programs, train
-from abd_jax.methods import base
+from abd_jax import hosts, losses, rng, train
+from abd_jax.methods.base import ce
 from abd_jax.methods.coreset import Coreset, TeacherRehearsal, memory_by_class
-from abd_jax.methods.lifecycle import Runtime, Task, classes_per_task
+from abd_jax.methods.lifecycle import (Runtime, SGDLoop, Update, classes_per_task,
+                                       learner_optimizer)
+from abd_jax.methods.teacher import Teacher, teacher_apply, teacher_of
+from abd_jax.plan import Schedule, Task
+from abd_jax.session import bind
 from abd_jax.train import LossContext
 
 
 @struct.dataclass
 class BiCState:
     """teacher and memory as in the other coreset methods; alpha, beta `[N]`: each task's
-    bias correction (1, 0 until fitted)."""
+    bias correction (1, 0 until fitted); correction: the (alpha, beta) stage 2 trains."""
 
-    teacher: train.Teacher
+    teacher: Teacher
     memory: jax.Array
     alpha: jax.Array
     beta: jax.Array
+    correction: train.TrainState
 
 
 @struct.dataclass
@@ -40,7 +45,7 @@ class CorrectionInputs:
     """What stage 2's loss reads: the frozen model, every task's correction and the index of
     the task whose (alpha, beta) the stage trains."""
 
-    model: train.Teacher
+    model: Teacher
     alpha: jax.Array
     beta: jax.Array
     task_index: jax.Array
@@ -51,7 +56,7 @@ def bic_loss(ctx: LossContext, classes_per_task: int, temperature: float):
     both through the past tasks' fixed corrections."""
     state: BiCState = ctx.method_state
     logits, _, new_bs = ctx.forward(ctx.images)
-    teacher_logits = train.teacher_apply(ctx.model, state.teacher, ctx.images)[0]
+    teacher_logits = teacher_apply(ctx.model, state.teacher, ctx.images)[0]
     correct = functools.partial(losses.bias_correction, alpha=state.alpha, beta=state.beta,
                                 classes_per_task=classes_per_task, num_corrected=ctx.num_old)
     loss, ce, kd = losses.bic_stage1_loss(correct(logits), correct(teacher_logits), ctx.labels,
@@ -63,7 +68,7 @@ def correction_loss(ctx: LossContext, classes_per_task: int):
     """Stage 2: `losses.bic_stage2_loss` of the frozen model's (eval-mode) logits, the new
     task's (alpha, beta) being the trained parameters `ctx.params`."""
     inputs: CorrectionInputs = ctx.method_state
-    logits = train.teacher_apply(ctx.model, inputs.model, ctx.images)[0]
+    logits = teacher_apply(ctx.model, inputs.model, ctx.images)[0]
     alpha = inputs.alpha.at[inputs.task_index].set(ctx.params["alpha"])
     beta = inputs.beta.at[inputs.task_index].set(ctx.params["beta"])
     ce = losses.bic_stage2_loss(logits, ctx.labels, alpha, beta, classes_per_task,
@@ -71,24 +76,59 @@ def correction_loss(ctx: LossContext, classes_per_task: int):
     return ce, None, {"ce": ce}
 
 
+@dataclasses.dataclass(frozen=True)
+class CorrectionStage(SGDLoop):
+    """Stage 2: (alpha_t, beta_t) from (1, 0), SGD (momentum, weight decay) at lr *
+    `bic.stage2_lr_scale` for the task's epochs and schedule (`bic.stage2_epochs` > 0: that
+    many epochs at a constant rate) on augmented mini-batches of the held-out split. A split
+    smaller than one batch takes no step (the release drops incomplete batches)."""
+
+    def begin(self, rt, learner, state, task):
+        fresh = jax.device_put({"alpha": np.float32(1.0), "beta": np.float32(0.0)})
+        return super().begin(rt, learner, state.replace(
+            correction=state.correction.replace(params=fresh)), task)
+
+    def program(self, rt, learner, state, task, start):
+        held = self.index(rt, state, task)
+        if len(held) < rt.config.batch_size:
+            logging.warning("task %d: BiC's held-out split has %d images, fewer than one "
+                            "batch (%d): the bias correction stays at alpha 1, beta 0 (raise "
+                            "--config.bic.val_fraction or --config.coreset.memory)",
+                            task.index + 1, len(held), rt.config.batch_size)
+            return None
+        return super().program(rt, learner, state, task, start)
+
+    def end(self, rt, learner, state, task):
+        a, b = hosts.fetch((state.correction.params["alpha"], state.correction.params["beta"]))
+        alpha, beta = hosts.fetch((state.alpha, state.beta))
+        alpha, beta = alpha.copy(), beta.copy()
+        alpha[task.index], beta[task.index] = a, b
+        rt.services.log(task.index + 1, {"alpha": float(a), "beta": float(b)},
+                        task=task.index + 1, phase="bias_correction")
+        return learner, state.replace(alpha=alpha, beta=beta)
+
+
 class BiC(TeacherRehearsal):
     name = "bic"
+    sections = ("coreset", "bic")
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.config = config
-        self.coreset = Coreset(config.memory, config.bic.selection)
+        self.coreset = Coreset(config.coreset.memory, config.bic.selection)
         self.classes_per_task = classes_per_task(config, spec)
-        self.first_task_loss = base.ce
-        self.distill_loss = programs.bind(bic_loss, classes_per_task=self.classes_per_task,
-                                          temperature=config.kd_temperature)
-        self.correction_loss = programs.bind(correction_loss,
-                                             classes_per_task=self.classes_per_task)
+        self.first_task_loss = ce
+        self.distill_loss = bind(bic_loss, classes_per_task=self.classes_per_task,
+                                 temperature=config.kd_temperature)
+        self.correction_loss = bind(correction_loss, classes_per_task=self.classes_per_task)
 
     def init_state(self, rt, learner):
-        n = self.config.num_tasks
-        return BiCState(teacher=train.teacher_of(learner), memory=self.coreset.empty(),
-                        alpha=jnp.ones((n,), jnp.float32), beta=jnp.zeros((n,), jnp.float32))
+        n = rt.config.num_tasks
+        correction = train.new_train_state(
+            rt.session, None, {"params": {"alpha": np.float32(1.0), "beta": np.float32(0.0)}},
+            learner_optimizer(rt, self.weight_decay(rt.config)))
+        return BiCState(teacher=teacher_of(learner), memory=self.coreset.empty(),
+                        alpha=np.ones((n,), np.float32), beta=np.zeros((n,), np.float32),
+                        correction=correction)
 
     # ---------------------------------------------------------------- the held-out split
     def held_out_per_class(self, stored: int, task: Task) -> int:
@@ -102,10 +142,11 @@ class BiC(TeacherRehearsal):
         """(training indices, held-out indices) of `task`: per old class its first
         (highest-priority) `held_out_per_class` exemplars, per new class its first as many
         training images (in stored order), as the release."""
-        memory = memory_by_class(np.asarray(state.memory), rt.train_labels)
+        labels_all = rt.plan.train_labels
+        memory = memory_by_class(hosts.fetch(state.memory), labels_all)
         v = self.held_out_per_class(sum(len(e) for e in memory.values()), task)
-        index = rt.task_indices(task.index)
-        labels = rt.train_labels[index]
+        index = rt.plan.task_indices(task.index)
+        labels = labels_all[index]
         groups = [exemplars for _, exemplars in sorted(memory.items())]
         groups += [index[labels == c] for c in range(task.num_old, task.num_seen)]
         cat = lambda parts: (np.concatenate(parts) if parts else np.zeros(0)).astype(np.int32)
@@ -115,45 +156,33 @@ class BiC(TeacherRehearsal):
         return self.split(rt, state, task)[0]
 
     # ---------------------------------------------------------------- task end
-    def end_task(self, rt, learner, state: BiCState, task):
-        if not task.is_first:
-            a, b = self.fit_correction(rt, learner, state, task)
-            state = state.replace(alpha=state.alpha.at[task.index].set(a),
-                                  beta=state.beta.at[task.index].set(b))
-        memory = self.new_memory(rt, learner, state, task)
-        return learner, state.replace(teacher=train.teacher_of(learner), memory=memory)
+    def end_task(self, task: Task):
+        if task.is_first:
+            return super().end_task(task)
+        correction = CorrectionStage(
+            name="bias_correction", loss_fn=self.correction_loss,
+            index=lambda rt, state, task: self.split(rt, state, task)[1],
+            inputs=lambda learner, state: CorrectionInputs(
+                model=teacher_of(learner), alpha=state.alpha, beta=state.beta,
+                task_index=np.int32(task.index)),
+            schedule=self.correction_schedule,
+            key=lambda rt, task: rng.fold_in(rt.method_key, 20_000 + task.index),
+            slot="correction")
+        return [correction, Update("memory and teacher", self.update_memory_and_teacher)]
 
-    def fit_correction(self, rt: Runtime, learner, state: BiCState, task: Task):
-        """Stage 2: (alpha_t, beta_t) trained with SGD (momentum, weight decay) at
-        lr * `bic.stage2_lr_scale` for the task's epochs and schedule (`bic.stage2_epochs` > 0:
-        that many epochs at a constant rate) on augmented mini-batches of the held-out split.
-        A split smaller than one batch takes no step (the release drops incomplete batches)."""
-        c, bic = self.config, self.config.bic
-        held = self.split(rt, state, task)[1]
-        t = task.index
-        if len(held) < c.batch_size:
-            logging.warning("task %d: BiC's held-out split has %d images, fewer than one batch "
-                            "(%d): the bias correction stays at alpha 1, beta 0 (raise "
-                            "--config.bic.val_fraction or --config.memory)", t + 1, len(held),
-                            c.batch_size)
-            return state.alpha[t], state.beta[t]
-        tx = programs.shared(train.learner_optimizer, c.lr, c.momentum, c.weight_decay)
-        params = {"alpha": state.alpha[t], "beta": state.beta[t]}
-        inputs = CorrectionInputs(model=train.teacher_of(learner), alpha=state.alpha,
-                                  beta=state.beta, task_index=jnp.int32(t))
-        fitted = rt.train_stage(
-            train.parameters_state(params, tx), inputs, self.correction_loss, held,
-            epochs=bic.stage2_epochs or c.epochs, lr=c.lr * bic.stage2_lr_scale,
-            lr_milestones=() if bic.stage2_epochs else tuple(c.lr_milestones),
-            key=jax.random.fold_in(rt.method_key, 20_000 + t), task=task,
-            name="bias_correction")
-        a, b = fitted.params["alpha"], fitted.params["beta"]
-        rt.log(t + 1, {"alpha": float(a), "beta": float(b), "held_out_images": len(held)},
-               task=t + 1, phase="bias_correction")
-        return a, b
+    def correction_schedule(self, config) -> Schedule:
+        bic = config.bic
+        return Schedule(bic.stage2_epochs or config.epochs, config.lr * bic.stage2_lr_scale,
+                        () if bic.stage2_epochs else tuple(config.lr_milestones))
 
     def eval_logits(self, state: BiCState, logits: np.ndarray, task: Task) -> np.ndarray:
         if not self.config.bic.correct_at_test:
             return logits
-        return np.asarray(losses.bias_correction(
-            jnp.asarray(logits), state.alpha, state.beta, self.classes_per_task, task.num_seen))
+        logits, alpha, beta, num_seen = jax.device_put(
+            (logits, state.alpha, state.beta, np.int32(task.num_seen)))
+        corrected = _corrected(logits, alpha, beta, classes_per_task=self.classes_per_task,
+                               num_corrected=num_seen)
+        return hosts.fetch(corrected)
+
+
+_corrected = jax.jit(losses.bias_correction, static_argnames="classes_per_task")

@@ -15,13 +15,15 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from abd_jax import train
-from abd_jax.methods import base, lwf
-from abd_jax.methods.lifecycle import Method, Runtime, Task, TeacherMethod
+from abd_jax import hosts, rng
+from abd_jax.methods.base import ce
+from abd_jax.methods.lwf import LwF
+from abd_jax.methods.lifecycle import Method, Runtime, Update
+from abd_jax.methods.teacher import Teacher, TeacherMethod, teacher_of
+from abd_jax.plan import Task
 
 # random: a seeded shuffle. herding: iCaRL's herding on L2-normalised features (the iCaRL,
 # E2E and BiC papers); herding_raw: the same on raw features (the release's BiC);
@@ -105,40 +107,41 @@ class Coreset:
 
     def __post_init__(self):
         if self.size < 1:
-            raise ValueError(f"memory must be >= 1 image, got {self.size}; set --config.memory")
+            raise ValueError(f"the memory must hold >= 1 image, got {self.size}; set "
+                             "--config.coreset.memory")
         if self.selection not in SELECTIONS:
             raise ValueError(f"coreset selection {self.selection!r}: use one of {SELECTIONS}")
 
-    def empty(self) -> jax.Array:
-        return jnp.full((self.size,), -1, jnp.int32)
+    def empty(self) -> np.ndarray:
+        return np.full((self.size,), -1, np.int32)
 
     def stored(self, memory) -> np.ndarray:
         """The valid indices of a memory array (host numpy)."""
-        memory = np.asarray(memory)
+        memory = hosts.fetch(memory)
         return memory[memory >= 0].astype(np.int32)
 
     def rank_new_classes(self, rt: Runtime, learner, task: Task, key) -> dict[int, np.ndarray]:
         """{new class: candidate indices in priority order} (as many as its largest quota)."""
-        index = rt.task_indices(task.index)
-        labels = rt.train_labels[index]
+        index = rt.plan.task_indices(task.index)
+        labels = rt.plan.train_labels[index]
         need = int(class_quotas(task.num_seen, self.size).max())
-        features = None if self.selection == "random" else rt.predict_train(learner, index)[1]
+        features = (None if self.selection == "random" else
+                    rt.services.predict_train(learner, index)[1])
         by_class = {}
         for c in range(task.num_old, task.num_seen):
             members = np.flatnonzero(labels == c)
             if self.selection == "random":
-                order = np.asarray(jax.random.permutation(jax.random.fold_in(key, c),
-                                                          len(members)))[:need]
+                order = rng.permutation(rng.fold_in(key, c), len(members))[:need]
             else:
                 order = ranked(features[members], need, self.selection)
             by_class[c] = index[members[order]]
         return by_class
 
-    def updated(self, rt: Runtime, learner, memory, task: Task, key) -> jax.Array:
+    def updated(self, rt: Runtime, learner, memory, task: Task, key) -> np.ndarray:
         """The memory once `task` is learned (its new classes added, every class at quota)."""
-        ranked = self.rank_new_classes(rt, learner, task, key)
-        return jnp.asarray(rebuild_memory(np.asarray(memory), rt.train_labels, ranked,
-                                          task.num_seen, self.size))
+        ranked_new = self.rank_new_classes(rt, learner, task, key)
+        return rebuild_memory(hosts.fetch(memory), rt.plan.train_labels, ranked_new,
+                              task.num_seen, self.size)
 
     def footprint(self, rt: Runtime) -> dict:
         return {"stored_images": self.size,
@@ -156,7 +159,7 @@ class MemoryState:
 class TeacherMemoryState:
     """The previous task's frozen model and the memory."""
 
-    teacher: train.Teacher
+    teacher: Teacher
     memory: jax.Array
 
 
@@ -165,15 +168,16 @@ class RehearsalMixin:
 
     coreset: Coreset
 
-    def index_capacity(self, rt, num_tasks):
-        return super().index_capacity(rt, num_tasks) + self.coreset.size
+    def index_capacity(self, rt):
+        return super().index_capacity(rt) + self.coreset.size
 
     def train_index(self, rt, state, task):
-        return np.concatenate([rt.task_indices(task.index), self.coreset.stored(state.memory)])
+        return np.concatenate([rt.plan.task_indices(task.index),
+                               self.coreset.stored(state.memory)])
 
     def new_memory(self, rt, learner, state, task):
         return self.coreset.updated(rt, learner, state.memory, task,
-                                    jax.random.fold_in(rt.method_key, task.index))
+                                    rng.fold_in(rt.method_key, task.index))
 
     def memory_footprint(self, rt, state):
         return {**super().memory_footprint(rt, state), **self.coreset.footprint(rt)}
@@ -183,16 +187,16 @@ class RandomReplayMixin(RehearsalMixin):
     """Trains on the task's images plus as many memory samples, drawn with replacement once
     per task (the release's `append_coreset`: 1:1, e.g. 5,000 : 5,000 at 10 CIFAR-100 tasks)."""
 
-    def index_capacity(self, rt, num_tasks):
-        return 2 * max(len(rt.task_indices(t)) for t in range(num_tasks))
+    def index_capacity(self, rt):
+        return 2 * max(len(rt.plan.task_indices(t)) for t in range(rt.plan.num_tasks))
 
     def train_index(self, rt, state, task):
-        own = rt.task_indices(task.index)
+        own = rt.plan.task_indices(task.index)
         stored = self.coreset.stored(state.memory)
         if not len(stored):
             return own
-        key = jax.random.fold_in(rt.method_key, 30_000 + task.index)
-        draw = np.asarray(jax.random.randint(key, (len(own),), 0, len(stored)))
+        draw = rng.randint(rng.fold_in(rt.method_key, 30_000 + task.index), len(own),
+                           len(stored))
         return np.concatenate([own, stored[draw]])
 
 
@@ -201,18 +205,22 @@ class NaiveRehearsal(RandomReplayMixin, Method):
     memory."""
 
     name = "naive_rehearsal"
+    sections = ("coreset",)
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.coreset = Coreset(config.memory, "random")
+        self.coreset = Coreset(config.coreset.memory, "random")
 
     def init_state(self, rt, learner):
         return MemoryState(memory=self.coreset.empty())
 
     def loss_fn(self, task):
-        return base.ce
+        return ce
 
-    def end_task(self, rt, learner, state, task):
+    def end_task(self, task):
+        return [Update("memory", self.update_memory)]
+
+    def update_memory(self, rt, learner, state, task):
         return learner, state.replace(memory=self.new_memory(rt, learner, state, task))
 
 
@@ -221,21 +229,24 @@ class TeacherRehearsal(RehearsalMixin, TeacherMethod):
     task end."""
 
     def init_state(self, rt, learner):
-        return TeacherMemoryState(teacher=train.teacher_of(learner),
-                                  memory=self.coreset.empty())
+        return TeacherMemoryState(teacher=teacher_of(learner), memory=self.coreset.empty())
 
-    def end_task(self, rt, learner, state, task):
-        return learner, TeacherMemoryState(teacher=train.teacher_of(learner),
-                                           memory=self.new_memory(rt, learner, state, task))
+    def end_task(self, task):
+        return [Update("memory and teacher", self.update_memory_and_teacher)]
+
+    def update_memory_and_teacher(self, rt, learner, state, task):
+        return learner, state.replace(teacher=teacher_of(learner),
+                                      memory=self.new_memory(rt, learner, state, task))
 
 
 class LwFCoreset(RandomReplayMixin, TeacherRehearsal):
     """LwF's loss (CE + KD over the past classes) on the task's data plus a random memory."""
 
     name = "lwf_coreset"
+    sections = ("coreset", "lwf")
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.coreset = Coreset(config.memory, "random")
-        self.first_task_loss = base.ce
-        self.distill_loss = lwf.LwF(config, spec).distill_loss
+        self.coreset = Coreset(config.coreset.memory, "random")
+        self.first_task_loss = ce
+        self.distill_loss = LwF(config, spec).distill_loss

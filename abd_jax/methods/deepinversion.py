@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from abd_jax import losses, programs
-from abd_jax.methods import base
+from abd_jax import losses
+from abd_jax.methods.base import ce
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
+from abd_jax.session import bind
 from abd_jax.train import LossContext
 
 
@@ -28,10 +29,11 @@ def deepinversion_loss(ctx: LossContext, generator: nn.Module, z_dim: int, mu: f
 
 class DeepInversion(SyntheticReplay):
     name = "deepinversion"
+    sections = ("deepinversion", "synthesis")
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.first_task_loss = base.ce
-        self.distill_loss = programs.bind(
-            deepinversion_loss, generator=self.generator, z_dim=self.synthesis.z_dim,
-            mu=config.deepinversion_mu, temperature=config.kd_temperature)
+        self.first_task_loss = ce
+        self.distill_loss = bind(deepinversion_loss, generator=self.generator,
+                                 z_dim=self.synthesis.z_dim, mu=config.deepinversion.mu,
+                                 temperature=config.kd_temperature)

@@ -20,18 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from abd_jax import losses, models, programs, train
-from abd_jax.methods import base
-from abd_jax.methods.lifecycle import Runtime, Task, TeacherMethod
+from abd_jax import losses, models, rng, train
+from abd_jax.methods.base import ce
+from abd_jax.methods.lifecycle import Runtime, SGDLoop, Update, learner_optimizer
+from abd_jax.methods.teacher import Teacher, TeacherMethod, teacher_apply, teacher_of
+from abd_jax.plan import Task, run_schedule
+from abd_jax.session import bind
 from abd_jax.train import LossContext
 
 
 @struct.dataclass
 class DGRState:
-    """teacher: the previous task's solver. vae: the autoencoder's parameters and SGD state
-    (one autoencoder, trained on across tasks)."""
+    """teacher: the previous task's solver. replay: the parameters of the autoencoder the
+    current task replays from (the previous task's). vae: the autoencoder in training, with
+    its SGD state (one autoencoder, trained on across tasks)."""
 
-    teacher: train.Teacher
+    teacher: Teacher
+    replay: dict
     vae: train.TrainState
 
 
@@ -55,10 +60,9 @@ def replay_batch(ctx: LossContext, vae: models.ConvVAE, mean, std):
     images decoded by the previous autoencoder from `ctx.rng` and labelled by the teacher's
     argmax among the past classes `[0, K_old)`."""
     state: DGRState = ctx.method_state
-    _, x_replay = decode_replay(vae, state.vae.params, ctx.rng, ctx.images.shape[0], mean,
-                                std)
+    _, x_replay = decode_replay(vae, state.replay, ctx.rng, ctx.images.shape[0], mean, std)
     x_replay = x_replay.astype(ctx.images.dtype)
-    teacher_logits = train.teacher_apply(ctx.model, state.teacher, x_replay)[0]
+    teacher_logits = teacher_apply(ctx.model, state.teacher, x_replay)[0]
     y_replay = jnp.argmax(losses.mask_logits(teacher_logits, 0, ctx.num_old), axis=-1)
     return (jnp.concatenate([ctx.images, x_replay]),
             jnp.concatenate([ctx.labels, y_replay.astype(ctx.labels.dtype)]), teacher_logits)
@@ -94,20 +98,19 @@ def autoencoder_loss(ctx: LossContext, vae: models.ConvVAE, mean, std):
 
 class DGR(TeacherMethod):
     name = "dgr"
+    sections = ("dgr",)
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.config = config
         height, _, channels = spec.image_shape
         self.vae = models.ConvVAE(image_size=height, channels=channels,
                                   z_dim=config.dgr.z_dim)
         self.mean, self.std = self.input_stats(spec)
-        self.first_task_loss = base.ce
-        self.distill_loss = programs.bind(dgr_loss, vae=self.vae, mean=self.mean,
-                                          std=self.std, mu=config.dgr.mu,
-                                          temperature=config.kd_temperature)
-        self.autoencoder_loss = programs.bind(autoencoder_loss, vae=self.vae, mean=self.mean,
-                                              std=self.std)
+        self.first_task_loss = ce
+        self.distill_loss = bind(dgr_loss, vae=self.vae, mean=self.mean, std=self.std,
+                                 mu=config.dgr.mu, temperature=config.kd_temperature)
+        self.autoencoder_loss = bind(autoencoder_loss, vae=self.vae, mean=self.mean,
+                                     std=self.std)
 
     def input_stats(self, spec) -> tuple[tuple, tuple]:
         if self.config.dgr.normalize_inputs:
@@ -119,28 +122,30 @@ class DGR(TeacherMethod):
         return config.dgr.weight_decay
 
     def init_state(self, rt: Runtime, learner) -> DGRState:
-        h, w, c = rt.image_shape
-        params = models.init_variables(self.vae, jax.random.fold_in(rt.method_key, 0),
-                                       jnp.zeros((1, h, w, c)), jax.random.PRNGKey(0))["params"]
-        c = self.config
-        tx = programs.shared(train.learner_optimizer, c.lr, c.momentum, self.weight_decay(c))
-        vae = train.new_train_state(self.vae, {"params": params}, tx)
-        return DGRState(teacher=train.teacher_of(learner), vae=vae)
+        params = models.init_variables(rt.session, self.vae, rng.fold_in(rt.method_key, 0),
+                                       (1, *rt.image_shape))["params"]
+        vae = train.new_train_state(rt.session, self.vae, {"params": params},
+                                    learner_optimizer(rt, self.weight_decay(rt.config)))
+        return DGRState(teacher=teacher_of(learner), replay=jax.tree.map(jnp.copy, params),
+                        vae=vae)
 
     def memory_footprint(self, rt, state: DGRState) -> dict:
         count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.vae.params))
         return {**super().memory_footprint(rt, state), "generator_parameters": count}
 
-    def end_task(self, rt: Runtime, learner, state: DGRState, task: Task):
+    def end_task(self, task: Task) -> list:
         """The autoencoder's pass over the task's batches (not after the last task: nothing
-        replays from it)."""
-        teacher = train.teacher_of(learner)
+        replays from it), then the new teacher and replay source."""
         if task.is_last:
-            return learner, state.replace(teacher=teacher)
-        c = self.config
-        vae = rt.train_stage(
-            state.vae, AutoencoderInputs(previous=state.vae.params),
-            self.autoencoder_loss, self.train_index(rt, state, task), epochs=c.epochs,
-            lr=c.lr, lr_milestones=tuple(c.lr_milestones), key=rt.task_key(task.index),
-            task=task, name="autoencoder")
-        return learner, DGRState(teacher=teacher, vae=vae)
+            return super().end_task(task)
+        autoencoder = SGDLoop(
+            name="autoencoder", loss_fn=self.autoencoder_loss, index=self.train_index,
+            inputs=lambda learner, state: AutoencoderInputs(previous=state.replay),
+            schedule=run_schedule, key=lambda rt, task: rt.plan.task_key(task.index),
+            slot="vae")
+        return [autoencoder, Update("teacher and replay", self.teacher_and_replay)]
+
+    def teacher_and_replay(self, rt, learner, state: DGRState, task: Task):
+        del rt, task
+        return learner, state.replace(teacher=teacher_of(learner),
+                                      replay=jax.tree.map(jnp.copy, state.vae.params))

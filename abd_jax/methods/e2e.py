@@ -3,13 +3,19 @@
 task but the first a class-balanced fine-tuning stage on the memory."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 from flax import struct
 
-from abd_jax import losses, programs, train
-from abd_jax.methods import base
-from abd_jax.methods.coreset import Coreset, TeacherMemoryState, TeacherRehearsal
-from abd_jax.methods.lifecycle import classes_per_task
+from abd_jax import losses, rng, train
+from abd_jax.methods.base import ce
+from abd_jax.methods.coreset import Coreset, TeacherRehearsal
+from abd_jax.methods.lifecycle import SGDLoop, Update, classes_per_task, learner_optimizer
+from abd_jax.methods.teacher import Teacher, freeze_teacher, teacher_apply, teacher_of
+from abd_jax.plan import Schedule
+from abd_jax.session import bind
 from abd_jax.train import LossContext
 
 WEIGHTINGS = ("mean", "sum")
@@ -17,18 +23,30 @@ BALANCED_TRAINS = ("head", "all")
 
 
 @struct.dataclass
+class E2EState:
+    """teacher and memory as in the other coreset methods; before: the model as it was before
+    the balanced stage; head: the classifier head the stage trains (head-only)."""
+
+    teacher: Teacher
+    memory: jax.Array
+    before: Teacher
+    head: train.TrainState
+
+
+@struct.dataclass
 class BalancedInputs:
     """What the balanced stage's loss reads: the previous task's model (KD over the past
-    tasks) and the model as it was before the stage (KD over the new classes)."""
+    tasks) and the model before the stage (KD over the new classes; with a head-only stage,
+    the frozen backbone)."""
 
-    teacher: train.Teacher
-    before: train.Teacher
+    teacher: Teacher
+    before: Teacher
 
 
 def e2e_loss(ctx: LossContext, classes_per_task: int, temperature: float, weighting: str):
     """`losses.e2e_loss` on the real batch, the teacher in eval mode."""
     logits, _, new_bs = ctx.forward(ctx.images)
-    teacher_logits = train.teacher_apply(ctx.model, ctx.method_state.teacher, ctx.images)[0]
+    teacher_logits = teacher_apply(ctx.model, ctx.method_state.teacher, ctx.images)[0]
     loss, ce, kd = losses.e2e_loss(logits, teacher_logits, ctx.labels, ctx.num_old,
                                    ctx.num_seen, classes_per_task, temperature, weighting)
     return loss, new_bs, {"ce": ce, "kd": kd}
@@ -36,24 +54,36 @@ def e2e_loss(ctx: LossContext, classes_per_task: int, temperature: float, weight
 
 def balanced_loss(ctx: LossContext, classes_per_task: int, temperature: float, weighting: str,
                   head_only: bool):
-    """`losses.e2e_balanced_loss` on a memory batch. head_only: the backbone is frozen (eval
-    mode, its features stop-gradient) and only the head's logits `f W + b` train; else the
-    whole network trains in train mode."""
+    """`losses.e2e_balanced_loss` on a memory batch. head_only: `ctx.params` is the head, on
+    the frozen backbone's features (eval mode, the model before the stage): logits `f W + b`;
+    else the whole network trains in train mode."""
     inputs: BalancedInputs = ctx.method_state
+    before_logits, features = teacher_apply(ctx.model, inputs.before, ctx.images)
     if head_only:
-        _, features = train.teacher_apply(ctx.model, train.Teacher(ctx.params, ctx.batch_stats),
-                                          ctx.images)
-        head = ctx.params["head"]
-        logits = jax.lax.stop_gradient(features) @ head["kernel"] + head["bias"]
-        new_bs = ctx.batch_stats
+        logits = features @ ctx.params["kernel"] + ctx.params["bias"]
+        new_bs = None
     else:
         logits, _, new_bs = ctx.forward(ctx.images)
-    teacher_logits = train.teacher_apply(ctx.model, inputs.teacher, ctx.images)[0]
-    before_logits = train.teacher_apply(ctx.model, inputs.before, ctx.images)[0]
+    teacher_logits = teacher_apply(ctx.model, inputs.teacher, ctx.images)[0]
     loss, ce, kd_old, kd_new = losses.e2e_balanced_loss(
         logits, teacher_logits, before_logits, ctx.labels, ctx.num_old, ctx.num_seen,
         classes_per_task, temperature, weighting)
     return loss, new_bs, {"ce": ce, "kd": kd_old, "kd_new_classes": kd_new}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadStage(SGDLoop):
+    """The balanced stage on the head alone: it starts from the learner's head and writes the
+    trained head back into the learner."""
+
+    def begin(self, rt, learner, state, task):
+        head = state.head.replace(params=jax.tree.map(jnp.copy, learner.params["head"]))
+        return super().begin(rt, learner, state.replace(head=head), task)
+
+    def end(self, rt, learner, state, task):
+        del rt, task
+        head = jax.tree.map(jnp.copy, state.head.params)
+        return learner.replace(params={**learner.params, "head": head}), state
 
 
 class E2E(TeacherRehearsal):
@@ -63,44 +93,54 @@ class E2E(TeacherRehearsal):
     schedule, as the release)."""
 
     name = "e2e"
+    sections = ("coreset", "e2e")
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.config = config
         e2e = config.e2e
         if e2e.kd_weighting not in WEIGHTINGS:
             raise ValueError(f"e2e.kd_weighting={e2e.kd_weighting!r}: use one of {WEIGHTINGS}")
         if e2e.balanced_trains not in BALANCED_TRAINS:
             raise ValueError(f"e2e.balanced_trains={e2e.balanced_trains!r}: use one of "
                              f"{BALANCED_TRAINS}")
-        self.coreset = Coreset(config.memory, e2e.selection)
-        self.first_task_loss = base.ce
+        self.coreset = Coreset(config.coreset.memory, e2e.selection)
+        self.first_task_loss = ce
         s = classes_per_task(config, spec)
-        self.distill_loss = programs.bind(e2e_loss, classes_per_task=s,
-                                          temperature=config.kd_temperature,
-                                          weighting=e2e.kd_weighting)
-        self.balanced_loss = programs.bind(balanced_loss, classes_per_task=s,
-                                           temperature=config.kd_temperature,
-                                           weighting=e2e.kd_weighting,
-                                           head_only=e2e.balanced_trains == "head")
+        self.distill_loss = bind(e2e_loss, classes_per_task=s, temperature=config.kd_temperature,
+                                 weighting=e2e.kd_weighting)
+        self.balanced_loss = bind(balanced_loss, classes_per_task=s,
+                                  temperature=config.kd_temperature, weighting=e2e.kd_weighting,
+                                  head_only=e2e.balanced_trains == "head")
 
-    def end_task(self, rt, learner, state, task):
-        memory = self.new_memory(rt, learner, state, task)
-        if not task.is_first:
-            learner = self.balanced_stage(rt, learner, state, memory, task)
-        return learner, TeacherMemoryState(teacher=train.teacher_of(learner), memory=memory)
+    def init_state(self, rt, learner) -> E2EState:
+        head = train.new_train_state(rt.session, None, {"params": jax.tree.map(
+            jnp.copy, learner.params["head"])}, learner_optimizer(rt, self.weight_decay(
+                rt.config)))
+        return E2EState(teacher=teacher_of(learner), memory=self.coreset.empty(),
+                        before=teacher_of(learner), head=head)
 
-    def balanced_stage(self, rt, learner, state, memory, task):
-        """The class-balanced fine-tuning on the updated memory (`--config.e2e.*`)."""
-        c, e2e = self.config, self.config.e2e
-        trainable = ("head",) if e2e.balanced_trains == "head" else None
-        stage = train.with_optimizer(learner, programs.shared(
-            train.learner_optimizer, c.lr, c.momentum, c.weight_decay, trainable))
-        inputs = BalancedInputs(teacher=state.teacher, before=train.teacher_of(learner))
-        stage = rt.train_stage(
-            stage, inputs, self.balanced_loss, self.coreset.stored(memory),
-            epochs=e2e.balanced_epochs or c.epochs, lr=c.lr * e2e.balanced_lr_scale,
-            lr_milestones=() if e2e.balanced_epochs else tuple(c.lr_milestones),
-            key=jax.random.fold_in(rt.method_key, 10_000 + task.index), task=task,
-            name="balanced_finetuning")
-        return train.with_optimizer(stage, learner.tx)
+    def end_task(self, task):
+        if task.is_first:
+            return super().end_task(task)
+        e2e = self.config.e2e
+        stage = HeadStage if e2e.balanced_trains == "head" else SGDLoop
+        balanced = stage(
+            name="balanced_finetuning", loss_fn=self.balanced_loss,
+            index=lambda rt, state, task: self.coreset.stored(state.memory),
+            inputs=lambda learner, state: BalancedInputs(teacher=state.teacher,
+                                                         before=state.before),
+            schedule=self.balanced_schedule,
+            key=lambda rt, task: rng.fold_in(rt.method_key, 10_000 + task.index),
+            slot="head" if e2e.balanced_trains == "head" else None)
+        return [Update("memory", self.update_memory), balanced,
+                Update("teacher", freeze_teacher)]
+
+    def update_memory(self, rt, learner, state, task):
+        """The new classes join the memory; the model is kept as it is before the stage."""
+        return learner, state.replace(memory=self.new_memory(rt, learner, state, task),
+                                      before=teacher_of(learner))
+
+    def balanced_schedule(self, config) -> Schedule:
+        e2e = config.e2e
+        return Schedule(e2e.balanced_epochs or config.epochs, config.lr * e2e.balanced_lr_scale,
+                        () if e2e.balanced_epochs else tuple(config.lr_milestones))

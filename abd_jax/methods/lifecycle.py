@@ -1,144 +1,175 @@
 """The method lifecycle: what a method owns, and what the shared task loop offers it.
 
-The task loop (`abd_jax.experiment`) names no method. For every task t it calls
+The task loop (`abd_jax.runner`) names no method. For every task t it calls
 
-    learner, state = method.begin_task(rt, learner, state, task)   # once, at the task's start
-    index = method.train_index(rt, state, task)                    # which examples to train on
-    ... jitted SGD steps of method.loss_fn(task), each seeing `state` as ctx.method_state ...
-    learner, state = method.end_task(rt, learner, state, task)     # teacher, synthesis, ...
-    ... evaluate the learner, checkpoint {learner, state} ...
+    learner, state = method.begin_task(rt, learner, state, task)  # once, at the task's start
+    index = method.train_index(rt, state, task)                   # which examples to train on
+    ... the driven SGD loop of method.loss_fn(task), each step seeing `state` ...
+    for stage in method.end_task(task): ...                       # teacher, synthesis, ...
+    ... evaluate with method.eval_logits, checkpoint {learner, state} ...
 
 `state` is the method's own immutable pytree (a `flax.struct.dataclass`), created by
-`init_state` with the structure it keeps for the whole run and saved in every checkpoint, so
-an interrupt anywhere resumes to identical results: mid-task from the last periodic
-checkpoint, and inside `end_task` by running it again from the checkpoint taken when the
-task's training finished (every hook is a deterministic function of its inputs).
+`init_state` with the structure it keeps for the whole run and saved in every checkpoint.
+The stages after a task are `Update`s (short host computations, rerun whole after an
+interrupt) and `Loop`s (jitted steps run by the shared driver: periodic checkpoints, stop
+requests, one divergence message), so an interrupt anywhere resumes to identical results.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Protocol
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
 from abd_jax import data as data_lib
-from abd_jax import programs, train
+from abd_jax import driver, train
+from abd_jax.plan import RunPlan, Schedule, Task
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """Task `index` (0-based) of `num_tasks`; it owns labels `[num_old, num_seen)`, i.e.
-    K_old = num_old and K_new = num_seen."""
+class Services(Protocol):
+    """The run's services a method's hooks may call (implemented by the task loop)."""
 
-    index: int
-    num_tasks: int
-    num_old: int
-    num_seen: int
+    def fresh_learner(self, t: int) -> train.TrainState:
+        """A newly initialised, placed learner for task t (its own key)."""
 
-    @property
-    def is_first(self) -> bool:
-        return self.index == 0
+    def predict_train(self, learner, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits `[n, C]`, features `[n, D]`), host numpy: the eval-mode model on the
+        (normalised, not augmented) training images `index`."""
 
-    @property
-    def is_last(self) -> bool:
-        return self.index == self.num_tasks - 1
+    def sgd_loop(self, name: str, loss_fn: train.LossFn, method_state, index: np.ndarray,
+                 schedule: Schedule, key, task: Task, start: int) -> driver.Loop:
+        """The driven loop of SGD steps of `loss_fn` (seeing `method_state`) on augmented
+        batches of `index` under `schedule`, from step `start`: with a task's own index,
+        schedule and key (`plan.task_key`), the batches are that task's."""
+
+    def log(self, step: int, scalars: dict, **tags) -> None:
+        """The run's metric writer (tagged with the repeat)."""
+
+    def save_samples(self, t: int, images, labels, title: str) -> None:
+        """A PNG grid of normalised images `[N, H, W, C]` labelled with (remapped) classes."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """What the task loop offers a method's hooks (one repeat).
-
-    fresh_learner(t) -> a newly initialised, placed TrainState for task t (its own key).
-    task_indices(t) / seen_indices(t) -> int32 training-example indices of task t's classes /
-        of every class seen up to task t.
-    train_labels: the (remapped) label of every training example, host int32 `[N]`.
-    task_key(t) -> the PRNG key task t's training draws its batches and step keys from.
-    predict_train(learner, index) -> (logits `[n, C]`, features `[n, D]`), host numpy: the
-        eval-mode model on the (normalised, not augmented) training images `index`.
-    train_stage(state, method_state, loss_fn, index, *, epochs, lr, lr_milestones, key, task,
-        name) -> state: `epochs` SGD epochs of `loss_fn` (seeing `method_state`) over `index`
-        (augmented batches, as the task's training), from a fresh optimiser of `state` (any
-        TrainState: the learner, or e.g. BiC's correction), at `lr` decayed after the epochs
-        `lr_milestones`, logged with phase=name (e.g. E2E's balanced fine-tuning). With the
-        task's own index, epochs, schedule and `task_key` its batches are the task's.
-    checkpoint_progress(task, learner, state, progress) -> None: save a checkpoint inside
-        `end_task` (progress: an int > 0 that grows, e.g. generator iterations done). An
-        interrupt then resumes by calling `end_task` again with this `state`, so a method that
-        calls it must continue from the progress its state records.
-    method_key: the repeat's PRNG key for the method's own randomness (fold_in per use).
-    log(step, scalars, **tags): the run's metric writer (tagged with the repeat).
-    save_samples(t, images, labels, title): a PNG grid of normalised images `[N, H, W, C]`
-        labelled with (remapped) classes `[N]`, saved in the workdir for task t.
-    """
+    """What a method's hooks see of one repeat: its settings and plan as data, and the
+    `services` interface to the run (None outside a task loop: benchmarks, tests)."""
 
     config: Any
+    plan: Optional[RunPlan]
     model: nn.Module
     mesh: Mesh
     image_shape: tuple
     steps_per_call: int
-    fresh_learner: Callable[[int], train.TrainState]
-    task_indices: Callable[[int], np.ndarray]
-    seen_indices: Callable[[int], np.ndarray]
-    train_labels: np.ndarray
-    task_key: Callable[[int], Any]
-    predict_train: Callable[..., tuple]
-    train_stage: Callable[..., train.TrainState]
-    checkpoint_progress: Callable[..., None]
     method_key: Any
-    log: Callable[..., None]
-    save_samples: Callable[..., None]
+    session: Any
+    services: Optional[Services] = None
 
-    @classmethod
-    def outside_the_loop(cls, config, model: nn.Module, mesh: Mesh, image_shape: tuple,
-                         steps_per_call: int, method_key) -> "Runtime":
-        """A runtime for building method states and steps without a task loop (benchmarks,
-        tests): the data services raise, logging and sample grids are dropped."""
-        def no_data(t):
-            raise RuntimeError(f"no training data outside the task loop (task {t})")
 
-        return cls(config=config, model=model, mesh=mesh, image_shape=tuple(image_shape),
-                   steps_per_call=steps_per_call, fresh_learner=no_data, task_indices=no_data,
-                   seen_indices=no_data, train_labels=np.zeros(0, np.int32),
-                   task_key=no_data, predict_train=no_data, train_stage=no_data,
-                   checkpoint_progress=lambda *args: None, method_key=method_key,
-                   log=lambda *args, **kwargs: None, save_samples=lambda *args: None)
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """An end-of-task stage computed on the host (e.g. a memory update):
+    `fn(rt, learner, state, task) -> (learner, state)`, short, rerun whole after an interrupt
+    (a deterministic function of its inputs)."""
+
+    name: str
+    fn: Callable
+
+
+class Loop:
+    """An end-of-task stage of jitted steps run by the shared driver. It trains one
+    TrainState: `get(learner, state)`, stored back with `put`. `begin` prepares the stage
+    when it starts (not when it resumes), `program` gives the driven loop from step `start`
+    (None: nothing to run), `end` runs after the last step. Subclasses name the stage
+    (`name`: the log's phase) and what a divergence message advises (`fix`)."""
+
+    def begin(self, rt: Runtime, learner, state, task: Task):
+        del rt, task
+        return learner, state
+
+    def get(self, learner, state) -> train.TrainState:
+        raise NotImplementedError
+
+    def put(self, learner, state, trained):
+        raise NotImplementedError
+
+    def program(self, rt: Runtime, learner, state, task: Task,
+                start: int) -> Optional[driver.Loop]:
+        raise NotImplementedError
+
+    def end(self, rt: Runtime, learner, state, task: Task):
+        del rt, task
+        return learner, state
+
+    def log_every(self, config) -> int:
+        return config.log_every_steps
+
+    def checkpoint_every(self, config) -> int:
+        return config.checkpoint_every_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDLoop(Loop):
+    """SGD steps on augmented training batches, as a task's training: of the learner
+    (`slot` None) or of the TrainState in the method state's field `slot`, from a fresh
+    optimiser. `index(rt, state, task)`, `inputs(learner, state)` (the loss's method state),
+    `schedule(config)` and `key(rt, task)` describe the stage."""
+
+    name: str
+    loss_fn: Any
+    index: Callable
+    inputs: Callable
+    schedule: Callable
+    key: Callable
+    slot: Optional[str] = None
+    fix: str = "lower --config.lr"
+
+    def get(self, learner, state):
+        return learner if self.slot is None else getattr(state, self.slot)
+
+    def put(self, learner, state, trained):
+        if self.slot is None:
+            return trained, state
+        return learner, state.replace(**{self.slot: trained})
+
+    def begin(self, rt, learner, state, task):
+        del task
+        return self.put(learner, state, train.reset_optimizer(rt.session,
+                                                              self.get(learner, state)))
+
+    def program(self, rt, learner, state, task, start):
+        return rt.services.sgd_loop(self.name, self.loss_fn, self.inputs(learner, state),
+                                    self.index(rt, state, task), self.schedule(rt.config),
+                                    self.key(rt, task), task, start)
 
 
 def classes_per_task(config, spec: data_lib.DatasetSpec) -> int:
     """s = C / N of the run (every task owns s classes; `data.task_boundaries` checks it)."""
-    return spec.num_classes // config.num_tasks
+    return (config.num_classes or spec.num_classes) // config.num_tasks
 
 
-@struct.dataclass
-class NoState:
-    """The state of a method that carries nothing between tasks."""
-
-
-@struct.dataclass
-class TeacherState:
-    """The model frozen at the end of the previous task (before the first task ends: the
-    initial model, never used)."""
-
-    teacher: train.Teacher
+def learner_optimizer(rt: Runtime, weight_decay: float):
+    """The learner's SGD with the run's momentum and `weight_decay`, shared in the session."""
+    c = rt.config
+    return rt.session.shared(train.learner_optimizer, c.lr, c.momentum, weight_decay)
 
 
 class Method:
     """A class-incremental method: losses plus task-boundary hooks (see the module docstring).
 
-    The defaults train on the task's own classes with a reset optimiser and carry no state.
-    """
+    The defaults train on the task's own classes with a reset optimiser, carry no state and
+    have no end-of-task stage."""
 
     name: str = ""
+    sections: tuple = ()  # the config subtrees it reads (the others don't fingerprint its runs)
 
     def __init__(self, config, spec: data_lib.DatasetSpec):
         """Built by `methods.get_method` from the run's config and its data's spec (classes,
         image shape, mean/std)."""
-        del config, spec
+        self.config = config
 
     def input_stats(self, spec: data_lib.DatasetSpec) -> tuple[tuple, tuple]:
         """(mean, std) per channel that the classifier's inputs are normalised with."""
@@ -153,33 +184,33 @@ class Method:
         del rt, learner
         return NoState()
 
-    def index_capacity(self, rt: Runtime, num_tasks: int) -> int:
-        """The most training examples any task trains on (sets one compiled step's shape)."""
-        return max(len(rt.task_indices(t)) for t in range(num_tasks))
+    def index_capacity(self, rt: Runtime) -> int:
+        """The most training examples any stage trains on (sets one compiled step's shape)."""
+        return max(len(rt.plan.task_indices(t)) for t in range(rt.plan.num_tasks))
 
     def begin_task(self, rt: Runtime, learner: train.TrainState, state, task: Task):
         """`(learner, state)` at the start of `task` (SPEC: a fresh optimiser every task)."""
-        del rt, task
-        return train.reset_optimizer(learner), state
+        del task
+        return train.reset_optimizer(rt.session, learner), state
 
     def train_index(self, rt: Runtime, state, task: Task) -> np.ndarray:
         """The training examples of `task` (a pure function of `state`: resume calls it)."""
         del state
-        return rt.task_indices(task.index)
+        return rt.plan.task_indices(task.index)
 
     def loss_fn(self, task: Task) -> train.LossFn:
         """The step's loss for `task`; return the same object for tasks that share it (one
         compilation each)."""
         raise NotImplementedError
 
-    def end_task(self, rt: Runtime, learner: train.TrainState, state, task: Task):
-        """`(learner, state)` once `task`'s training is done, before it is evaluated."""
-        del rt, task
-        return learner, state
+    def end_task(self, task: Task) -> list:
+        """The stages (`Update`, `Loop`) after `task`'s training, before its evaluation."""
+        del task
+        return []
 
     def programs(self, rt: Runtime, learner: train.TrainState, state) -> list:
         """[(name, jitted function, example arguments)] of the method's own programs that its
-        hooks call later (e.g. the generator's step), for compiling ahead
+        stages call later (e.g. the generator's step), for compiling ahead
         (`--config.compile_ahead`); arguments typed as that call's (arrays or shapes)."""
         del rt, learner, state
         return []
@@ -194,31 +225,17 @@ class Method:
         """What the method keeps between tasks to run the next one, for the paper's memory
         comparison: parameter counts and stored images (see `metrics.memory_totals`)."""
         del state
-        return {"classifier_parameters": programs.shared(parameter_count, rt.model,
-                                                         rt.image_shape)}
+        return {"classifier_parameters": rt.session.shared(parameter_count, rt.model,
+                                                           rt.image_shape)}
+
+
+@struct.dataclass
+class NoState:
+    """The state of a method that carries nothing between tasks."""
 
 
 def parameter_count(model: nn.Module, image_shape: tuple) -> int:
     """The number of parameters of the classifier `model` on images `image_shape`."""
-    params = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))["params"]
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-
-
-class TeacherMethod(Method):
-    """A method that distils from the model frozen at the end of each task: plain CE for the
-    first task, `distill_loss` afterwards."""
-
-    distill_loss: train.LossFn
-    first_task_loss: train.LossFn
-
-    def init_state(self, rt, learner) -> TeacherState:
-        del rt
-        return TeacherState(teacher=train.teacher_of(learner))
-
-    def loss_fn(self, task: Task) -> train.LossFn:
-        return self.first_task_loss if task.is_first else self.distill_loss
-
-    def end_task(self, rt, learner, state, task):
-        del rt, task
-        return learner, state.replace(teacher=train.teacher_of(learner))
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jax.numpy.zeros((1, *image_shape)), train=False))["params"]
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from abd_jax import losses, programs, train
-from abd_jax.methods import base
-from abd_jax.methods.lifecycle import TeacherMethod
+from abd_jax import losses
+from abd_jax.methods.base import ce
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
+from abd_jax.methods.teacher import TeacherMethod, teacher_apply
+from abd_jax.session import bind
 from abd_jax.train import LossContext
 
 
 def _teacher_logits(ctx: LossContext, images):
-    return train.teacher_apply(ctx.model, ctx.method_state.teacher, images)[0]
+    return teacher_apply(ctx.model, ctx.method_state.teacher, images)[0]
 
 
 def _ce_plus_kd(logits, teacher_logits, labels, ctx: LossContext, mu, temperature, new_bs):
@@ -53,12 +54,13 @@ def lwf_synthetic_loss(ctx: LossContext, generator: nn.Module, z_dim: int, mu: f
 
 class LwF(TeacherMethod):
     name = "lwf"
+    sections = ("lwf",)
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.first_task_loss = base.ce
-        self.distill_loss = programs.bind(lwf_loss, mu=config.lwf_mu,
-                                          temperature=config.kd_temperature)
+        self.first_task_loss = ce
+        self.distill_loss = bind(lwf_loss, mu=config.lwf.mu,
+                                 temperature=config.kd_temperature)
 
 
 class LwFMC(TeacherMethod):
@@ -68,16 +70,17 @@ class LwFMC(TeacherMethod):
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.first_task_loss = programs.bind(lwf_mc_loss, with_teacher=False)
-        self.distill_loss = programs.bind(lwf_mc_loss, with_teacher=True)
+        self.first_task_loss = bind(lwf_mc_loss, with_teacher=False)
+        self.distill_loss = bind(lwf_mc_loss, with_teacher=True)
 
 
 class LwFSynthetic(SyntheticReplay):
     name = "lwf_synthetic"
+    sections = ("lwf_synthetic", "synthesis")
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.first_task_loss = base.ce
-        self.distill_loss = programs.bind(
+        self.first_task_loss = ce
+        self.distill_loss = bind(
             lwf_synthetic_loss, generator=self.generator, z_dim=self.synthesis.z_dim,
-            mu=config.lwf_synthetic_mu, temperature=config.kd_temperature)
+            mu=config.lwf_synthetic.mu, temperature=config.kd_temperature)

@@ -3,15 +3,16 @@ frozen model is inverted into a generator (SPEC section 3), which every later st
 (section 4). Members differ only in their loss."""
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
 
 import flax.linen as nn
 import jax
-import numpy as np
 from flax import struct
 
-from abd_jax import models, synthesis, train
-from abd_jax.methods.lifecycle import Runtime, Task, TeacherMethod
+from abd_jax import driver, models, rng, synthesis, train
+from abd_jax.methods.lifecycle import Loop, Runtime, Update
+from abd_jax.methods.teacher import Teacher, TeacherMethod, teacher_of
+from abd_jax.plan import Task
 
 
 @struct.dataclass
@@ -19,7 +20,7 @@ class ReplayState:
     """teacher: the model frozen at the end of the previous task. generator: G's parameters,
     BatchNorm statistics and Adam state (one generator, trained on across tasks)."""
 
-    teacher: train.Teacher
+    teacher: Teacher
     generator: train.TrainState
 
     @property
@@ -35,10 +36,41 @@ def replay(ctx: train.LossContext, generator: nn.Module, z_dim: int) -> synthesi
 
 
 def synthesis_config(config) -> synthesis.SynthesisConfig:
-    fields = config.synthesis.to_dict()
+    names = {f.name for f in dataclasses.fields(synthesis.SynthesisConfig)}
+    fields = {k: v for k, v in config.synthesis.to_dict().items() if k in names}
     fields["batch_size"] = fields["batch_size"] or config.batch_size
     fields["generator_dtype"] = fields["generator_dtype"] or config.dtype
     return synthesis.SynthesisConfig(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inversion(Loop):
+    """The generator's training against the model just trained (SPEC section 3). G trains
+    after every task but the last and keeps its Adam state: after task t it has taken
+    (t + 1) * iterations steps."""
+
+    method: "SyntheticReplay"
+    name: str = "generator"
+    fix: str = "lower --config.synthesis.lr"
+
+    def get(self, learner, state):
+        return state.generator
+
+    def put(self, learner, state, trained):
+        return learner, state.replace(generator=trained)
+
+    def program(self, rt, learner, state, task, start):
+        synth, iterations = self.method.synthesizer(rt), self.method.synthesis.iterations
+        args = synth.step_args((task.index + 1) * iterations, teacher_of(learner),
+                               task.num_seen, rng.fold_in(rt.method_key, task.index + 1))
+        return driver.Loop(f"task {task.index + 1} generator", synth.fused_step, args, start,
+                           iterations, rt.steps_per_call)
+
+    def log_every(self, config):
+        return config.synthesis.log_every
+
+    def checkpoint_every(self, config):
+        return config.synthesis.checkpoint_every
 
 
 class SyntheticReplay(TeacherMethod):
@@ -48,54 +80,44 @@ class SyntheticReplay(TeacherMethod):
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
-        self.config = config
         self.synthesis = synthesis_config(config)
         height, _, channels = spec.image_shape
         self.generator = models.create_generator(height, channels, self.synthesis.z_dim,
                                                  self.synthesis.inner_bn_eps,
                                                  self.synthesis.generator_dtype)
-        self._synthesizer: Optional[synthesis.Synthesizer] = None
 
     def synthesizer(self, rt: Runtime) -> synthesis.Synthesizer:
-        if self._synthesizer is None:
-            self._synthesizer = synthesis.Synthesizer(self.synthesis, self.generator, rt.model,
-                                                      rt.mesh, rt.steps_per_call)
-        return self._synthesizer
+        """The generator's programs (one per session for equal settings)."""
+        return rt.session.shared(synthesis.Synthesizer, rt.session, self.synthesis,
+                                 self.generator, rt.model, rt.mesh, rt.steps_per_call)
 
     def init_state(self, rt: Runtime, learner) -> ReplayState:
-        generator = self.synthesizer(rt).init(jax.random.fold_in(rt.method_key, 0))
-        return ReplayState(teacher=train.teacher_of(learner), generator=generator)
+        generator = self.synthesizer(rt).init(rng.fold_in(rt.method_key, 0))
+        return ReplayState(teacher=teacher_of(learner), generator=generator)
 
     def programs(self, rt: Runtime, learner, state: ReplayState) -> list:
-        """The generator's fused step, as `end_task` calls it (`Synthesizer.train`)."""
-        fn, args = self.synthesizer(rt).step_program(
-            state.generator, train.teacher_of(learner), jax.random.fold_in(rt.method_key, 1))
-        return [("generator step", fn, args)]
+        """The generator's fused step, as `Inversion` calls it."""
+        synth = self.synthesizer(rt)
+        args = synth.step_args(0, teacher_of(learner), 0, rng.fold_in(rt.method_key, 1))
+        return [("generator step", synth.fused_step, (state.generator, *args))]
 
     def memory_footprint(self, rt: Runtime, state: ReplayState) -> dict:
-        count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.generator.params))
+        count = sum(int(p.size) for p in jax.tree.leaves(state.generator.params))
         return {**super().memory_footprint(rt, state), "generator_parameters": count}
 
-    def end_task(self, rt: Runtime, learner, state: ReplayState, task: Task):
-        teacher = train.teacher_of(learner)
+    def end_task(self, task: Task) -> list:
         if task.is_last:
-            return learner, state.replace(teacher=teacher)
-        synth = self.synthesizer(rt)
-        log = lambda it, terms: rt.log(it, terms, task=task.index + 1, phase="generator")
-        # G trains after every task but the last: after task t it has taken
-        # (t + 1) * iterations steps, also when resumed from a checkpoint taken part-way.
-        save = lambda generator, it: rt.checkpoint_progress(
-            task, learner, state.replace(generator=generator), it)
-        generator = synth.train(state.generator, teacher, task.num_seen,
-                                jax.random.fold_in(rt.method_key, task.index + 1), log=log,
-                                log_every=self.config.synthesis_log_every,
-                                until=(task.index + 1) * self.synthesis.iterations,
-                                checkpoint=save,
-                                checkpoint_every=self.config.synthesis_checkpoint_every)
-        images, predicted = synth.labelled_samples(
-            generator, teacher, task.num_seen, jax.random.fold_in(rt.method_key, 1000 + task.index),
-            self.config.sample_grid_size)
-        rt.save_samples(task.index, images, predicted,
-                        f"synthetic samples after task {task.index + 1} "
-                        "(teacher's predicted class, original class id)")
-        return learner, ReplayState(teacher=teacher, generator=generator)
+            return super().end_task(task)
+        return [Inversion(self), Update("samples and teacher", self.samples_and_teacher)]
+
+    def samples_and_teacher(self, rt: Runtime, learner, state: ReplayState, task: Task):
+        """A labelled grid of the new generator's images; the trained model as the teacher."""
+        teacher = teacher_of(learner)
+        images, predicted = self.synthesizer(rt).labelled_samples(
+            state.generator, teacher, task.num_seen,
+            rng.fold_in(rt.method_key, 1000 + task.index), self.config.synthesis.sample_grid_size)
+        rt.services.save_samples(task.index, images, predicted,
+                                 f"synthetic samples after task {task.index + 1} "
+                                 "(teacher's predicted class, original class id)")
+        return learner, state.replace(teacher=teacher)
+

@@ -1,0 +1,62 @@
+"""The teacher: the model frozen at the end of a task, and the methods that distil from it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from abd_jax.methods.lifecycle import Method, Runtime, Update
+from abd_jax.plan import Task
+
+
+@struct.dataclass
+class Teacher:
+    """A frozen model's variables (eval mode only)."""
+
+    params: dict
+    batch_stats: dict
+
+
+def teacher_of(state) -> Teacher:
+    """The variables of `state` (a TrainState) as a `Teacher`, in buffers of its own: the
+    training chunks donate the state's buffers to their next step."""
+    return Teacher(*jax.tree.map(jnp.copy, (state.params, state.batch_stats)))
+
+
+def teacher_apply(model, teacher: Teacher, images):
+    """Eval-mode forward of the frozen model: (logits, features)."""
+    return model.apply({"params": teacher.params, "batch_stats": teacher.batch_stats},
+                       images, train=False)
+
+
+@struct.dataclass
+class TeacherState:
+    """The model frozen at the end of the previous task (before the first task ends: the
+    initial model, never used)."""
+
+    teacher: Teacher
+
+
+def freeze_teacher(rt: Runtime, learner, state, task: Task):
+    """The state with the trained model as the next task's teacher."""
+    del rt, task
+    return learner, state.replace(teacher=teacher_of(learner))
+
+
+class TeacherMethod(Method):
+    """A method that distils from the model frozen at the end of each task: plain CE for the
+    first task, `distill_loss` afterwards."""
+
+    distill_loss = None
+    first_task_loss = None
+
+    def init_state(self, rt, learner) -> TeacherState:
+        del rt
+        return TeacherState(teacher=teacher_of(learner))
+
+    def loss_fn(self, task: Task):
+        return self.first_task_loss if task.is_first else self.distill_loss
+
+    def end_task(self, task: Task) -> list:
+        del task
+        return [Update("teacher", freeze_teacher)]

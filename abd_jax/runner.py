@@ -1,0 +1,340 @@
+"""One repeat of the class-incremental task loop, shared by every method (it names none).
+
+    for each task t: begin_task; the driven SGD loop of the method's loss (checkpointed every
+                     `checkpoint_every_steps`); the method's end-of-task stages (`Update`s,
+                     driven `Loop`s); evaluation on every task seen; a checkpoint.
+
+Every loop runs through `driver.drive`. A checkpoint's position names its phase (training
+step, end-of-task stage and step, evaluation pending), so an interrupt anywhere resumes from
+the newest checkpoint and reproduces the uninterrupted numbers (all randomness is
+`fold_in(key, step)` of the plan's keys).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from abd_jax import ahead as ahead_lib
+from abd_jax import checkpoint as ckpt_lib
+from abd_jax import data as data_lib
+from abd_jax import driver, evaluation, hosts, input_pipeline, logs, metrics, models, plan
+from abd_jax import reporting, rng, train
+from abd_jax.methods import lifecycle
+from abd_jax.sampling import DeviceData
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory where the backend reports it (GPU/TPU), else the host's max RSS."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class RepeatRunner:
+    """One repeat: its plan, device data and checkpoints; the `lifecycle.Services` of the
+    method's hooks; and the task loop that calls them without knowing which method it is."""
+
+    def __init__(self, config, workdir: pathlib.Path, splits, mesh: Mesh, writer, repeat: int,
+                 method: lifecycle.Method, session):
+        self.config, self.splits, self.mesh, self.writer = config, splits, mesh, writer
+        self.workdir, self.repeat, self.method, self.session = workdir, repeat, method, session
+        self.spec = spec = data_lib.classes_in_use(splits.spec, config.num_classes)
+        self.plan = plan.RunPlan.create(config, splits.spec.num_classes, splits.train_labels,
+                                        splits.test_labels, repeat)
+        self.model = models.create_classifier(config.model, spec.num_classes, config.dtype,
+                                              config.conv_impl)
+        self.replicated = NamedSharding(mesh, P())
+        self.mean, self.std = method.input_stats(spec)
+        self.step_config = train.StepConfig(
+            batch_size=config.batch_size, lr_decay=config.lr_decay,
+            augment=data_lib.AugmentConfig(**config.augment.to_dict()),
+            mean=self.mean, std=self.std)
+        self.checkpointer = ckpt_lib.RunCheckpointer(
+            workdir / "checkpoints" / f"repeat_{repeat}", config.keep_task_checkpoints)
+        self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
+        if splits.streamed and not config.steps_per_call:  # one call's batches travel at once
+            self.steps_per_call = input_pipeline.steps_per_call_for(
+                self.steps_per_call, config.batch_size, spec.image_shape)
+        self.data = None  # the training split on the mesh (device path)
+        if not splits.streamed:
+            self.data = DeviceData(*hosts.to_global(
+                (splits.train_images, self.plan.train_labels.astype(np.int32)),
+                self.replicated))
+        self.predict = evaluation.make_predict(session, self.model, self.mean, self.std, mesh)
+        self.rt = lifecycle.Runtime(
+            config=config, plan=self.plan, model=self.model, mesh=mesh,
+            image_shape=spec.image_shape, steps_per_call=self.steps_per_call,
+            method_key=self.plan.method_key, session=session, services=self)
+        self.capacity = plan.shared_capacity(method.index_capacity(self.rt))
+        self.tx = lifecycle.learner_optimizer(self.rt, method.weight_decay(config))
+        self.acc = metrics.AccuracyMatrix(config.num_tasks)
+        self.timing = {"train_seconds": 0.0, "train_steps": 0, "task_wall_seconds": []}
+        self.compiled_ahead: dict[str, str] = {}  # program -> outcome (config.compile_ahead)
+        self.restored_result = False  # the repeat was already complete in the workdir
+        self.pending: dict = {}  # a resumed loop's metrics not logged yet (`driver`)
+
+    # ------------------------------------------------------------------ services
+    def _learner(self, key) -> train.TrainState:
+        state = train.create_train_state(self.session, self.model, key, self.spec.image_shape,
+                                         self.tx)
+        return self._placed(state)
+
+    def fresh_learner(self, t: int) -> train.TrainState:
+        return self._learner(rng.fold_in(self.plan.init_key, t))
+
+    def predict_train(self, learner, index: np.ndarray):
+        return evaluation.predict_all(self.predict, learner, self.splits.train_images[index],
+                                      self.config.eval_batch_size, self.mesh,
+                                      self.session.stop)
+
+    def sgd_loop(self, name, loss_fn, method_state, index, schedule, key, task, start):
+        c = self.config
+        host_info = self.plan.task_info(task, index, schedule, key, self.capacity)
+        info = hosts.to_global(host_info, self.replicated)
+        chunk = train.train_chunk(self.session, self.model, loss_fn, self.step_config,
+                                  self.mesh, self.steps_per_call)
+        total = int(host_info.total_steps)
+        logging.info("repeat %d task %d %s: %d images, %d steps (%d epochs) at lr %g",
+                     self.repeat, task.index + 1, name, len(index), total, schedule.epochs,
+                     schedule.lr)
+        return driver.Loop(f"task {task.index + 1} {name}", chunk,
+                           (self._placed(method_state), self._data(host_info, start), info),
+                           start, total, self.steps_per_call, c.batch_size)
+
+    def _drive(self, loop: driver.Loop, state, hooks: driver.Hooks):
+        """`driver.drive`, the first loop after a resume continuing its unlogged metrics."""
+        loop = dataclasses.replace(loop, pending=self.pending)
+        self.pending = {}
+        return driver.drive(loop, state, hooks)
+
+    def log(self, step, scalars, **tags) -> None:
+        self.writer.write(step, scalars, repeat=self.repeat, **tags)
+
+    def save_samples(self, t: int, images, labels, title: str) -> None:
+        if not hosts.is_main():
+            return
+        path = self.workdir / f"samples_repeat{self.repeat}_task{t + 1}.png"
+        reporting.save_sample_grid(path, images, self.plan.order[labels], self.mean, self.std,
+                                   title=title)
+
+    # ------------------------------------------------------------------ helpers
+    def _data(self, host_info, start: int):
+        """The loop's data argument for steps `[start, total)`: the split on the mesh, or a
+        grain feed of host-read batches (`input_pipeline`)."""
+        if self.data is not None:
+            return self.data
+        c = self.config
+        return input_pipeline.StreamFeed(
+            self.splits.train_images.source, self.splits.spec, self.plan.train_labels,
+            host_info, start, c.batch_size, self.steps_per_call, self.mesh, c.stream_workers,
+            c.stream_prefetch, input_pipeline.train_transform(self.splits.spec), self.session)
+
+    def _placed(self, tree):
+        """`tree` replicated on the mesh, as every jitted step returns its outputs: inputs
+        placed otherwise (a fresh optimiser state on the default device) would make the next
+        call compile again."""
+        return hosts.to_global(tree, self.replicated)
+
+    def _save(self, task: int, step: int, learner, method_state, result=None,
+              pending=None) -> None:
+        """Checkpoint position (task, step) (see `checkpoint`) with the accuracy records,
+        timings, the metrics log's length so far and the loop's metrics not logged yet."""
+        meta = {"accuracy": self.acc.to_dict(), "timing": self.timing, "result": result,
+                "metrics_bytes": self.writer.tell(), "pending_metrics": pending or {}}
+        self.checkpointer.save(task, step, {"state": learner, "method": method_state}, meta)
+
+    def _newest_checkpoint(self) -> str:
+        position = self.checkpointer.latest()
+        if position is None:
+            return (f"none in {self.checkpointer.directory}: nothing to resume; rerun with a "
+                    "new --workdir (or delete this one)")
+        return (f"{ckpt_lib.describe_position(*position)}, in {self.checkpointer.directory}; "
+                "a rerun with the same settings resumes there (and diverges again); rerun with "
+                "a changed setting in a new --workdir, or allow the change here with "
+                "--allow_changed=<field> (see docs/reliability.md)")
+
+    def _hooks(self, task, log_every: int, save_every: int, save, fix: str,
+               phase: str | None) -> driver.Hooks:
+        tags = {"task": task.index + 1, **({"phase": phase} if phase else {})}
+        return driver.Hooks(stop=self.session.stop, log=lambda step, m: self.log(step, m, **tags),
+                            log_every=log_every, save=save, save_every=save_every,
+                            last_checkpoint=self._newest_checkpoint, fix=fix)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        c = self.config
+        learner = self._learner(self.plan.init_key)
+        method_state = self._placed(self.method.init_state(self.rt, learner))
+        start_task, start_step = 0, 0
+        latest = self.checkpointer.restore_latest({"state": learner, "method": method_state})
+        if latest is None:
+            if self.repeat == 0:
+                self.writer.truncate(0)  # lines of a run killed before its first checkpoint
+        else:
+            (start_task, start_step), restored, meta = latest
+            if "metrics_bytes" in meta:  # drop lines logged after that checkpoint
+                self.writer.truncate(meta["metrics_bytes"])
+            if meta.get("result") is not None:
+                logging.info("repeat %d already complete in the workdir", self.repeat)
+                self.restored_result = True
+                return meta["result"]
+            learner, method_state = restored["state"], restored["method"]
+            self.acc = metrics.AccuracyMatrix.from_dict(meta["accuracy"])
+            self.timing = meta["timing"]
+            self.pending = meta.get("pending_metrics") or {}
+            logging.info("resuming repeat %d at %s", self.repeat,
+                         ckpt_lib.describe_position(start_task, start_step))
+        ahead = self._start_ahead(learner, method_state, start_task) if c.compile_ahead else None
+        try:
+            for t in range(start_task, c.num_tasks):
+                step = start_step if t == start_task else 0
+                learner, method_state = self._task(self.plan.task(t), step, learner,
+                                                   method_state)
+        finally:  # (also when stopped: no compiling thread outlives the run)
+            if ahead is not None:
+                self.compiled_ahead = ahead.join()
+                logging.info("compiled ahead: %s", self.compiled_ahead)
+        return self._result(method_state)
+
+    def _task(self, task: plan.Task, step: int, learner, method_state):
+        """Task `task` from checkpoint position `step` to its end (saved as (t + 1, 0))."""
+        t, tic = task.index, time.time()
+        if step < ckpt_lib.END_TASK:
+            if step == 0:
+                learner, method_state = self._placed(self.method.begin_task(
+                    self.rt, learner, method_state, task))
+            learner = self._train(task, step, learner, method_state)
+            # The end-of-task stages may be long (synthesis): don't redo training after them.
+            self._save(t, ckpt_lib.stage_step(0, 0), learner, method_state)
+        if step < ckpt_lib.EVALUATE:
+            learner, method_state = self._end_task(task, max(step, ckpt_lib.END_TASK), learner,
+                                                   method_state)
+            self._save(t, ckpt_lib.EVALUATE, learner, method_state)
+        self._evaluate(task, learner, method_state)
+        self.timing["task_wall_seconds"].append(time.time() - tic)
+        self._log_time_left(t)
+        result = self._result(method_state) if task.is_last else None
+        self._save(t + 1, 0, learner, method_state, result)
+        return learner, method_state
+
+    def _train(self, task, step: int, learner, method_state):
+        """The task's driven SGD loop from `step`."""
+        c = self.config
+        index = self.method.train_index(self.rt, method_state, task)
+        lo, hi = task.num_old, task.num_seen
+        ids = self.plan.order[lo:hi].tolist()
+        logging.info("repeat %d task %d/%d: classes %s (dataset ids), %d images", self.repeat,
+                     task.index + 1, c.num_tasks, ids if len(ids) <= 20 else
+                     f"{ids[:20]} and {len(ids) - 20} more", len(index))
+        loop = self.sgd_loop("training", self.method.loss_fn(task), method_state, index,
+                             plan.run_schedule(c), self.plan.task_key(task.index), task, step)
+        save = lambda state, k, pending: self._save(task.index, k, state, method_state,
+                                                     pending=pending)
+        hooks = self._hooks(task, c.log_every_steps, c.checkpoint_every_steps, save,
+                            "lower --config.lr", None)
+        learner, warm_steps, warm_seconds = self._drive(loop, learner, hooks)
+        self.timing["train_seconds"] += warm_seconds
+        self.timing["train_steps"] += warm_steps
+        return learner
+
+    def _end_task(self, task, step: int, learner, state):
+        """The method's end-of-task stages from position `step` (>= END_TASK)."""
+        stages = self.method.end_task(task)
+        first, progress = ckpt_lib.stage_of(step)
+        for i in range(first, len(stages)):
+            stage = stages[i]
+            if isinstance(stage, lifecycle.Update):
+                learner, state = self._placed(stage.fn(self.rt, learner, state, task))
+                continue
+            resumed = i == first and progress > 0
+            learner, state = self._loop(task, i, stage, learner, state,
+                                        progress if resumed else None)
+            if i + 1 < len(stages):
+                self._save(task.index, ckpt_lib.stage_step(i + 1, 0), learner, state)
+        return learner, state
+
+    def _loop(self, task, i: int, stage: lifecycle.Loop, learner, state, resume_at):
+        """End-of-task stage `i`, a driven loop, from its start or from step `resume_at`."""
+        if resume_at is None:
+            learner, state = self._placed(stage.begin(self.rt, learner, state, task))
+        loop = stage.program(self.rt, learner, state, task, resume_at or 0)
+        if loop is not None:
+            save = lambda trained, k, pending: self._save(
+                task.index, ckpt_lib.stage_step(i, k), *stage.put(learner, state, trained),
+                pending=pending)
+            hooks = self._hooks(task, stage.log_every(self.config),
+                                stage.checkpoint_every(self.config), save, stage.fix,
+                                stage.name)
+            trained, _, _ = self._drive(loop, stage.get(learner, state), hooks)
+            learner, state = stage.put(learner, state, trained)
+        return self._placed(stage.end(self.rt, learner, state, task))
+
+    def _evaluate(self, task, learner, method_state) -> None:
+        t = task.index
+        seen = self.plan.test_labels < task.num_seen
+        logits = evaluation.predict_all(self.predict, learner, self.splits.test_images[seen],
+                                        self.config.eval_batch_size, self.mesh,
+                                        self.session.stop)[0]
+        logits = self.method.eval_logits(method_state, logits, task)
+        for j, (g, l, top5) in enumerate(evaluation.task_accuracies(
+                logits, self.plan.test_labels[seen], self.plan.bounds, t)):
+            self.acc.record(t, j, g, l, top5)
+        row = self.acc.global_acc[t, :t + 1]
+        logging.info("after task %d: accuracy per task %s, A_%d = %.2f%%", t + 1,
+                     np.round(row, 2).tolist(), t + 1, float(np.mean(row)))
+        self.log(t + 1, {"A": float(np.mean(row))}, eval=1)
+
+    def _log_time_left(self, t: int) -> None:
+        """A rough estimate: the mean wall time of this repeat's tasks so far."""
+        c = self.config
+        walls = self.timing["task_wall_seconds"]
+        tasks_left = (c.num_tasks - t - 1) + (c.repeats - self.repeat - 1) * c.num_tasks
+        left = (f"; roughly {logs.format_duration(tasks_left * float(np.mean(walls)))} left "
+                f"({tasks_left} tasks)" if tasks_left else "")
+        logging.info("task %d took %s%s", t + 1, logs.format_duration(walls[-1]), left)
+
+    def _result(self, method_state) -> dict:
+        steps = max(self.timing["train_steps"], 1)
+        footprint = self.method.memory_footprint(self.rt, method_state)
+        return {"seed": self.plan.seed, "class_order": self.plan.order.tolist(),
+                **self.acc.to_dict(),
+                "train_seconds_per_batch": self.timing["train_seconds"] / steps,
+                "task_wall_seconds": list(self.timing["task_wall_seconds"]),
+                "peak_memory_bytes": peak_memory_bytes(),
+                "memory": {**footprint, **metrics.memory_totals(footprint)}}
+
+    def _start_ahead(self, learner, method_state, start_task: int) -> ahead_lib.Ahead:
+        """Compile in background threads what the run calls after its first task (evaluation,
+        the method's own programs, later tasks' learner chunks) and load the plotting fonts
+        (see `abd_jax.ahead`)."""
+        c = self.config
+        batch = evaluation.eval_batch_size(c.eval_batch_size, self.mesh.size)
+        images = jax.ShapeDtypeStruct((batch, *self.spec.image_shape), jnp.uint8,
+                                      sharding=NamedSharding(self.mesh, P("data")))
+        programs = [("evaluation", self.predict, (learner.params, learner.batch_stats, images))]
+        programs += self.method.programs(self.rt, learner, method_state)
+        first_use = {self.method.loss_fn(self.plan.task(start_task)): start_task}
+        for t in range(start_task + 1, c.num_tasks):
+            first_use.setdefault(self.method.loss_fn(self.plan.task(t)), t)
+        if self.data is not None:  # (streamed batches' shapes are the feed's business)
+            info = self._placed(self.plan.task_info(
+                self.plan.task(start_task), np.zeros(c.batch_size, np.int32),
+                plan.Schedule(1, c.lr), self.plan.run_key, self.capacity))
+            programs += [(f"learner chunk of task {t + 1}",
+                          train.train_chunk(self.session, self.model, loss, self.step_config,
+                                            self.mesh, self.steps_per_call),
+                          (learner, method_state, self.data, info))
+                         for loss, t in first_use.items() if t > start_task]
+        jobs = ahead_lib.compile_jobs(programs)
+        if hosts.is_main():
+            jobs.append(("plotting fonts", reporting.load_plotting))
+        return ahead_lib.Ahead(jobs)
