@@ -12,12 +12,14 @@ the state's layout). Its id encodes the position
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import itertools
 import json
 import os
 import pathlib
+import shutil
 import socket
 import time
 from typing import Optional
@@ -114,6 +116,10 @@ class RunCheckpointer:
         return None
 
     def save(self, task: int, step: int, tree: dict, meta: dict) -> None:
+        with _disk_errors(self.directory):
+            self._save(task, step, tree, meta)
+
+    def _save(self, task: int, step: int, tree: dict, meta: dict) -> None:
         """Start saving; returns once the arrays are copied off the device, and the files are
         written by a background thread while training goes on (a save waits for the one
         before it; `close` waits for the last). Until a save is committed it is invisible to
@@ -122,6 +128,8 @@ class RunCheckpointer:
         if ckpt_id in self._manager.all_steps():
             return
         packed, layout = _pack(serialization.to_state_dict(tree))
+        _check_free_space(self.directory, sum(a.nbytes for a in jax.tree.leaves(packed)),
+                          describe_position(task, step))
         # A snapshot: the caller keeps mutating its dicts.
         meta = json.loads(json.dumps({**meta, LAYOUT: layout}))
         self._manager.save(ckpt_id, args=ocp.args.Composite(
@@ -129,7 +137,8 @@ class RunCheckpointer:
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
-        self._manager.wait_until_finished()
+        with _disk_errors(self.directory):
+            self._manager.wait_until_finished()
 
     def _restore(self, step: int, template: dict) -> tuple[dict, dict]:
         """(the pytree of `step`, shaped and placed (shardings) like `template`; its meta)."""
@@ -168,7 +177,48 @@ class RunCheckpointer:
         self._manager.reload()
 
     def close(self) -> None:
-        self._manager.close()
+        with _disk_errors(self.directory):
+            self._manager.close()
+
+
+_MARGIN = 2 ** 20  # bytes beyond the arrays: metadata, the meta item
+
+
+def _check_free_space(directory: pathlib.Path, nbytes: int, where: str) -> None:
+    """Raise OSError(ENOSPC) naming the need when `directory`'s disk cannot hold a checkpoint
+    of `nbytes` array bytes: before orbax's background writes start, whose failure would end
+    in its threads' tracebacks."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < nbytes + _MARGIN:
+        raise OSError(errno.ENOSPC, f"no space left for the checkpoint at {where} "
+                      f"({(nbytes + _MARGIN) / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB "
+                      f"free)", str(directory))
+
+
+class _disk_errors:
+    """Turns orbax's failures to write (a disk filled meanwhile, a read-only or forbidden
+    folder) into the OSError a user reads in one line; other errors pass unchanged."""
+
+    CODES = (("No space left on device", errno.ENOSPC), ("Read-only file system", errno.EROFS),
+             ("Permission denied", errno.EACCES))
+
+    def __init__(self, directory: pathlib.Path):
+        self.directory = directory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or isinstance(err, (OSError, KeyboardInterrupt)):
+            return False
+        for text, code in self.CODES:
+            if text in str(err):
+                raise OSError(code, f"writing a checkpoint failed: {text.lower()}",
+                              str(self.directory)) from None
+        return False
 
 
 LAYOUT = "state_layout"  # the meta key of a packed state's layout

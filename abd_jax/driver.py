@@ -50,16 +50,16 @@ class Hooks:
     save(state, step, pending) -> None: a checkpoint at this loop's `step` holding `pending`
     ({metric: values} of the steps not logged yet), every `save_every` steps (0: never) and
     when a stop is requested; None when the loop cannot be resumed part-way.
-    last_checkpoint() -> str: where a rerun would resume from, for the divergence message.
-    fix: what to change when the loss diverges (e.g. "lower --config.lr")."""
+    setting: the rate to lower when the loss diverges (e.g. "lr", "synthesis.lr");
+    recovery(setting) -> str: how to recover from there (where a rerun resumes)."""
 
     stop: Any
     log: Callable[[int, dict], None]
     log_every: int
-    save: Optional[Callable[[Any, int], None]] = None
+    save: Optional[Callable[[Any, int, dict], None]] = None
     save_every: int = 0
-    last_checkpoint: Callable[[], str] = lambda: "none"
-    fix: str = "lower the learning rate"
+    setting: str = "lr"
+    recovery: Callable[[str], str] = lambda setting: f"Lower --config.{setting}."
 
 
 def _means(pending: dict) -> dict:
@@ -105,8 +105,7 @@ def drive(loop: Loop, state, hooks: Hooks):
         if not finite.all():
             bad = done + int(np.argmin(finite)) + 1
             raise Diverged(f"the loss of {loop.name} became non-finite at step {bad}: the run "
-                           f"diverged; {hooks.fix}. The newest checkpoint: "
-                           f"{hooks.last_checkpoint()}")
+                           f"diverged. {hooks.recovery(hooks.setting)}")
         n = int(active.sum())
         done += n
         if not first_call:  # (the first call of a loop may include compilation)

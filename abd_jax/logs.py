@@ -1,6 +1,8 @@
 """Start-up noise control: keep the libraries' warnings and errors, drop their routine INFO
 lines (orbax on every checkpoint write, TFDS on every dataset load, JAX's "Unable to
-initialize backend 'tpu'") and TFDS's OpenCV advice, so the run's own lines stand out."""
+initialize backend 'tpu'") and TFDS's OpenCV advice, so the run's own lines stand out. Orbax's
+errors from its background threads keep their first line, not their tracebacks: the run
+reports the failure itself, in one line."""
 from __future__ import annotations
 
 import logging as py_logging
@@ -15,6 +17,8 @@ def _keep(record: py_logging.LogRecord) -> bool:
     path = record.pathname.replace("\\", "/")
     if record.levelno < py_logging.WARNING and any(lib in path for lib in _QUIET_INFO):
         return False
+    if "orbax" in path and record.exc_info:
+        record.exc_info, record.exc_text = None, None
     return not any(text in str(record.msg) for text in _DROPPED)
 
 

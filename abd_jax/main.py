@@ -9,6 +9,7 @@ run the same command (docs/hosts.md).
 """
 from __future__ import annotations
 
+import errno
 import sys
 
 from absl import app, flags, logging
@@ -84,6 +85,24 @@ def main(argv):
             raise SystemExit(130)
         except (ValueError, FileNotFoundError, driver.Diverged, ckpt_lib.WorkdirBusy) as err:
             raise SystemExit(f"error: {err}")
+        except OSError as err:
+            raise SystemExit(f"error: {os_error_message(err)}")
+
+
+FIXES = {
+    errno.EROFS: "pass a --workdir on a writable disk",
+    errno.EACCES: "pass a --workdir you may write to",
+    errno.ENOSPC: ("free space on that disk (or move the workdir to a larger one) and rerun "
+                   "the same command: it resumes from the newest checkpoint"),
+}
+
+
+def os_error_message(err: OSError) -> str:
+    """One line: what failed, where, and the fix."""
+    what = err.strerror or str(err)
+    where = f" ({err.filename})" if err.filename else ""
+    fix = FIXES.get(err.errno, "check that path, then rerun the same command to resume")
+    return f"{what}{where}; {fix}"
 
 
 if __name__ == "__main__":

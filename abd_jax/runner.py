@@ -152,22 +152,24 @@ class RepeatRunner:
                 "metrics_bytes": self.writer.tell(), "pending_metrics": pending or {}}
         self.checkpointer.save(task, step, {"state": learner, "method": method_state}, meta)
 
-    def _newest_checkpoint(self) -> str:
+    def _recovery(self, setting: str) -> str:
+        """How to recover from a divergence: lower `setting`, resuming from the newest
+        checkpoint (taken before it) when there is one."""
         position = self.checkpointer.latest()
         if position is None:
-            return (f"none in {self.checkpointer.directory}: nothing to resume; rerun with a "
-                    "new --workdir (or delete this one)")
-        return (f"{ckpt_lib.describe_position(*position)}, in {self.checkpointer.directory}; "
-                "a rerun with the same settings resumes there (and diverges again); rerun with "
-                "a changed setting in a new --workdir, or allow the change here with "
-                "--allow_changed=<field> (see docs/reliability.md)")
+            return (f"No checkpoint was saved before it: lower --config.{setting} and rerun "
+                    f"with a new --workdir, or in this one adding --allow_changed={setting}.")
+        return (f"Lower --config.{setting} and rerun the same command adding "
+                f"--allow_changed={setting}: it resumes from the newest checkpoint "
+                f"({ckpt_lib.describe_position(*position)}, in {self.checkpointer.directory}), "
+                "taken before the divergence. Or start anew with another --workdir.")
 
-    def _hooks(self, task, log_every: int, save_every: int, save, fix: str,
+    def _hooks(self, task, log_every: int, save_every: int, save, setting: str,
                phase: str | None) -> driver.Hooks:
         tags = {"task": task.index + 1, **({"phase": phase} if phase else {})}
         return driver.Hooks(stop=self.session.stop, log=lambda step, m: self.log(step, m, **tags),
                             log_every=log_every, save=save, save_every=save_every,
-                            last_checkpoint=self._newest_checkpoint, fix=fix)
+                            setting=setting, recovery=self._recovery)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -239,8 +241,7 @@ class RepeatRunner:
                              plan.run_schedule(c), self.plan.task_key(task.index), task, step)
         save = lambda state, k, pending: self._save(task.index, k, state, method_state,
                                                      pending=pending)
-        hooks = self._hooks(task, c.log_every_steps, c.checkpoint_every_steps, save,
-                            "lower --config.lr", None)
+        hooks = self._hooks(task, c.log_every_steps, c.checkpoint_every_steps, save, "lr", None)
         learner, warm_steps, warm_seconds = self._drive(loop, learner, hooks)
         self.timing["train_seconds"] += warm_seconds
         self.timing["train_steps"] += warm_steps
@@ -272,7 +273,7 @@ class RepeatRunner:
                 task.index, ckpt_lib.stage_step(i, k), *stage.put(learner, state, trained),
                 pending=pending)
             hooks = self._hooks(task, stage.log_every(self.config),
-                                stage.checkpoint_every(self.config), save, stage.fix,
+                                stage.checkpoint_every(self.config), save, stage.setting,
                                 stage.name)
             trained, _, _ = self._drive(loop, stage.get(learner, state), hooks)
             learner, state = stage.put(learner, state, trained)

@@ -16,8 +16,6 @@ def get_config():
     c.lr = 0.05
     c.lr_milestones = (10, 13)
     c.coreset.memory = 200              # 4% of the 5,000 training images, as 2,000 of CIFAR's 50,000
-    c.bic.val_fraction = 0.5    # with 200 images, 10% holds out less than one batch: BiC's
-    #                             stage 2 would take no step (see docs/methods.md)
     c.synthesis.iterations = 500
     c.synthesis.log_every = 100
     c.synthesis.checkpoint_every = 200

@@ -15,8 +15,6 @@ def get_config():
     c.lr = 0.05
     c.lr_milestones = (20, 25)
     c.coreset.memory = 60               # ~4% of the 1,442 training images, as 2,000 of CIFAR's 50,000
-    c.bic.val_fraction = 0.6    # with 60 images, 10% holds out less than one batch: BiC's
-    #                             stage 2 would take no step (see docs/methods.md)
     c.dgr.z_dim = 32
     c.synthesis.iterations = 300
     c.synthesis.z_dim = 100

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from abd_jax import checkpoint as ckpt_lib
 from abd_jax import experiment
 from helpers import tiny_config
 
@@ -54,6 +55,21 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes(clean_run,
     assert moved.exists(), "the damaged checkpoint must be kept, not deleted"
     warnings = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
     assert len(warnings) == 1 and f"checkpoint {newest.name}" in warnings[0]
+    # its position in words, as the resume message gives it (the last task's end here)
+    position = ckpt_lib.describe_position(*ckpt_lib.id_to_position(int(newest.name)))
+    assert position == "the end of task 5" and f"({position})" in warnings[0]
+
+
+def test_positions_in_words():
+    """A checkpoint's id decodes to the phase it was saved in (task numbers from 1)."""
+    words = lambda ckpt_id: ckpt_lib.describe_position(*ckpt_lib.id_to_position(ckpt_id))
+    assert words(2 * ckpt_lib.ID_STRIDE + 90) == "task 3, training step 90"
+    assert words(ckpt_lib.ID_STRIDE + ckpt_lib.stage_step(0, 160)) == (
+        "task 2, end-of-task stage 1, step 160")
+    assert words(ckpt_lib.ID_STRIDE + ckpt_lib.stage_step(2, 0)) == (
+        "task 2, end-of-task stage 3, step 0")
+    assert words(ckpt_lib.EVALUATE) == "task 1, before its evaluation"
+    assert words(3 * ckpt_lib.ID_STRIDE) == "the end of task 3"
 
 
 def test_a_save_is_a_snapshot_finished_in_the_background(tmp_path):
@@ -62,7 +78,6 @@ def test_a_save_is_a_snapshot_finished_in_the_background(tmp_path):
     `close` wait for the write."""
     import jax.numpy as jnp
     import numpy as np
-    from abd_jax import checkpoint as ckpt_lib
 
     checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "ckpt")
     tree = {"w": jnp.arange(4.0)}
@@ -92,7 +107,6 @@ def test_a_state_is_saved_packed_and_restores_placed_like_its_template(tmp_path)
     import orbax.checkpoint as ocp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from abd_jax import checkpoint as ckpt_lib
 
     mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))

@@ -320,7 +320,7 @@ def test_interrupt_in_a_host_stage_reruns_it_identically(digits_data_dir, refere
 
 @pytest.mark.parametrize("method,phase,stage,overrides", [
     ("e2e", "balanced_finetuning", 1, {"e2e.balanced_epochs": 3}),
-    ("bic", "bias_correction", 0, {}),
+    ("bic", "bias_correction", 0, {"bic.val_fraction": 0.6}),
     ("dgr", "autoencoder", 0, {})])
 def test_a_crash_inside_an_end_of_task_loop_resumes_from_its_checkpoint(
         digits_data_dir, reference_run, tmp_path, monkeypatch, session, method, phase, stage,

@@ -258,6 +258,7 @@ def test_a_run_moves_data_between_host_and_device_only_explicitly(digits_data_di
     device_put and fetches with device_get, and its loops count steps on the host. ABD covers
     the learner and the generator loops, BiC and DGR the stages on other TrainStates."""
     config = tiny_config(digits_data_dir, method=method, epochs=1, num_tasks=2)
+    config.bic.val_fraction = 0.6  # (60 images: BiC's stage 2 takes steps)
     with jax.transfer_guard("disallow"):
         results = experiment.run(config, tmp_path, session=session)
     assert len(results["repeats"][0]["R_global"]) == 2

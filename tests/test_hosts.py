@@ -110,14 +110,16 @@ def test_two_processes_match_one_and_stop_together(digits_data_dir, tmp_path):
         procs[1].send_signal(signal.SIGTERM)
         (rc0, err0), (rc1, err1) = _finish(procs)
         assert (rc0, rc1) == (130, 130), err0[-3000:] + err1[-3000:]
-        saved = [re.findall(r"saving a checkpoint at task (\d+) training step (\d+)", err)
+        # Wherever the signal landed (training, the generator, an evaluation), both processes
+        # stopped at the same call, saving there when the phase had progress since its last
+        # checkpoint.
+        saved = [re.findall(r"saving a checkpoint at (task \d+ \w+) step (\d+)", err)
                  for err in (err0, err1)]
-        assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # the same chunk
+        assert saved[0] == saved[1] and len(saved[0]) <= 1, saved
         assert not (workdir / "results.json").exists()
         checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints" / "repeat_0")
-        task, step = checkpointer.latest()
+        position = ckpt_lib.describe_position(*checkpointer.latest())
         checkpointer.close()
-        assert (task, step) == (int(saved[0][0][0]) - 1, int(saved[0][0][1])), (task, step)
 
         # Resumed on the stream path (the same batches, each process reading its own rows):
         # both input paths run on two processes in one test.
@@ -131,7 +133,7 @@ def test_two_processes_match_one_and_stop_together(digits_data_dir, tmp_path):
     assert rc == 0, err[-3000:]
     reference = json.loads((tmp_path / "one" / "results.json").read_text())
     assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
-    assert f"resuming repeat 0 at task 1, training step {step}" in err0 and "streaming" in err0
+    assert f"resuming repeat 0 at {position}" in err0 and "streaming" in err0
     two = json.loads((workdir / "results.json").read_text())
     for key in ("R_global", "R_local"):
         np.testing.assert_allclose(np.array(two["repeats"][0][key], float),

@@ -165,3 +165,35 @@ def test_the_handler_only_records_and_a_second_signal_exits_at_once(monkeypatch,
         stop.check()
     stop._on_signal(signal.SIGINT, None)
     assert exits == [130] and "again: exiting now" in capsys.readouterr().err
+
+
+def test_a_stop_between_two_log_lines_leaves_the_log_of_an_uninterrupted_run(
+        digits_data_dir, tmp_path, monkeypatch, reference, session):
+    """The stop lands after step 6 of task 1, inside the interval of steps 5-8 (a log line
+    every 4 steps): the checkpoint keeps steps 5-6's metrics, and the resumed run logs step 8
+    with the mean over 5-8, as the uninterrupted run does."""
+    import dataclasses
+    config = _abd_config(digits_data_dir)
+    real, calls = RG.sgd_loop, {"n": 0}
+
+    def sgd_loop(self, *args, **kwargs):
+        loop = real(self, *args, **kwargs)
+
+        def chunk(*chunk_args):
+            calls["n"] += 1
+            if calls["n"] == 6:  # (one step per call on CPU)
+                self.session.stop.request()
+            return loop.chunk(*chunk_args)
+
+        return dataclasses.replace(loop, chunk=chunk)
+
+    monkeypatch.setattr(RG, "sgd_loop", sgd_loop)
+    with Session() as stopped, pytest.raises(preemption.Preempted):
+        experiment.run(config, tmp_path, session=stopped)
+    monkeypatch.setattr(RG, "sgd_loop", real)
+    assert _newest_position(tmp_path) == (0, 6)
+    resumed = experiment.run(config, tmp_path, session=session)
+    results, lines = reference
+    assert [r["R_global"] for r in resumed["repeats"]] == [
+        r["R_global"] for r in results["repeats"]]
+    assert _log_lines(tmp_path) == lines

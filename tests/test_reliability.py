@@ -1,5 +1,9 @@
 """What clusters and users do to runs: two launches on one workdir, paths with `~` and
-variables, settings that cannot work, results readable by colleagues."""
+variables, settings that cannot work, read-only and full disks, diverged runs, results
+readable by colleagues. Each failure ends in one line naming the fix."""
+import contextlib
+import errno
+import json
 import os
 import re
 import stat
@@ -7,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from abd_jax import checkpoint as ckpt_lib
-from abd_jax import experiment
-from helpers import tiny_config
+from abd_jax import driver, experiment, main, train
+from helpers import tiny_config, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +49,7 @@ def test_bad_settings_are_refused_before_anything_is_written(digits_data_dir, tm
                                                              overrides, message, session):
     with pytest.raises(ValueError, match=message):
         experiment.run(tiny_config(digits_data_dir, **overrides), tmp_path / "run", session=session)
-    assert not (tmp_path / "run" / "config.json").exists()
+    assert not (tmp_path / "run").exists()  # not even the lock
     # The corrected rerun is not refused as "a different configuration".
     experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2), tmp_path / "run", session=session)
 
@@ -104,4 +109,167 @@ def test_a_data_dir_that_cannot_hold_the_prepared_data_is_one_error(tmp_path, se
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="cannot prepare sklearn_digits.*--config.data_dir"):
         experiment.run(tiny_config(str(blocker / "tfds")), tmp_path / "run", session=session)
-    assert not (tmp_path / "run" / "config.json").exists()
+    assert not (tmp_path / "run").exists()  # not even the lock
+
+
+# ------------------------------------------------------------------------- disks and runs
+def _main(tmp_path, workdir, data_dir, *extra, timeout=300):
+    """`python -m abd_jax.main` on a 2-task LwF digits run (1 epoch); (returncode, stderr)."""
+    command = [sys.executable, "-m", "abd_jax.main", "--config=configs/digits.py",
+               f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.epochs=1",
+               "--config.num_tasks=2", "--config.method=lwf", "--config.num_devices=1", *extra]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "XLA_FLAGS": xla_flags()})
+    return done.returncode, done.stderr
+
+
+def _one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, options: str):
+    """A tmpfs mounted at `path` (root only), or None where this machine does not allow it."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    try:
+        yield path if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_read_only_workdir_is_one_line(digits_data_dir, tmp_path, monkeypatch, session):
+    with _tmpfs(tmp_path / "ro", "ro,size=1m") as mounted:
+        if mounted is not None:
+            rc, stderr = _main(tmp_path, mounted / "wd", digits_data_dir)
+            assert rc == 1
+            line = _one_error_line(stderr)
+            assert "Read-only file system" in line and "writable disk" in line, line
+            return
+    # No mounting here: the same OSError, raised where the workdir is first written.
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OSError) as caught:
+        experiment.run(tiny_config(digits_data_dir, epochs=1), tmp_path / "wd", session=session)
+    assert "writable disk" in main.os_error_message(caught.value)
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(digits_data_dir,
+                                                                        tmp_path):
+    """On a 3 MB disk the first checkpoint does not fit: one line, nothing half-written;
+    with room again the same command runs to the end."""
+    with _tmpfs(tmp_path / "full", "size=3m") as mounted:
+        if mounted is None:
+            pytest.skip("mounting a tmpfs is not allowed here (the next test covers a full "
+                        "disk without mounting)")
+        rc, stderr = _main(tmp_path, mounted / "wd", digits_data_dir)
+        assert rc == 1
+        line = _one_error_line(stderr)
+        assert "no space left for the checkpoint" in line and "free space" in line, line
+        subprocess.run(["mount", "-o", "remount,size=128m", str(mounted)], check=True)
+        rc, stderr = _main(tmp_path, mounted / "wd", digits_data_dir)
+        assert rc == 0, stderr[-3000:]
+        assert (mounted / "wd" / "results.json").exists()
+
+
+def test_a_disk_that_fills_during_the_run_keeps_its_last_checkpoint(
+        digits_data_dir, reference_run, tmp_path, monkeypatch, session):
+    """The disk fills after two checkpoints (as a shared disk does): the run stops with the
+    one-line error; with room again it resumes from its newest checkpoint to the numbers of an
+    uninterrupted run. Orbax's own failure to write is the same error."""
+    config = tiny_config(digits_data_dir, method="lwf", epochs=1, num_tasks=3, num_classes=6)
+    reference, _ = reference_run(config)
+    real, saves = ckpt_lib.shutil.disk_usage, {"n": 0}
+
+    def filling(path):
+        saves["n"] += 1
+        usage = real(path)
+        return usage._replace(free=0) if saves["n"] > 2 else usage
+
+    monkeypatch.setattr(ckpt_lib.shutil, "disk_usage", filling)
+    with pytest.raises(OSError) as caught:
+        experiment.run(config, tmp_path, session=session)
+    assert caught.value.errno == errno.ENOSPC
+    assert "rerun the same command" in main.os_error_message(caught.value)
+    monkeypatch.setattr(ckpt_lib.shutil, "disk_usage", real)
+    assert ckpt_lib.RunCheckpointer(tmp_path / "checkpoints" / "repeat_0").latest() is not None
+    resumed = experiment.run(config, tmp_path, session=session)
+    assert resumed["repeats"][0]["R_global"] == reference["repeats"][0]["R_global"]
+    with pytest.raises(OSError, match="no space left on device"):
+        with ckpt_lib._disk_errors(tmp_path):
+            raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device")
+
+
+def test_a_diverged_run_says_how_to_recover_and_that_works(digits_data_dir, tmp_path):
+    """lr=1e6 diverges in task 1, before any checkpoint: the message says so and how to
+    rerun with a lower rate; following it (--allow_changed=lr) runs to the end."""
+    rc, stderr = _main(tmp_path, tmp_path / "wd", digits_data_dir, "--config.lr=1e6")
+    assert rc == 1
+    line = _one_error_line(stderr)
+    assert "non-finite" in line and "No checkpoint was saved before it" in line, line
+    assert "--allow_changed=lr" in line
+    rc, stderr = _main(tmp_path, tmp_path / "wd", digits_data_dir, "--config.lr=0.05")
+    assert rc == 1 and "--allow_changed" in _one_error_line(stderr)
+    rc, stderr = _main(tmp_path, tmp_path / "wd", digits_data_dir, "--config.lr=0.05",
+                       "--allow_changed=lr")
+    assert rc == 0, stderr[-3000:]
+    assert "changed settings" in stderr
+    stored = json.loads((tmp_path / "wd" / "config.json").read_text())
+    assert stored["lr"] == 0.05 and (tmp_path / "wd" / "config_changes.jsonl").exists()
+
+
+def test_a_divergence_after_a_checkpoint_resumes_from_it(digits_data_dir, reference_run,
+                                                         tmp_path, monkeypatch, session):
+    """NaN in task 2: the message names task 1's end, a checkpoint that still resumes to the
+    uninterrupted numbers."""
+    config = tiny_config(digits_data_dir, method="lwf", epochs=1, num_tasks=3, num_classes=6)
+    reference, _ = reference_run(config)
+    real, calls = train.run_steps, {"n": 0}
+
+    def nan_in_task_2(fused, state, num_steps, *args, **kwargs):
+        state, metrics = real(fused, state, num_steps, *args, **kwargs)
+        calls["n"] += 1
+        info = args[-1]
+        if int(np.asarray(info.num_old)) == 2:  # task 2's training
+            metrics["loss"] = metrics["loss"] * np.nan
+        return state, metrics
+
+    monkeypatch.setattr(driver.train, "run_steps", nan_in_task_2)
+    with pytest.raises(driver.Diverged) as caught:
+        experiment.run(config, tmp_path, session=session)
+    message = str(caught.value)
+    assert "the end of task 1" in message and "--allow_changed=lr" in message, message
+    monkeypatch.setattr(driver.train, "run_steps", real)
+    resumed = experiment.run(config, tmp_path, session=session)
+    assert resumed["repeats"][0]["R_global"] == reference["repeats"][0]["R_global"]
+
+
+def test_settings_and_methods_are_listed_without_a_workdir():
+    command = [sys.executable, "-m", "abd_jax.main", "--config=configs/digits.py",
+               "--config.coreset.memory=80", "--show_config"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "coreset.memory = 80" in done.stdout and "abd, deepinversion" in done.stdout
+    command = [sys.executable, "-m", "abd_jax.main", "--config=configs/digits.py",
+               "--config.method=nosuch"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    line = _one_error_line(done.stderr)
+    assert done.returncode == 1 and "unknown method 'nosuch'; choose one of" in line, line
+
+
+def test_a_finished_run_rerun_leaves_its_results_untouched(digits_data_dir, tmp_path,
+                                                           session):
+    config = tiny_config(digits_data_dir, epochs=1, num_tasks=2)
+    experiment.run(config, tmp_path, session=session)
+    before = {name: ((tmp_path / name).read_bytes(), (tmp_path / name).stat().st_mtime_ns)
+              for name in ("results.json", "summary.md", "accuracy.png")}
+    experiment.run(config, tmp_path, session=session)
+    for name, (data, mtime) in before.items():
+        assert (tmp_path / name).read_bytes() == data and (
+            tmp_path / name).stat().st_mtime_ns == mtime, name

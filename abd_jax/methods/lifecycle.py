@@ -84,7 +84,8 @@ class Loop:
     TrainState: `get(learner, state)`, stored back with `put`. `begin` prepares the stage
     when it starts (not when it resumes), `program` gives the driven loop from step `start`
     (None: nothing to run), `end` runs after the last step. Subclasses name the stage
-    (`name`: the log's phase) and what a divergence message advises (`fix`)."""
+    (`name`: the log's phase) and the rate a divergence message advises to lower
+    (`setting`)."""
 
     def begin(self, rt: Runtime, learner, state, task: Task):
         del rt, task
@@ -125,7 +126,7 @@ class SGDLoop(Loop):
     schedule: Callable
     key: Callable
     slot: Optional[str] = None
-    fix: str = "lower --config.lr"
+    setting: str = "lr"
 
     def get(self, learner, state):
         return learner if self.slot is None else getattr(state, self.slot)

@@ -51,7 +51,7 @@ class Inversion(Loop):
 
     method: "SyntheticReplay"
     name: str = "generator"
-    fix: str = "lower --config.synthesis.lr"
+    setting: str = "synthesis.lr"
 
     def get(self, learner, state):
         return state.generator
