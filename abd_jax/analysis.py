@@ -25,8 +25,8 @@ import numpy as np
 
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
-from abd_jax import experiment, methods, models, rng, train
-from abd_jax.methods.lifecycle import Runtime, learner_optimizer
+from abd_jax import experiment, methods, models, rng
+from abd_jax.methods.lifecycle import Runtime, learner_optimizer, new_learner
 from abd_jax.methods.synthetic_replay import SyntheticReplay
 from abd_jax.methods.teacher import teacher_apply, teacher_of
 from abd_jax.plan import RunPlan
@@ -124,8 +124,8 @@ def feature_sets(workdir: pathlib.Path, task: int = 2, repeat: int = 0, split: s
     rt = Runtime(config=config, plan=plan, model=model,
                  mesh=experiment.make_mesh(config.num_devices), image_shape=spec.image_shape,
                  steps_per_call=1, method_key=plan.method_key, session=session)
-    learner = train.create_train_state(session, model, plan.init_key, spec.image_shape,
-                                       learner_optimizer(rt, method.weight_decay(config)))
+    learner = new_learner(rt, method, plan.init_key,
+                          learner_optimizer(rt, method.weight_decay(config)))
     template = {"state": learner, "method": method.init_state(rt, learner)}
     checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints" / f"repeat_{repeat}")
     try:

@@ -3,7 +3,7 @@ workdir already holds.
 
 Settings are an `ml_collections.ConfigDict` (`configs/*.py`): run-wide fields at the top and
 one subtree per method family (`abd`, `lwf`, `deepinversion`, `coreset`, `e2e`, `bic`,
-`dgr`, `synthesis`). A workdir's `config.json` fingerprints its run: a rerun with other
+`dgr`, `rdfcil`, `synthesis`). A workdir's `config.json` fingerprints its run: a rerun with other
 result fields is refused (naming them), except the fields `--allow_changed` names, which a
 resumed run may change, logged. Fields that cannot change the numbers (`NON_RESULT`) and the
 subtrees of methods other than the run's are not compared.
@@ -45,7 +45,7 @@ CHANGEABLE = ("lr", "synthesis.lr", "lr_decay", "lr_milestones", "momentum", "we
 ADDED = {"image_size": 0, "num_classes": 0, "synthesis.generator_dtype": "float32"}
 
 METHOD_SECTIONS = ("abd", "lwf", "lwf_synthetic", "deepinversion", "coreset", "e2e", "bic",
-                   "dgr", "synthesis")
+                   "dgr", "rdfcil", "synthesis")
 
 
 def renamed_message(field: str) -> Optional[str]:
@@ -87,7 +87,8 @@ def validate(config, num_devices: int,
     run's method (built once). `spec`: the data's, when the caller supplies splits."""
     check_method_name(config)
     spec = spec or data_lib.spec_of(config)
-    data_lib.class_order(spec.num_classes, config.class_order, config.seed)
+    for repeat in range(config.repeats):
+        data_lib.class_order(spec.num_classes, config.class_order, config.seed + repeat, repeat)
     spec = data_lib.classes_in_use(spec, config.num_classes)
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
     models.create_classifier(config.model, spec.num_classes, config.dtype, config.conv_impl)

@@ -157,9 +157,17 @@ def _read_all(source, spec: DatasetSpec, chunk_size: int) -> tuple[np.ndarray, n
     return images, labels
 
 
-def class_order(num_classes: int, mode="shuffle", seed: int = 0) -> np.ndarray:
+def class_order(num_classes: int, mode="shuffle", seed: int = 0, repeat: int = 0) -> np.ndarray:
     """Class order int32 [C]: "shuffle" (seeded permutation), "identity", or explicit ids
-    (a sequence, or a comma-separated string such as "3,0,2,1")."""
+    (a sequence, or a comma-separated string such as "3,0,2,1"; several orders separated by
+    ";" give repeat r the r-th)."""
+    if isinstance(mode, str) and ";" in mode:
+        orders = [m for m in mode.split(";") if m.strip()]
+        if repeat >= len(orders):
+            raise ValueError(f"class_order lists {len(orders)} orders (separated by ';') but "
+                             f"repeat {repeat + 1} needs one: add orders or lower "
+                             "--config.repeats")
+        mode = orders[repeat]
     if isinstance(mode, str) and "," in mode:
         try:
             mode = [int(v) for v in mode.split(",")]

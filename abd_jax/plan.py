@@ -85,7 +85,7 @@ class RunPlan:
                repeat: int) -> "RunPlan":
         """The plan of `config`'s repeat `repeat` for a dataset's original labels."""
         seed = config.seed + repeat
-        order = data_lib.class_order(num_dataset_classes, config.class_order, seed)
+        order = data_lib.class_order(num_dataset_classes, config.class_order, seed, repeat)
         used = config.num_classes or num_dataset_classes
         init_key, run_key, method_key = rng.split(rng.key(seed), 3)
         return cls(repeat=repeat, seed=seed, order=order,

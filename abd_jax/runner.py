@@ -84,9 +84,7 @@ class RepeatRunner:
 
     # ------------------------------------------------------------------ services
     def _learner(self, key) -> train.TrainState:
-        state = train.create_train_state(self.session, self.model, key, self.spec.image_shape,
-                                         self.tx)
-        return self._placed(state)
+        return self._placed(lifecycle.new_learner(self.rt, self.method, key, self.tx))
 
     def fresh_learner(self, t: int) -> train.TrainState:
         return self._learner(rng.fold_in(self.plan.init_key, t))

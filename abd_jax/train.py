@@ -57,8 +57,9 @@ class StepConfig:
 class LossContext:
     """What a method's loss sees for one step.
 
-    forward(x) -> (logits [n, C], features [n, D], new_batch_stats): the trained module in
-    train mode. model: the classifier module (frozen forwards, `methods.teacher`).
+    forward(x, batch_stats=None) -> (logits [n, C], features [n, D], new_batch_stats): the
+    trained module in train mode, updating the state's running statistics (or `batch_stats`,
+    to chain two forwards). model: the classifier module (frozen forwards, `methods.teacher`).
     params, batch_stats: the trained state's (head-only terms, eval-mode forwards of a frozen
     backbone). method_state: the method's own pytree (e.g. its teacher and generator).
     images `[B, H, W, C]` augmented and normalised, labels `[B]` remapped.
@@ -151,10 +152,11 @@ def method_loss(model: nn.Module, loss_fn: LossFn, state: TrainState, method_sta
                 task: TaskInfo, rng, params):
     """`(loss, (new_batch_stats, metrics))` of the method's loss at `params` on batch (x, y)."""
 
-    def forward(inputs):
+    def forward(inputs, batch_stats=None):
         (logits, feats), updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
-            mutable=["batch_stats"])
+            {"params": params,
+             "batch_stats": state.batch_stats if batch_stats is None else batch_stats},
+            inputs, train=True, mutable=["batch_stats"])
         return logits, feats, updates["batch_stats"]
 
     ctx = LossContext(forward=forward, model=model, params=params,

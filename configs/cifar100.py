@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.repeats = 1
     c.method = "abd"           # abd | deepinversion | lwf_synthetic | base | upper_bound |
     #                            lwf | lwf_mc | naive_rehearsal | lwf_coreset | e2e | bic |
-    #                            dgr
+    #                            dgr | rdfcil
     c.upper_bound_results = ""  # results.json of an upper_bound run, for Omega
     # Model.
     c.model = "resnet32"
@@ -79,7 +79,15 @@ def get_config() -> ml_collections.ConfigDict:
         mu=1.0,                  # KD on the replayed images (release); 0 = the DGR paper's
         weight_decay=0.0,        # the release's DGR script (solver and autoencoder)
         normalize_inputs=False))  # False: images in [0, 1], as the release's DGR
-    # Model inversion (SPEC section 3), shared by abd, deepinversion and lwf_synthetic.
+    # R-DFCIL (Gao et al. 2022; docs/methods.md): its loss scales, and the head fine-tuning
+    # that ends every task after the first (the release: the last 40 of 200 epochs at 0.005).
+    # configs/cifar100_rdfcil.py has the rest of its paper's setting.
+    c.rdfcil = ml_collections.ConfigDict(dict(
+        lambda_ce=0.5, lambda_hkd=0.15, lambda_rkd=0.5,
+        finetune_epochs=40,      # 0 = no fine-tuning
+        finetune_lr_scale=0.05))  # at lr * 0.05
+    # Model inversion (SPEC section 3), shared by abd, deepinversion, lwf_synthetic and rdfcil
+    # (which inverts a new generator after every task).
     c.synthesis = ml_collections.ConfigDict(dict(
         iterations=10_000, batch_size=0,  # 0 = the learner's batch_size
         lr=1e-3, z_dim=1000, content_temperature=1e3, w_content=1.0, w_diversity=1.0,

@@ -1,4 +1,8 @@
 """Shared test helpers (importable as `helpers`: pytest puts tests/ on sys.path)."""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from abd_jax import models
 from configs import digits
 
 # Compiling is most of the suite's time: XLA:CPU's loop emitters and LLVM's -O1 compile the
@@ -40,3 +44,28 @@ def three_task_config(data_dir, method):
     after task 2 and one after the last task. Shared by the tests of the replay methods (whole
     runs, interrupted ones and their `reference_run`)."""
     return tiny_config(data_dir, method=method, epochs=1, num_tasks=3, num_classes=6)
+
+
+class TinyNet(nn.Module):
+    """A minimal classifier with the project's contract: (logits, features `[n, 5]`), head
+    "head", one BatchNorm (train and eval modes differ; train mode takes statistics over the
+    whole batch)."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.Dense(5, name="body")(x.reshape(x.shape[0], -1))
+        f = jnp.tanh(models.BatchNorm(use_running_average=not train, name="bn")(h))
+        return nn.Dense(self.num_classes, name="head")(f), f
+
+
+class TinyGenerator(nn.Module):
+    """A minimal generator with the project's contract: z `[n, z_dim]` -> normalised images
+    `[n, 4, 4, 1]`, eval mode (train=False) on running statistics."""
+
+    @nn.compact
+    def __call__(self, z, train: bool = True):
+        x = jnp.tanh(nn.Dense(16, name="fc")(z)).reshape(z.shape[0], 4, 4, 1)
+        return nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
+                            name="bn_out")(x)

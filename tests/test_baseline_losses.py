@@ -10,7 +10,6 @@ student's train-mode and eval-mode outputs, the teacher's, the replayed images, 
 autoencoder's outputs) are read back from the same jitted call.
 """
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +21,7 @@ from abd_jax import methods, models, train
 from abd_jax.methods import bic, coreset, dgr, e2e
 from abd_jax.methods.teacher import Teacher, teacher_apply
 from configs import digits
+from helpers import TinyNet
 
 pytestmark = pytest.mark.xdist_group("baseline_losses")
 
@@ -35,17 +35,6 @@ T = 2.0
 Y_MIXED = np.array([4, 5, 1, 3])  # a rehearsal batch: new images and memory samples
 Y_NEW = np.array([4, 5, 5, 4])    # DGR's real batch: the new classes only
 ALPHA, BETA = np.array([1.5, 0.75, 1.0, 1.0]), np.array([0.25, -0.5, 0.0, 0.0])
-
-
-class _TinyNet(nn.Module):
-    """The classifier contract: (logits, features), head "head", a BatchNorm (train and eval
-    modes differ)."""
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        h = nn.Dense(5, name="body")(x.reshape(x.shape[0], -1))
-        f = jnp.tanh(models.BatchNorm(use_running_average=not train, name="bn")(h))
-        return nn.Dense(NUM_CLASSES, name="head")(f), f
 
 
 def _method(name, **subtree):
@@ -92,7 +81,7 @@ def _correct(z, alpha, beta, upto):
 # ---------------------------------------------------------------------------- the one step
 @pytest.fixture(scope="module")
 def setup(session):
-    net = _TinyNet()
+    net = TinyNet(NUM_CLASSES)
     x = jax.random.uniform(jax.random.PRNGKey(0), (B, *IMAGE))  # in [0, 1], as DGR's inputs
     student, teacher, before = jax.jit(lambda: tuple(
         net.init(jax.random.PRNGKey(k), x, train=False) for k in (1, 2, 3)))()

@@ -321,11 +321,13 @@ def test_interrupt_in_a_host_stage_reruns_it_identically(digits_data_dir, refere
 @pytest.mark.parametrize("method,phase,stage,overrides", [
     ("e2e", "balanced_finetuning", 1, {"e2e.balanced_epochs": 3}),
     ("bic", "bias_correction", 0, {"bic.val_fraction": 0.6}),
-    ("dgr", "autoencoder", 0, {})])
+    ("dgr", "autoencoder", 0, {}),
+    ("rdfcil", "head_finetuning", 1, {"rdfcil.finetune_epochs": 1})])
 def test_a_crash_inside_an_end_of_task_loop_resumes_from_its_checkpoint(
         digits_data_dir, reference_run, tmp_path, monkeypatch, session, method, phase, stage,
         overrides):
-    """E2E's balanced stage, BiC's stage 2 and DGR's autoencoder run through the shared driver:
+    """E2E's balanced stage, BiC's stage 2, DGR's autoencoder and R-DFCIL's head fine-tuning
+    run through the shared driver:
     checkpointed inside (here every step), a crash at their second step after task 2 resumes
     from step 1 of that stage, to the uninterrupted numbers."""
     config = experiment.config_with(three_task_config(digits_data_dir, method), overrides)

@@ -250,13 +250,14 @@ def test_a_run_on_the_first_classes_of_the_order(digits_data_dir, tmp_path, sess
             config_lib.validate(config, 1)
 
 
-@pytest.mark.parametrize("method", ["abd", "bic", "dgr"])
+@pytest.mark.parametrize("method", ["abd", "bic", "dgr", "rdfcil"])
 def test_a_run_moves_data_between_host_and_device_only_explicitly(digits_data_dir, tmp_path,
                                                                   method, session):
     """Under `jax.transfer_guard("disallow")` every implicit transfer (a Python number sent
     to a jitted call, `int(array)` in a host loop) raises: the run places its inputs with
     device_put and fetches with device_get, and its loops count steps on the host. ABD covers
-    the learner and the generator loops, BiC and DGR the stages on other TrainStates."""
+    the learner and the generator loops, BiC, DGR and R-DFCIL the stages on other
+    TrainStates."""
     config = tiny_config(digits_data_dir, method=method, epochs=1, num_tasks=2)
     config.bic.val_fraction = 0.6  # (60 images: BiC's stage 2 takes steps)
     with jax.transfer_guard("disallow"):

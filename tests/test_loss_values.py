@@ -9,17 +9,17 @@ LwF + synthetic data, LwF.MC) on a tiny real classifier and generator.
 import math
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from abd_jax import losses, models, train
+from abd_jax import losses, train
 from abd_jax.methods import abd, deepinversion, lwf
 from abd_jax.methods.synthetic_replay import ReplayState, replay
 from abd_jax.methods.teacher import Teacher, TeacherState, teacher_apply
+from helpers import TinyGenerator, TinyNet
 
 # One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("loss_values")
@@ -548,34 +548,10 @@ def test_losses_return_float32_for_bfloat16_inputs():
 NUM_CLASSES, K_OLD, K_NEW, B, Z_DIM = 6, 2, 4, 4, 8
 
 
-class _TinyNet(nn.Module):
-    """A minimal classifier with the project's contract: (logits, features), head "head",
-    one BatchNorm (so train mode takes statistics over the whole [real; synthetic] batch)."""
-
-    num_classes: int = NUM_CLASSES
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        h = nn.Dense(5, name="body")(x.reshape(x.shape[0], -1))
-        f = jnp.tanh(models.BatchNorm(use_running_average=not train, name="bn")(h))
-        return nn.Dense(self.num_classes, name="head")(f), f
-
-
-class _TinyGenerator(nn.Module):
-    """A minimal generator with the project's contract: z `[n, Z_DIM]` -> normalised images
-    `[n, 4, 4, 1]`, eval mode (train=False) on running statistics."""
-
-    @nn.compact
-    def __call__(self, z, train: bool = True):
-        x = jnp.tanh(nn.Dense(16, name="fc")(z)).reshape(z.shape[0], 4, 4, 1)
-        return nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
-                            name="bn_out")(x)
-
-
 @pytest.fixture(scope="module")
 def setup():
     """Student, teacher (another init), a tiny generator and a real batch of new classes."""
-    net, gen = _TinyNet(), _TinyGenerator()
+    net, gen = TinyNet(NUM_CLASSES), TinyGenerator()
     x = jax.random.normal(jax.random.PRNGKey(0), (B, 4, 4, 1))
     y = jnp.array([2, 3, 3, 2])
     student, teacher, gv = jax.jit(lambda: (

@@ -16,11 +16,12 @@ from abd_jax.methods.dgr import DGR
 from abd_jax.methods.e2e import E2E
 from abd_jax.methods.lifecycle import Loop, Method, Runtime, SGDLoop, Update
 from abd_jax.methods.lwf import LwF, LwFMC, LwFSynthetic
+from abd_jax.methods.rdfcil import RDFCIL
 from abd_jax.plan import Task
 
 _CLASSES: dict[str, type] = {cls.name: cls for cls in (
     ABD, DeepInversion, LwFSynthetic, Base, UpperBound, LwF, LwFMC, NaiveRehearsal, LwFCoreset,
-    E2E, BiC, DGR)}
+    E2E, BiC, DGR, RDFCIL)}
 
 METHODS = tuple(_CLASSES)
 

@@ -3,16 +3,14 @@
 task but the first a class-balanced fine-tuning stage on the memory."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
-import jax.numpy as jnp
 from flax import struct
 
 from abd_jax import losses, rng, train
 from abd_jax.methods.base import ce
 from abd_jax.methods.coreset import Coreset, TeacherRehearsal
-from abd_jax.methods.lifecycle import SGDLoop, Update, classes_per_task, learner_optimizer
+from abd_jax.methods.lifecycle import (HeadStage, SGDLoop, Update, classes_per_task,
+                                       head_state)
 from abd_jax.methods.teacher import Teacher, freeze_teacher, teacher_apply, teacher_of
 from abd_jax.plan import Schedule
 from abd_jax.session import bind
@@ -71,21 +69,6 @@ def balanced_loss(ctx: LossContext, classes_per_task: int, temperature: float, w
     return loss, new_bs, {"ce": ce, "kd": kd_old, "kd_new_classes": kd_new}
 
 
-@dataclasses.dataclass(frozen=True)
-class HeadStage(SGDLoop):
-    """The balanced stage on the head alone: it starts from the learner's head and writes the
-    trained head back into the learner."""
-
-    def begin(self, rt, learner, state, task):
-        head = state.head.replace(params=jax.tree.map(jnp.copy, learner.params["head"]))
-        return super().begin(rt, learner, state.replace(head=head), task)
-
-    def end(self, rt, learner, state, task):
-        del rt, task
-        head = jax.tree.map(jnp.copy, state.head.params)
-        return learner.replace(params={**learner.params, "head": head}), state
-
-
 class E2E(TeacherRehearsal):
     """After each task the new classes join the memory (`--config.e2e.selection`); from the
     second task on, the model is then fine-tuned on the class-balanced memory
@@ -113,11 +96,9 @@ class E2E(TeacherRehearsal):
                                   head_only=e2e.balanced_trains == "head")
 
     def init_state(self, rt, learner) -> E2EState:
-        head = train.new_train_state(rt.session, None, {"params": jax.tree.map(
-            jnp.copy, learner.params["head"])}, learner_optimizer(rt, self.weight_decay(
-                rt.config)))
         return E2EState(teacher=teacher_of(learner), memory=self.coreset.empty(),
-                        before=teacher_of(learner), head=head)
+                        before=teacher_of(learner),
+                        head=head_state(rt, learner, self.weight_decay(rt.config)))
 
     def end_task(self, task):
         if task.is_first:

@@ -21,12 +21,13 @@ from typing import Any, Callable, Optional, Protocol
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
 from abd_jax import data as data_lib
-from abd_jax import driver, train
+from abd_jax import driver, models, train
 from abd_jax.plan import RunPlan, Schedule, Task
 
 
@@ -147,6 +148,40 @@ class SGDLoop(Loop):
                                     self.key(rt, task), task, start)
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadStage(SGDLoop):
+    """An SGD stage of the classifier head alone (in the method state's field `slot`, a
+    `head_state`), on the frozen backbone its loss reads: it starts from the learner's head
+    and writes the trained head back into the learner."""
+
+    def begin(self, rt, learner, state, task):
+        head = getattr(state, self.slot).replace(params=jax.tree.map(jnp.copy,
+                                                                     learner.params["head"]))
+        return super().begin(rt, learner, state.replace(**{self.slot: head}), task)
+
+    def end(self, rt, learner, state, task):
+        del rt, task
+        head = jax.tree.map(jnp.copy, getattr(state, self.slot).params)
+        return learner.replace(params={**learner.params, "head": head}), state
+
+
+def head_state(rt: Runtime, learner: train.TrainState, weight_decay: float) -> train.TrainState:
+    """A TrainState of the learner's head alone (a copy) under the learner's SGD, for a
+    `HeadStage`."""
+    head = jax.tree.map(jnp.copy, learner.params["head"])
+    return train.new_train_state(rt.session, None, {"params": head},
+                                 learner_optimizer(rt, weight_decay))
+
+
+def new_learner(rt: Runtime, method: "Method", key, tx) -> train.TrainState:
+    """A freshly initialised learner (from `key`) with a fresh state of optimiser `tx`: the
+    classifier's variables plus what `method.learner_variables` adds."""
+    variables = models.init_variables(rt.session, rt.model, key, (1, *rt.image_shape),
+                                      train=False)
+    return train.new_train_state(rt.session, rt.model,
+                                 method.learner_variables(rt, variables, key), tx)
+
+
 def classes_per_task(config, spec: data_lib.DatasetSpec) -> int:
     """s = C / N of the run (every task owns s classes; `data.task_boundaries` checks it)."""
     return (config.num_classes or spec.num_classes) // config.num_tasks
@@ -179,6 +214,13 @@ class Method:
     def weight_decay(self, config) -> float:
         """The learner's SGD weight decay."""
         return config.weight_decay
+
+    def learner_variables(self, rt: Runtime, variables: dict, key) -> dict:
+        """The learner's initial variables: the classifier's (`{"params", "batch_stats"}`),
+        plus what the method trains or counts beside it (the classifier ignores extra
+        entries); the learner keeps this structure all run."""
+        del rt, key
+        return variables
 
     def init_state(self, rt: Runtime, learner: train.TrainState) -> Any:
         """The state before the first task, with the structure it keeps all run."""

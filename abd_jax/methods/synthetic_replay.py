@@ -45,13 +45,22 @@ def synthesis_config(config) -> synthesis.SynthesisConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Inversion(Loop):
-    """The generator's training against the model just trained (SPEC section 3). G trains
-    after every task but the last and keeps its Adam state: after task t it has taken
-    (t + 1) * iterations steps."""
+    """The generator's training against the model just trained (SPEC section 3), after every
+    task but the last. ABD's G keeps its weights and Adam state: after task t it has taken
+    (t + 1) * iterations steps. With `fresh` (R-DFCIL) a newly initialised G takes
+    `iterations` steps after every task."""
 
     method: "SyntheticReplay"
+    fresh: bool = False
     name: str = "generator"
     setting: str = "synthesis.lr"
+
+    def begin(self, rt, learner, state, task):
+        if not self.fresh:
+            return learner, state
+        generator = self.method.synthesizer(rt).init(rng.fold_in(rt.method_key,
+                                                                 50_000 + task.index))
+        return learner, state.replace(generator=generator)
 
     def get(self, learner, state):
         return state.generator
@@ -61,7 +70,8 @@ class Inversion(Loop):
 
     def program(self, rt, learner, state, task, start):
         synth, iterations = self.method.synthesizer(rt), self.method.synthesis.iterations
-        args = synth.step_args((task.index + 1) * iterations, teacher_of(learner),
+        until = iterations if self.fresh else (task.index + 1) * iterations
+        args = synth.step_args(until, teacher_of(learner),
                                task.num_seen, rng.fold_in(rt.method_key, task.index + 1))
         return driver.Loop(f"task {task.index + 1} generator", synth.fused_step, args, start,
                            iterations, rt.steps_per_call)

@@ -1,0 +1,213 @@
+"""R-DFCIL (Gao et al., ECCV 2022), the data-free successor of ABD, as its release runs it.
+
+After each task a freshly initialised generator is inverted from the model (ABD's losses,
+`synthesis`). A later task trains on real new-class data with a local CE, distils the
+teacher's logits on synthetic images (HKD, L1) and the relations between real-image
+features (RKD by angles, through two learned projections); its last epochs then train the
+head alone on the frozen backbone, with class-balanced CE over real and synthetic images
+plus HKD. docs/methods.md lists where this follows the release and where it differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from abd_jax import losses, rng, synthesis, train
+from abd_jax.methods.base import ce
+from abd_jax.methods.lifecycle import HeadStage, Update, classes_per_task, head_state
+from abd_jax.methods.synthetic_replay import Inversion, ReplayState, SyntheticReplay, replay
+from abd_jax.methods.teacher import Teacher, freeze_teacher, teacher_apply, teacher_of
+from abd_jax.plan import Schedule, Task
+from abd_jax.session import bind
+from abd_jax.train import LossContext
+
+PROJECTION = "rkd_projection"  # the learner's params entry of the two RKD projections
+COUNTS = "class_counts"        # the learner's batch_stats entry counting the labels trained on
+
+
+@dataclasses.dataclass(frozen=True)
+class RdfcilOptions:
+    """The loss scales and the head fine-tuning's length and rate (a fraction of `lr`)."""
+
+    lambda_ce: float = 0.5
+    lambda_hkd: float = 0.15
+    lambda_rkd: float = 0.5
+    finetune_epochs: int = 40
+    finetune_lr_scale: float = 0.05
+
+
+@struct.dataclass
+class RdfcilState(ReplayState):
+    """teacher, generator: as ABD's (the generator re-initialised after every task);
+    head: the head the fine-tuning trains; backbone: the model frozen when the fine-tuning
+    starts; class_weights `[C]`: its CE's class weights."""
+
+    head: train.TrainState
+    backbone: Teacher
+    class_weights: jax.Array
+
+
+@struct.dataclass
+class FinetuneInputs:
+    """What the head fine-tuning's loss reads (no buffer of the trained head)."""
+
+    teacher: Teacher
+    generator_variables: dict
+    backbone: Teacher
+    class_weights: jax.Array
+
+
+def _project(params: dict, x: jax.Array) -> jax.Array:
+    """x W + b, x `[N, D]`."""
+    return x.astype(jnp.float32) @ params["kernel"] + params["bias"]
+
+
+def projection_params(key, dim: int) -> dict:
+    """The two RKD projections D -> 2D (student, teacher), drawn as PyTorch's nn.Linear:
+    U(-1/sqrt(D), 1/sqrt(D)) for kernels and biases."""
+    bound = 1.0 / np.sqrt(dim)
+    keys = jax.random.split(key, 4)
+    draw = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -bound, bound)
+    return {side: {"kernel": draw(keys[2 * i], (dim, 2 * dim)),
+                   "bias": draw(keys[2 * i + 1], (2 * dim,))}
+            for i, side in enumerate(("student", "teacher"))}
+
+
+def _fresh_extras(dim: int, width: int):
+    """`key -> (RKD projections, zero label counts [width], unit class weights [width])`."""
+    def fresh(key):
+        return (projection_params(key, dim), jnp.zeros((width,), jnp.float32),
+                jnp.ones((width,), jnp.float32))
+
+    return fresh
+
+
+def _class_weights():
+    return losses.class_balance_weights
+
+
+def rdfcil_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: RdfcilOptions,
+                classes_per_task: int):
+    """w_ce L_localCE(real) + w_hkd HKD(syn) + w_rkd RKD(real) (`losses.rdfcil_weights`).
+
+    The student runs twice in train mode, on the real then on the synthetic batch (BatchNorm
+    statistics of each, the running statistics updated by both); the labels of both batches
+    are added to the learner's class counts."""
+    rep = replay(ctx, generator, z_dim)
+    b = rep.num_real
+    logits, features, new_bs = ctx.forward(rep.images[:b])
+    syn_logits, _, new_bs = ctx.forward(rep.images[b:], new_bs)
+    w_ce, w_hkd, w_rkd = losses.rdfcil_weights(opts.lambda_ce, opts.lambda_hkd,
+                                               opts.lambda_rkd, classes_per_task, ctx.num_old)
+    local_ce = losses.local_ce_loss(losses.mask_logits(logits, 0, ctx.num_seen), rep.labels[:b],
+                                    ctx.num_old)
+    hkd = losses.logit_l1_loss(syn_logits, rep.teacher_logits[b:], ctx.num_old)
+    proj = ctx.params[PROJECTION]
+    rkd = losses.rkd_angle_loss(_project(proj["student"], features),
+                                _project(proj["teacher"], rep.teacher_features[:b]))
+    counts = ctx.batch_stats[COUNTS].at[rep.labels].add(1.0)
+    loss = w_ce * local_ce + w_hkd * hkd + w_rkd * rkd
+    return loss, {**new_bs, COUNTS: counts}, {"ce": local_ce, "hkd": hkd, "rkd": rkd}
+
+
+def finetune_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: RdfcilOptions,
+                  classes_per_task: int):
+    """The head fine-tuning on the frozen backbone (eval mode), over `[x_real; x_syn]`:
+    lambda_ce class-weighted CE over `[0, K_new)` + w_hkd HKD(syn). `ctx.params` is the
+    head."""
+    inputs: FinetuneInputs = ctx.method_state
+    rep = synthesis.replay_batch(ctx, inputs.teacher, generator, inputs.generator_variables,
+                                 z_dim)
+    features = teacher_apply(ctx.model, inputs.backbone, rep.images)[1]
+    logits = features.astype(jnp.float32) @ ctx.params["kernel"] + ctx.params["bias"]
+    _, w_hkd, _ = losses.rdfcil_weights(opts.lambda_ce, opts.lambda_hkd, opts.lambda_rkd,
+                                        classes_per_task, ctx.num_old)
+    weighted_ce = losses.class_weighted_ce_loss(losses.mask_logits(logits, 0, ctx.num_seen),
+                                                rep.labels, inputs.class_weights)
+    hkd = losses.logit_l1_loss(logits[rep.num_real:], rep.teacher_logits[rep.num_real:],
+                               ctx.num_old)
+    loss = opts.lambda_ce * weighted_ce + w_hkd * hkd
+    return loss, None, {"ce": weighted_ce, "hkd": hkd}
+
+
+class RDFCIL(SyntheticReplay):
+    """Task 1 with plain CE; every later task with `rdfcil_loss`, then (`--config.rdfcil.
+    finetune_epochs` > 0) the head fine-tuning at lr * `finetune_lr_scale`; after every task
+    but the last a new generator is inverted from the model."""
+
+    name = "rdfcil"
+    sections = ("rdfcil", "synthesis")
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        self.options = RdfcilOptions(**config.rdfcil.to_dict())
+        if self.options.finetune_epochs < 0:
+            raise ValueError(f"rdfcil.finetune_epochs must be >= 0, got "
+                             f"{self.options.finetune_epochs}")
+        s = classes_per_task(config, spec)
+        kwargs = dict(generator=self.generator, z_dim=self.synthesis.z_dim, opts=self.options,
+                      classes_per_task=s)
+        self.first_task_loss = ce
+        self.distill_loss = bind(rdfcil_loss, **kwargs)
+        self.finetune_loss = bind(finetune_loss, **kwargs)
+
+    def _extras(self, rt, head: dict, key) -> tuple:
+        dim, width = head["kernel"].shape
+        return rt.session.jitted(_fresh_extras, dim, width)(jax.device_put(key))
+
+    def learner_variables(self, rt, variables, key) -> dict:
+        """The classifier's variables, the RKD projections (params) and the label counts of
+        the task (batch_stats: counted by the training steps, never trained)."""
+        projection, counts, _ = self._extras(rt, variables["params"]["head"],
+                                             rng.fold_in(key, 1))
+        return {"params": {**variables["params"], PROJECTION: projection},
+                "batch_stats": {**variables["batch_stats"], COUNTS: counts}}
+
+    def init_state(self, rt, learner) -> RdfcilState:
+        replay_state = super().init_state(rt, learner)
+        _, _, unit = self._extras(rt, learner.params["head"], rt.method_key)
+        return RdfcilState(teacher=replay_state.teacher, generator=replay_state.generator,
+                           head=head_state(rt, learner, self.weight_decay(rt.config)),
+                           backbone=teacher_of(learner), class_weights=unit)
+
+    def begin_task(self, rt, learner, state, task):
+        """Every task counts its labels from zero; a task after the first learns new RKD
+        projections (the release creates them for each task)."""
+        projection, counts, _ = self._extras(rt, learner.params["head"],
+                                             rng.fold_in(rt.method_key, 60_000 + task.index))
+        params = learner.params if task.is_first else {**learner.params,
+                                                       PROJECTION: projection}
+        learner = learner.replace(params=params,
+                                  batch_stats={**learner.batch_stats, COUNTS: counts})
+        return super().begin_task(rt, learner, state, task)
+
+    def end_task(self, task: Task) -> list:
+        stages = []
+        if not task.is_first and self.options.finetune_epochs:
+            stages += [Update("fine-tuning inputs", self.finetune_inputs), HeadStage(
+                name="head_finetuning", loss_fn=self.finetune_loss, index=self.train_index,
+                inputs=lambda learner, state: FinetuneInputs(
+                    teacher=state.teacher, generator_variables=state.generator_variables,
+                    backbone=state.backbone, class_weights=state.class_weights),
+                schedule=self.finetune_schedule,
+                key=lambda rt, task: rng.fold_in(rt.method_key, 20_000 + task.index),
+                slot="head")]
+        if task.is_last:
+            return stages + [Update("teacher", freeze_teacher)]
+        return stages + [Inversion(self, fresh=True),
+                         Update("samples and teacher", self.samples_and_teacher)]
+
+    def finetune_inputs(self, rt, learner, state: RdfcilState, task: Task):
+        """The backbone frozen as trained; the class weights from the task's label counts."""
+        weights = rt.session.jitted(_class_weights)(learner.batch_stats[COUNTS],
+                                                    jax.device_put(np.int32(task.num_seen)))
+        return learner, state.replace(backbone=teacher_of(learner), class_weights=weights)
+
+    def finetune_schedule(self, config) -> Schedule:
+        return Schedule(self.options.finetune_epochs,
+                        config.lr * self.options.finetune_lr_scale, ())
