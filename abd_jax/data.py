@@ -22,6 +22,9 @@ class DatasetSpec:
     # Stored images differ in size (ImageNet): `image_shape` is the model input, and every
     # image must pass `transforms.train_transform` / `test_transform` before batching.
     variable_size: bool = False
+    # A subset of the TFDS dataset's classes (stored labels), relabelled 0..K-1 in this order;
+    # () = every class as stored.
+    class_subset: tuple = ()
 
 
 DATASETS = {
@@ -39,6 +42,12 @@ DATASETS = {
     "imagenet2012": DatasetSpec("imagenet2012", 1000, (224, 224, 3),
                                 (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                                 variable_size=True),
+    # ImageNet-100 of PODNet and R-DFCIL, read from the prepared ILSVRC-2012: the classes of
+    # PODNet's imagenet_split/val_100.txt (its labels 0-99 are the wnids n01440764 ..
+    # n01855672), which are the first 100 of the sorted wnids, ILSVRC-2012 labels 0-99.
+    "imagenet100": DatasetSpec("imagenet2012", 100, (224, 224, 3),
+                               (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                               variable_size=True, class_subset=tuple(range(100))),
 }
 
 
@@ -94,11 +103,43 @@ def classes_in_use(spec: DatasetSpec, num_classes: int = 0) -> DatasetSpec:
 
 def _not_prepared_message(spec: DatasetSpec, data_dir) -> str:
     archive = {"cifar10": "cifar-10-binary.tar.gz", "cifar100": "cifar-100-binary.tar.gz",
-               "tiny_imagenet": "tiny-imagenet-200.zip"}.get(spec.tfds_name, "the dataset files")
-    return (f"TFDS dataset {spec.tfds_name!r} is not prepared in data_dir={data_dir} "
-            f"(default: ~/tensorflow_datasets). Prepare it offline with:\n"
-            f"  python -m abd_jax.prepare_data --dataset={spec.tfds_name} "
-            f"--manual_dir=<folder with {archive}> --data_dir={data_dir or '<data_dir>'}")
+               "tiny_imagenet": "tiny-imagenet-200.zip",
+               "imagenet2012": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar",
+               }.get(spec.tfds_name, "the dataset files")
+    subset = (f" (this dataset is {len(spec.class_subset)} of its classes)"
+              if spec.class_subset else "")
+    return (f"TFDS dataset {spec.tfds_name!r}{subset} is not prepared in data_dir={data_dir} "
+            f"(default: ~/tensorflow_datasets); prepare it offline with python -m "
+            f"abd_jax.prepare_data --dataset={spec.tfds_name} --manual_dir=<folder with "
+            f"{archive}> --data_dir={data_dir or '<data_dir>'}")
+
+
+def class_subset_positions(labels: np.ndarray, classes) -> tuple[np.ndarray, np.ndarray]:
+    """(positions int64 `[n]`, labels int32 `[n]`): the examples of a split whose stored label
+    is in `classes`, in stored order, and their labels relabelled to positions in
+    `classes`."""
+    labels, classes = np.asarray(labels), np.asarray(classes)
+    lookup = np.full(max(int(labels.max(initial=0)), int(classes.max())) + 1, -1, np.int32)
+    lookup[classes] = np.arange(len(classes), dtype=np.int32)
+    relabelled = lookup[labels]
+    positions = np.flatnonzero(relabelled >= 0)
+    return positions, relabelled[positions]
+
+
+class ClassSubset:
+    """A data source (`len`, `__getitems__`) over the examples `positions` of `source`."""
+
+    def __init__(self, source, positions: np.ndarray):
+        self.source, self.positions = source, np.asarray(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitems__(self, indices):
+        return self.source.__getitems__([int(self.positions[i]) for i in indices])
+
+    def __getitem__(self, i):
+        return self.source[int(self.positions[i])]
 
 
 def load_split(spec: DatasetSpec, split: str, data_dir=None, download: bool = False,

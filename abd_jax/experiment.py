@@ -58,27 +58,37 @@ def config_with(config, overrides: dict):
 
 
 def load_splits(config, session: Session) -> Splits:
-    """The run's dataset: read whole into host memory, or (streaming) labels only."""
+    """The run's dataset: read whole into host memory, or (streaming) labels only; a dataset
+    of some of its TFDS dataset's classes (`DatasetSpec.class_subset`) keeps their examples,
+    relabelled."""
     spec = data_lib.spec_of(config)
     data_dir = str(data_lib.expand_path(config.data_dir)) if config.data_dir else None
     train_labels_source = data_lib.open_split(spec, "train", data_dir, config.download,
                                               input_pipeline.labels_only())
     if not input_pipeline.use_stream(config, spec, len(train_labels_source)):
-        train_x, train_y = data_lib.load_split(spec, "train", data_dir, config.download)
-        test_x, test_y = data_lib.load_split(spec, "test", data_dir, config.download)
-        return Splits(spec, train_x, train_y, test_x, test_y)
+        splits = []
+        for split in ("train", "test"):
+            images, labels = data_lib.load_split(spec, split, data_dir, config.download)
+            if spec.class_subset:
+                keep, labels = data_lib.class_subset_positions(labels, spec.class_subset)
+                images = images[keep]
+            splits += [images, labels]
+        return Splits(spec, *splits)
     logging.info("input pipeline: streaming %s from its prepared files (grain, %d worker "
                  "processes)", spec.tfds_name, config.stream_workers)
-    sources = {split: data_lib.open_split(spec, split, data_dir) for split in ("train", "test")}
-    test_labels_source = data_lib.open_split(spec, "test", data_dir,
-                                             decoders=input_pipeline.labels_only())
+    labels_sources = {"train": train_labels_source, "test": data_lib.open_split(
+        spec, "test", data_dir, decoders=input_pipeline.labels_only())}
     transform = input_pipeline.test_transform(spec)  # herding etc.: no random crop
-    return Splits(spec, input_pipeline.SourceImages(sources["train"], spec, session,
-                                                    transform=transform),
-                  input_pipeline.split_labels(train_labels_source, session),
-                  input_pipeline.SourceImages(sources["test"], spec, session,
-                                              transform=transform),
-                  input_pipeline.split_labels(test_labels_source, session))
+    splits = []
+    for split in ("train", "test"):
+        source = data_lib.open_split(spec, split, data_dir)
+        labels = input_pipeline.split_labels(labels_sources[split], session)
+        if spec.class_subset:
+            keep, labels = data_lib.class_subset_positions(labels, spec.class_subset)
+            source = data_lib.ClassSubset(source, keep)
+        splits += [input_pipeline.SourceImages(source, spec, session, transform=transform),
+                   labels]
+    return Splits(spec, *splits)
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:

@@ -7,6 +7,7 @@ entries not (yet) measured are NaN in arrays and ``None`` in JSON.
     A_i   = mean_{j<=i} R[i][j]
     A_N   = A at the last task
     Omega = (1/N) sum_i A_i / A_UB_i      (A_UB: the upper bound's A)
+    F_N   = mean_{j<N-1} (max_{j<=l<N-1} R[l][j] - R[N-1][j])   (Chaudhry et al. 2018)
 
 Pure numpy; reporting (files, plots, logs) is `abd_jax.reporting`'s.
 """
@@ -56,6 +57,18 @@ def average_accuracy(R) -> np.ndarray:
 def final_accuracy(R) -> float:
     """Final accuracy ``A_N`` (last entry of :func:`average_accuracy`)."""
     return float(average_accuracy(R)[-1])
+
+
+def average_forgetting(R) -> float:
+    """Chaudhry et al.'s average forgetting after the last task, F_N = mean over the tasks
+    j < N - 1 of (the best accuracy on j after any earlier task l >= j) - (the accuracy on
+    j now); NaN with a single task."""
+    R = _as_matrix(R)
+    n = R.shape[0]
+    if n < 2:
+        return float("nan")
+    drops = [np.max(R[j:n - 1, j]) - R[n - 1, j] for j in range(n - 1)]
+    return float(np.mean(drops))
 
 
 def omega(A, A_upper) -> float:
@@ -139,7 +152,8 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
 
     Returns ``{"num_tasks", "num_repeats", "repeats": [...], "aggregate": {...}, "A_mean": [N]}``
     where each repeat adds ``A_global``, ``A_local``, ``final_accuracy``,
-    ``final_local_accuracy`` (and ``omega``), and ``aggregate`` holds mean/std over repeats.
+    ``final_local_accuracy``, ``forgetting`` (F_N of the global accuracies; None with one
+    task) (and ``omega``), and ``aggregate`` holds mean/std over repeats.
     """
     if not run_results:
         raise ValueError("build_results needs at least one run result")
@@ -159,6 +173,7 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
             "R_global": Rg, "R_local": Rl,
             "A_global": a_g, "A_local": a_l,
             "final_accuracy": a_g[-1], "final_local_accuracy": a_l[-1],
+            "forgetting": average_forgetting(Rg),
             "train_seconds_per_batch": run["train_seconds_per_batch"],
             "task_wall_seconds": list(run["task_wall_seconds"]),
             "peak_memory_bytes": run.get("peak_memory_bytes"),
@@ -181,6 +196,7 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
     aggregate = {
         "final_accuracy": summarize_repeats([r["final_accuracy"] for r in repeats]),
         "final_local_accuracy": summarize_repeats([r["final_local_accuracy"] for r in repeats]),
+        "forgetting": summarize_repeats([r["forgetting"] for r in repeats]),
         "A_global": per_task_g,
         "A_local": _summarize_per_task(A_l),
         "train_seconds_per_batch": summarize_repeats(

@@ -4,6 +4,7 @@
         [--data_dir=~/tensorflow_datasets]
     python -m abd_jax.prepare_data --dataset=imagenet2012 --manual_dir=<folder with
         ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar> [--data_dir=...]
+        (--dataset=imagenet100 prepares the same: ImageNet-100 reads 100 of its classes)
     python -m abd_jax.prepare_data --dataset=folder:/path/to/root [--image_size=64]
 
 (A folder dataset is also prepared on its first use by a run.) A problem with the files is one
@@ -18,8 +19,8 @@ from absl import app, flags
 from abd_jax import data, datasets, logs
 
 _DATASET = flags.DEFINE_string(
-    "dataset", None, f"One of {sorted(datasets.OFFLINE_BUILDERS)}, or folder:<root> for "
-    "root/{train,test}/<class>/* images.", required=True)
+    "dataset", None, f"One of {sorted(datasets.OFFLINE_BUILDERS)} (imagenet100: "
+    "imagenet2012), or folder:<root> for root/{train,test}/<class>/* images.", required=True)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "folder: resize to N x N (0 = keep).")
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None, "Folder holding the official archive: cifar-10-binary.tar.gz / "
@@ -30,7 +31,10 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_
 
 def prepare(dataset: str, data_dir, manual_dir=None, image_size: int = 0) -> dict[str, int]:
     """Prepares `dataset` (a key of `datasets.OFFLINE_BUILDERS`, e.g. cifar100, tiny_imagenet,
-    imagenet2012, or folder:<root>); returns {split: size}."""
+    imagenet2012, or folder:<root>; a dataset of some classes of one of those prepares it);
+    returns {split: size}."""
+    if data.DATASETS.get(dataset) and data.DATASETS[dataset].class_subset:
+        dataset = data.DATASETS[dataset].tfds_name
     if dataset.startswith("folder:"):
         version_dir = datasets.prepare_folder(data.expand_path(dataset[len("folder:"):]),
                                               str(data.expand_path(data_dir)), image_size)

@@ -67,6 +67,8 @@ def _summary_markdown(results: dict, config_dict: dict, title: str) -> str:
     if "omega" in agg:
         lines.append(f"- Omega: {_pm(agg['omega'], 4)}")
     lines.append(f"- final local (task-incremental) accuracy: {_pm(agg['final_local_accuracy'])} %")
+    if agg.get("forgetting") and agg["forgetting"]["mean"] is not None:
+        lines.append(f"- average forgetting F_N: {_pm(agg['forgetting'])} % (Chaudhry et al.)")
     if "final_top5_accuracy" in agg:
         lines.append(f"- final top-5 accuracy: {_pm(agg['final_top5_accuracy'])} %")
     lines.append(f"- seconds per training batch: {_pm(agg['train_seconds_per_batch'], 4)}")
@@ -131,10 +133,48 @@ def accuracy_figure(results: dict, title: str):
     return fig
 
 
-def _accuracy_png(results: dict, title: str) -> bytes:
+def comparison_figure(panels: dict, title: str):
+    """Matplotlib Figure: one panel per entry of `panels` ({panel title: {row: (mean A_i [N],
+    std [N])}}), each with every row's mean A_i vs tasks learned and a ±std band, on the
+    fixed 0-100 axis of `accuracy_figure`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5 * len(panels), 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, rows) in zip(axes, panels.items()):
+        for k, (row, (mean, std)) in enumerate(rows.items()):
+            mean, std = _floats(mean), _floats(std)
+            x = np.arange(1, len(mean) + 1)
+            ax.plot(x, mean, color=f"C{k % 10}", marker="o", markersize=3, label=row)
+            ax.fill_between(x, mean - std, mean + std, color=f"C{k % 10}", alpha=0.15,
+                            linewidth=0)
+            ax.set_xticks(x)
+        ax.set_xlabel("tasks learned")
+        ax.set_ylabel("accuracy on all seen classes (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _png(fig) -> bytes:
     buf = io.BytesIO()
-    accuracy_figure(results, title).savefig(buf, format="png")
+    fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _accuracy_png(results: dict, title: str) -> bytes:
+    return _png(accuracy_figure(results, title))
+
+
+def write_comparison(path, panels: dict, title: str) -> None:
+    """Atomically write `comparison_figure(panels, title)` as a PNG at `path`."""
+    _atomic_write_bytes(pathlib.Path(path), _png(comparison_figure(panels, title)))
 
 
 def write_results(workdir, results: dict, config_dict: dict, title: str) -> None:

@@ -9,11 +9,13 @@
 Each cell (row, task count) runs `abd_jax.experiment.run` in `<workdir>/<row>`, or
 `<workdir>/tasks_<n>/<row>` with `--tasks`, so an interrupted table resumes cell by cell;
 `upper_bound`, when listed, runs first for each task count and provides Omega for the others.
-The table, rows = methods, columns = task counts (final accuracy A_N mean +- std over
-repeats, and Omega when there is an upper bound), then the memory a method keeps between
-tasks and seconds per batch (of the largest task count), is printed and written to
-`<workdir>/table.md`, with every number in `<workdir>/table.csv`. Tables: `methods` (all rows
-of the paper's Tables 1/2), `data_free`, `coreset`, `ablations` (Table 3).
+The table, rows = methods, columns per task count: final accuracy A_N and average forgetting
+F (mean +- std over repeats), Omega when there is an upper bound, and on CIFAR-100 the
+published A_N (labelled with its source); then the memory a method keeps between tasks and
+seconds per batch (of the last task count). It is printed and written to
+`<workdir>/table.md`, every number to `<workdir>/table.csv`, and the A_i curves of every row
+to `<workdir>/comparison.png` (one panel per task count). Tables: `methods` (all rows of
+the paper's Tables 1/2), `data_free` (Table 1 and R-DFCIL), `coreset`, `ablations` (Table 3).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from abd_jax import experiment, logs
+from abd_jax import experiment, logs, reporting
 from abd_jax.session import Session
 
 # row name -> config overrides (dotted keys for nested fields)
@@ -40,6 +42,7 @@ ROWS = {
     "e2e": {"method": "e2e"},
     "bic": {"method": "bic"},
     "dgr": {"method": "dgr"},
+    "rdfcil": {"method": "rdfcil"},
     "abd_no_task_balancing": {"method": "abd", "abd.task_balancing": False},
     "abd_standard_ce": {"method": "abd", "abd.local_ce": False},
     "abd_feature_kd_synthetic_only": {"method": "abd", "abd.kd_on_real": False},
@@ -50,11 +53,39 @@ TABLES = {
     "methods": ["upper_bound", "base", "lwf", "lwf_mc", "lwf_synthetic", "deepinversion",
                 "abd", "dgr", "naive_rehearsal", "lwf_coreset", "e2e", "bic"],
     "data_free": ["upper_bound", "base", "lwf", "lwf_mc", "lwf_synthetic", "deepinversion",
-                  "abd", "dgr"],
+                  "abd", "rdfcil", "dgr"],
     "coreset": ["upper_bound", "naive_rehearsal", "lwf_coreset", "e2e", "bic"],
     "ablations": ["abd", "abd_no_task_balancing", "abd_standard_ce",
                   "abd_feature_kd_synthetic_only", "abd_feature_kd_real_only", "abd_no_ft_ce"],
 }
+
+# Published final accuracies A_N (mean, std over 3 class orders) by dataset, row and task
+# count, with their source; a table on that dataset shows them beside the measured ones.
+SOURCES = {
+    "ABD": "Smith et al., ICCV 2021, Tables 1, 2 and A (SPEC.md section 8): ABD's protocol "
+           "(ResNet-32, 250 epochs, lr 0.1 x0.1 at 100/150/200, weight decay 2e-4, "
+           "10,000 generator steps after each task), the release's seeded class orders",
+}
+PUBLISHED = {
+    "cifar100": {
+        "upper_bound": {5: (69.9, 0.2, "ABD"), 10: (69.9, 0.2, "ABD"), 20: (69.9, 0.2, "ABD")},
+        "base": {5: (16.4, 0.4, "ABD"), 10: (8.8, 0.1, "ABD"), 20: (4.4, 0.3, "ABD")},
+        "lwf": {5: (17.0, 0.1, "ABD"), 10: (9.2, 0.0, "ABD"), 20: (4.7, 0.1, "ABD")},
+        "lwf_mc": {5: (32.5, 1.0, "ABD"), 10: (17.1, 0.1, "ABD"), 20: (7.7, 0.5, "ABD")},
+        "dgr": {5: (14.4, 0.4, "ABD"), 10: (8.1, 0.1, "ABD"), 20: (4.1, 0.3, "ABD")},
+        "deepinversion": {5: (18.8, 0.3, "ABD"), 10: (10.9, 0.6, "ABD"), 20: (5.7, 0.3, "ABD")},
+        "abd": {5: (43.9, 0.9, "ABD"), 10: (33.7, 1.2, "ABD"), 20: (20.0, 1.4, "ABD")},
+        "naive_rehearsal": {5: (34.0, 0.2, "ABD"), 10: (24.0, 1.0, "ABD"),
+                            20: (14.9, 0.7, "ABD")},
+        "lwf_coreset": {5: (39.4, 0.3, "ABD"), 10: (27.4, 0.8, "ABD"), 20: (16.6, 0.4, "ABD")},
+        "e2e": {5: (47.4, 0.8, "ABD"), 10: (38.4, 1.3, "ABD"), 20: (32.7, 1.9, "ABD")},
+        "bic": {5: (53.7, 0.4, "ABD"), 10: (45.9, 1.8, "ABD"), 20: (37.5, 3.2, "ABD")},
+    },
+}
+PUBLISHED_NOTE = (
+    "R-DFCIL's own published figures (its Table 1: 200 epochs of which 40 fine-tune the head, "
+    "weight decay 5e-4, crop + flip, 5,000 generator steps, its release's class orders) are "
+    "not listed: they were not checked against the paper here.")
 
 FLAGS = flags.FLAGS
 
@@ -64,38 +95,64 @@ def _pm(stat) -> str:
         f"{stat['mean']:.2f} +- {stat['std']:.2f}"
 
 
-def format_table(rows: list[str], task_counts: list[int], cells: dict) -> tuple[str, str]:
+def format_table(rows: list[str], task_counts: list[int], cells: dict,
+                 published: dict | None = None) -> tuple[str, str]:
     """(Markdown, CSV) of `cells[(row, num_tasks)]` = a results.json `aggregate`; a missing
-    cell (still to run) shows as `...`. Omega columns appear when any cell has Omega."""
+    cell (still to run) shows as `...`. Omega columns appear when any cell has Omega,
+    published columns when `published` ({row: {num_tasks: (mean, std, source)}}) has a
+    figure for a listed row and task count, with the sources below the table."""
+    published = published or {}
     with_omega = any(c.get("omega") for c in cells.values())
+    with_published = {n for n in task_counts for r in rows if n in published.get(r, {})}
     head = ["row"]
     for n in task_counts:
-        head += [f"A_N (%), {n} tasks"] + ([f"Omega, {n} tasks"] if with_omega else [])
+        head += [f"A_N (%), {n} tasks", f"F (%), {n} tasks"]
+        head += [f"Omega, {n} tasks"] if with_omega else []
+        head += [f"published A_N (%), {n} tasks"] if n in with_published else []
     head += ["memory (M values)", "s / batch"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    csv = ["row,num_tasks,A_N_mean,A_N_std,omega_mean,omega_std,memory_values,"
-           "seconds_per_batch,repeats"]
+    csv = ["row,num_tasks,A_N_mean,A_N_std,F_mean,F_std,omega_mean,omega_std,"
+           "published_A_N_mean,published_A_N_std,memory_values,seconds_per_batch,repeats"]
+    sources = set()
     for row in rows:
         line, last = [row], None
         for n in task_counts:
-            agg = cells.get((row, n))
+            agg, figure = cells.get((row, n)), published.get(row, {}).get(n)
+            if figure:
+                sources.add(figure[2])
+            shown = f"{figure[0]:.1f} +- {figure[1]:.1f} [{figure[2]}]" if figure else ""
             if agg is None:
-                line += ["..."] * (2 if with_omega else 1)
+                line += ["...", "..."] + (["..."] if with_omega else [])
+                line += [shown] if n in with_published else []
                 continue
             last = agg
-            line.append(_pm(agg["final_accuracy"]))
-            if with_omega:
-                line.append(_pm(agg.get("omega")))
+            forgetting = agg.get("forgetting") or {}
+            line += [_pm(agg["final_accuracy"]), _pm(forgetting or None)]
+            line += [_pm(agg.get("omega"))] if with_omega else []
+            line += [shown] if n in with_published else []
             acc, omega = agg["final_accuracy"], agg.get("omega") or {}
-            csv.append(",".join(str(v) for v in (
-                row, n, acc["mean"], acc["std"], omega.get("mean", ""), omega.get("std", ""),
-                agg.get("memory", {}).get("values", ""), agg["train_seconds_per_batch"]["mean"],
-                acc["n"])))
+            csv.append(",".join("" if v is None else str(v) for v in (
+                row, n, acc["mean"], acc["std"], forgetting.get("mean"), forgetting.get("std"),
+                omega.get("mean"), omega.get("std"), figure[0] if figure else None,
+                figure[1] if figure else None, agg.get("memory", {}).get("values"),
+                agg["train_seconds_per_batch"]["mean"], acc["n"])))
         memory = None if last is None else last.get("memory", {}).get("values")
         line.append("n/a" if memory is None else f"{memory / 1e6:.2f}")
         line.append("..." if last is None else f"{last['train_seconds_per_batch']['mean']:.4f}")
         md.append("| " + " | ".join(line) + " |")
-    return "\n".join(md) + "\n", "\n".join(csv) + "\n"
+    notes = [f"[{key}] {SOURCES[key]}." for key in sorted(sources)]
+    if with_published and "rdfcil" in rows:
+        notes.append(PUBLISHED_NOTE)
+    text = "\n".join(md) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    return text, "\n".join(csv) + "\n"
+
+
+def comparison_panels(rows: list[str], task_counts: list[int], cells: dict) -> dict:
+    """{"<n> tasks": {row: (mean A_i, std A_i)}} of the cells done, for the comparison plot."""
+    return {f"{n} tasks": {row: (cells[(row, n)]["A_global"]["mean"],
+                                 cells[(row, n)]["A_global"]["std"])
+                           for row in rows if (row, n) in cells}
+            for n in task_counts}
 
 
 def main(argv):
@@ -138,10 +195,14 @@ def run_cells(rows: list[str], task_counts: list[int], workdir: pathlib.Path,
                                              folder / row, session=session)["aggregate"]
             if row == "upper_bound":
                 upper_bound_path = str(folder / row / "results.json")
-            table, csv = format_table(rows, task_counts, cells)
+            table, csv = format_table(rows, task_counts, cells,
+                                      PUBLISHED.get(FLAGS.config.dataset))
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "table.md").write_text(table)
             (workdir / "table.csv").write_text(csv)
+            reporting.write_comparison(
+                workdir / "comparison.png", comparison_panels(rows, task_counts, cells),
+                f"{FLAGS.config.dataset}: A_i per row (mean +- std over repeats)")
     return table
 
 

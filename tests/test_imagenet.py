@@ -1,6 +1,7 @@
-"""ImageNet (ILSVRC-2012) prepared from fake tars in the official layout (3 of the 1000
+"""ImageNet (ILSVRC-2012) prepared from fake tars in the official layout (4 of the 1000
 classes: per-class tars inside the train tar, flat validation JPEGs), read back through
-`tfds.data_source`; configs/imagenet.py and ResNet-18 at 224x224."""
+`tfds.data_source`; configs/imagenet.py and ResNet-18 at 224x224; ImageNet-100 read from
+the same preparation."""
 import io
 import json
 import shutil
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.xdist_group("imagenet")
 
 WNIDS = datasets.IMAGENET_LABELS_FILE.read_text().split()
 VAL_WNIDS = datasets.IMAGENET_VAL_LABELS_FILE.read_text().split()
-CLASSES = (0, 417, 999)  # class ids (lines of labels.txt) the fake archive holds
+CLASSES = (0, 417, 57, 999)  # class ids (lines of labels.txt) the fake archive holds
 
 
 def _smooth(rng, height, width):
@@ -135,7 +136,7 @@ def test_labels_are_labels_txt_lines_of_1000_classes(prepared):
     assert set(builder.info.splits) == {"train", "test"}
     # Prepared once, it needs no manual dir any more (and passes the split check).
     assert datasets.download_and_prepare("imagenet2012", root / "tfds").info.splits[
-        "test"].num_examples == 6
+        "test"].num_examples == 8
     spec = data_lib.DATASETS["imagenet2012"]
     assert (spec.tfds_name, spec.num_classes, spec.image_shape, spec.variable_size) == (
         "imagenet2012", 1000, (224, 224, 3), True)
@@ -206,7 +207,7 @@ def test_a_streamed_two_task_run_on_the_fake_archive(prepared, tmp_path, session
     c = imagenet.get_config()
     c.data_dir = str(prepared[0] / "tfds")
     c.download = False
-    c.class_order = "identity"  # task 1: ids 0-499 (classes 0, 417), task 2: 999
+    c.class_order = "identity"  # task 1: ids 0-499 (classes 0, 57, 417), task 2: 999
     c.num_tasks = 2
     c.model = "resnet8"
     c.method = "base"
@@ -216,7 +217,7 @@ def test_a_streamed_two_task_run_on_the_fake_archive(prepared, tmp_path, session
     c.eval_batch_size = 4
     c.tensorboard = False
     splits = experiment.load_splits(c, session)
-    assert splits.streamed and len(splits.train_images) == 8
+    assert splits.streamed and len(splits.train_images) == 10
     batch = splits.test_images[:2]
     assert batch.shape == (2, 224, 224, 3) and batch.dtype == np.uint8
     results = experiment.run(c, tmp_path, session=session)
@@ -235,3 +236,77 @@ def test_imagenet50_is_the_first_50_classes_in_5_tasks():
     spec = data_lib.classes_in_use(data_lib.get_spec(c.dataset), c.num_classes)
     assert (spec.num_classes, c.num_tasks, c.model, c.seed) == (50, 5, "resnet18", 1993)
     config_lib.validate(c, 1)
+
+
+def test_imagenet100_is_the_first_100_ilsvrc_classes_relabelled(prepared, session):
+    """ImageNet-100 (PODNet's val_100.txt: wnids n01440764 .. n01855672 as labels 0-99) reads
+    the prepared ILSVRC-2012 and keeps the examples of its classes (here 0 and 57 of the
+    fake archive's four), in stored order."""
+    from configs import imagenet100
+    assert WNIDS[0] == "n01440764" and WNIDS[99] == "n01855672"
+    spec = data_lib.DATASETS["imagenet100"]
+    assert spec.class_subset == tuple(range(100)) and spec.num_classes == 100
+    c = imagenet100.get_config()
+    c.data_dir = str(prepared[0] / "tfds")
+    splits = experiment.load_splits(c, session)
+    assert splits.streamed
+    for images, labels, split in ((splits.train_images, splits.train_labels, "train"),
+                                  (splits.test_images, splits.test_labels, "test")):
+        full = tfds.data_source("imagenet2012", split=split, data_dir=c.data_dir)
+        names = [ex["file_name"].decode() for ex in images.source.__getitems__(
+            list(range(len(images))))]
+        kept = sorted(n for n, (_, label, _) in prepared[1][split].items() if label in (0, 57))
+        assert sorted(names) == kept and len(images) == len(labels) == 4
+        for name, label in zip(names, labels):
+            assert label == prepared[1][split][name][1]  # relabelled: 0 -> 0, 57 -> 57
+        stored = [ex["label"] for ex in full.__getitems__(list(range(len(full))))]
+        assert sorted(labels) == sorted(v for v in stored if v < 100)
+        assert images[:4].shape == (4, 224, 224, 3)
+    config_lib.validate(c, 1)
+    assert (c.model, c.num_tasks, c.seed) == ("resnet18", 10, 1993)
+
+
+def test_class_subsets_relabel_in_the_listed_order():
+    positions, labels = data_lib.class_subset_positions(np.array([5, 2, 9, 2, 7, 5]), (5, 2))
+    np.testing.assert_array_equal(positions, [0, 1, 3, 5])
+    np.testing.assert_array_equal(labels, [0, 1, 1, 0])
+
+
+def test_imagenet100_without_the_archive_refuses_in_one_line(tmp_path, session):
+    """No prepared ILSVRC-2012: one line naming the preparation (the archives and the
+    command); prepare_data takes --dataset=imagenet100 for it and names the missing tars."""
+    from abd_jax import prepare_data
+    from configs import imagenet100
+    c = imagenet100.get_config()
+    c.data_dir = str(tmp_path / "empty")
+    c.download = False
+    with pytest.raises(FileNotFoundError) as info:
+        experiment.run(c, tmp_path / "run", session=session)
+    message = str(info.value)
+    assert "\n" not in message and "--dataset=imagenet2012" in message
+    assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in message
+    assert "100 of its classes" in message
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar and .*not found"):
+        prepare_data.prepare("imagenet100", tmp_path / "tfds", tmp_path)
+
+
+def test_a_streamed_imagenet100_run_on_the_fake_archive(prepared, tmp_path, session):
+    """configs/imagenet100.py end to end (a small net and schedule, identity order: class 0
+    in task 1, class 57 in task 2)."""
+    from configs import imagenet100
+    c = imagenet100.get_config()
+    c.data_dir = str(prepared[0] / "tfds")
+    c.download = False
+    c.class_order = "identity"
+    c.num_tasks = 2
+    c.model = "resnet8"
+    c.method = "lwf"
+    c.batch_size = 2
+    c.epochs = 1
+    c.num_devices = 1
+    c.eval_batch_size = 4
+    c.tensorboard = False
+    results = experiment.run(c, tmp_path, session=session)
+    assert len(results["repeats"][0]["R_global"]) == 2
+    assert results["repeats"][0]["class_order"] == list(range(100))

@@ -159,9 +159,13 @@ def test_split_labels_are_read_once_per_version_of_the_split_files(digits_data_d
     assert third.reads == len(expected)
 
 
-def test_dgr_streams_the_autoencoders_batches_too(digits_data_dir, tmp_path, session):
-    """DGR's autoencoder pass reads the task's batches again: streamed, the same numbers."""
-    config = tiny_config(digits_data_dir, method="dgr", num_tasks=2, num_classes=4, epochs=1)
+@pytest.mark.parametrize("method", ["dgr", "rdfcil"])
+def test_stages_that_reread_the_tasks_batches_stream_them_too(digits_data_dir, tmp_path,
+                                                              session, method):
+    """DGR's autoencoder pass and R-DFCIL's head fine-tuning read the task's batches again:
+    streamed, the same numbers."""
+    config = tiny_config(digits_data_dir, method=method, num_tasks=2, num_classes=4, epochs=1)
+    config.rdfcil.finetune_epochs = 1
     device = experiment.run(config, tmp_path / "device", session=session)
     config.input_pipeline = "stream"
     streamed = experiment.run(config, tmp_path / "stream", session=session)

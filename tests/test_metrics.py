@@ -32,6 +32,15 @@ def test_average_accuracy_unmeasured_row_is_nan_and_shape_checked():
         metrics.average_accuracy([[1, 2, 3], [4, 5, 6]])
 
 
+def test_average_forgetting_hand_values():
+    """Task 1: best 90 (after task 1), now 50: 40; task 2: best 80, now 70: 10; F = 25. The
+    best may come after the task's own (a later task helped it: 90 - 50), a task may gain
+    (80 - 85 = -5): F = 17.5; one task: undefined."""
+    assert metrics.average_forgetting([[90, None, None], [60, 80, None], [50, 70, 75]]) == 25.0
+    assert metrics.average_forgetting([[60, None, None], [90, 80, None], [50, 85, 75]]) == 17.5
+    assert math.isnan(metrics.average_forgetting([[70.0]]))
+
+
 def test_omega():
     # (90/100 + 60/80) / 2 = (0.9 + 0.75) / 2
     assert metrics.omega([90, 60], [100, 80]) == pytest.approx(0.825)
@@ -97,6 +106,8 @@ def test_build_results_values():
     assert res["repeats"][1]["omega"] == pytest.approx((80 / 100 + 60 / 80) / 2)
     agg = res["aggregate"]
     assert agg["final_accuracy"] == {"mean": 60.0, "std": 0.0, "n": 2}
+    assert [r["forgetting"] for r in res["repeats"]] == [50.0, 30.0]
+    assert agg["forgetting"] == {"mean": 40.0, "std": 10.0, "n": 2}
     assert agg["A_global"]["mean"] == [85.0, 60.0]
     assert agg["A_global"]["std"] == [5.0, 0.0]
     assert agg["train_seconds_per_batch"]["mean"] == pytest.approx(0.05)
@@ -126,6 +137,7 @@ def test_write_results(tmp_path):
     md = (out / "summary.md").read_text(encoding="utf-8")
     assert "# ABD test" in md and "cifar100" in md
     assert "A_N: 60.00 ± 0.00" in md
+    assert "forgetting F_N: 40.00 ± 10.00" in md
     assert "Omega" in md and "MiB" in md
     assert "seed 1" in md and "| 2 | 50.00 | 70.00 |" in md  # last repeat's R_global
     png = (out / "accuracy.png").read_bytes()

@@ -65,9 +65,12 @@ def test_run_table_writes_one_row_per_method_and_a_column_per_task_count(digits_
                 "--config.synthesis.iterations=4", f"--config.data_dir={digits_data_dir}",
                 "--tasks=2,1"])
     table = (tmp_path / "table.md").read_text()
-    assert table.startswith("| row | A_N (%), 2 tasks | A_N (%), 1 tasks | memory (M values)")
+    assert table.startswith("| row | A_N (%), 2 tasks | F (%), 2 tasks | A_N (%), 1 tasks | "
+                            "F (%), 1 tasks | memory (M values)")
     assert "| base |" in table and "| abd_no_ft_ce |" in table and table in out
-    assert "| bic |" in table and "..." not in table
+    assert "| bic |" in table and "..." not in table and "published" not in table  # (digits)
+    png = (tmp_path / "comparison.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
     assert (tmp_path / "tasks_2" / "abd_no_ft_ce" / "results.json").exists()
     csv = (tmp_path / "table.csv").read_text().splitlines()
     assert len(csv) == 1 + 3 * 2 and csv[1].startswith("base,2,")
@@ -82,19 +85,51 @@ def _run_table_module():
     return module
 
 
-def test_table_layout_cells_omega_and_pending():
+def test_table_layout_cells_forgetting_omega_published_and_pending():
     agg = lambda a, o=None: {"final_accuracy": {"mean": a, "std": 1.0, "n": 3},
+                             "forgetting": {"mean": 80.0 - a, "std": 2.0, "n": 3},
                              "train_seconds_per_batch": {"mean": 0.5},
                              "memory": {"values": 2e6}, **({"omega": {"mean": o, "std": 0.01}}
                                                            if o is not None else {})}
     cells = {("upper_bound", 5): agg(70.0), ("abd", 5): agg(40.0, 0.62),
              ("upper_bound", 10): agg(65.0)}
-    md, csv = _run_table_module().format_table(["upper_bound", "abd"], [5, 10], cells)
+    module = _run_table_module()
+    md, csv = module.format_table(["upper_bound", "abd", "rdfcil"], [5, 10], cells,
+                                  {"abd": {5: (43.9, 0.9, "ABD")}})
     lines = md.splitlines()
-    assert lines[0] == ("| row | A_N (%), 5 tasks | Omega, 5 tasks | A_N (%), 10 tasks | "
+    assert lines[0] == ("| row | A_N (%), 5 tasks | F (%), 5 tasks | Omega, 5 tasks | "
+                        "published A_N (%), 5 tasks | A_N (%), 10 tasks | F (%), 10 tasks | "
                         "Omega, 10 tasks | memory (M values) | s / batch |")
-    assert lines[2] == "| upper_bound | 70.00 +- 1.00 | n/a | 65.00 +- 1.00 | n/a | 2.00 | 0.5000 |"
-    assert lines[3] == "| abd | 40.00 +- 1.00 | 0.62 +- 0.01 | ... | ... | 2.00 | 0.5000 |"
-    assert csv.splitlines()[1:] == ["upper_bound,5,70.0,1.0,,,2000000.0,0.5,3",
-                                    "upper_bound,10,65.0,1.0,,,2000000.0,0.5,3",
-                                    "abd,5,40.0,1.0,0.62,0.01,2000000.0,0.5,3"]
+    assert lines[2] == ("| upper_bound | 70.00 +- 1.00 | 10.00 +- 2.00 | n/a |  | "
+                        "65.00 +- 1.00 | 15.00 +- 2.00 | n/a | 2.00 | 0.5000 |")
+    assert lines[3] == ("| abd | 40.00 +- 1.00 | 40.00 +- 2.00 | 0.62 +- 0.01 | "
+                        "43.9 +- 0.9 [ABD] | ... | ... | ... | 2.00 | 0.5000 |")
+    assert lines[4] == "| rdfcil | ... | ... | ... |  | ... | ... | ... | n/a | ... |"
+    assert lines[6] == f"[ABD] {module.SOURCES['ABD']}."
+    assert lines[7] == module.PUBLISHED_NOTE
+    assert csv.splitlines()[1:] == ["upper_bound,5,70.0,1.0,10.0,2.0,,,,,2000000.0,0.5,3",
+                                    "upper_bound,10,65.0,1.0,15.0,2.0,,,,,2000000.0,0.5,3",
+                                    "abd,5,40.0,1.0,40.0,2.0,0.62,0.01,43.9,0.9,2000000.0,0.5,3"]
+    md, _ = module.format_table(["abd"], [5], cells)  # no published figures: no column
+    assert "published" not in md and "[ABD]" not in md
+
+
+def test_every_published_figure_names_its_source_and_a_known_row():
+    module = _run_table_module()
+    for rows in module.PUBLISHED.values():
+        for row, figures in rows.items():
+            assert row in module.ROWS
+            assert all(source in module.SOURCES for _, _, source in figures.values())
+
+
+def test_comparison_plot_has_a_panel_per_task_count_and_a_line_per_row(tmp_path):
+    from abd_jax import reporting
+    cells = {(row, n): {"A_global": {"mean": [90.0 - k * 10] * n, "std": [1.0] * n}}
+             for k, row in enumerate(("abd", "rdfcil")) for n in (2, 3)}
+    panels = _run_table_module().comparison_panels(["abd", "rdfcil"], [2, 3], cells)
+    fig = reporting.comparison_figure(panels, "t")
+    assert [ax.get_title() for ax in fig.axes] == ["2 tasks", "3 tasks"]
+    for ax, n in zip(fig.axes, (2, 3)):
+        assert [line.get_label() for line in ax.get_lines()] == ["abd", "rdfcil"]
+        assert list(ax.get_lines()[1].get_ydata()) == [80.0] * n
+        assert ax.get_ylim() == (0, 100)
