@@ -1,6 +1,7 @@
 """Shared test helpers (importable as `helpers`: pytest puts tests/ on sys.path)."""
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from abd_jax import models
 from configs import digits
@@ -69,3 +70,15 @@ class TinyGenerator(nn.Module):
         x = jnp.tanh(nn.Dense(16, name="fc")(z)).reshape(z.shape[0], 4, 4, 1)
         return nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
                             name="bn_out")(x)
+
+
+def log_softmax64(z):
+    """float64 reference: [..., C] log softmax over the last axis."""
+    z = np.asarray(z, np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    return z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
+
+
+def ce64(z, y):
+    """float64 reference: [B] -log softmax(z_i)_{y_i}."""
+    return -log_softmax64(z)[np.arange(len(y)), np.asarray(y)]

@@ -21,7 +21,7 @@ from abd_jax import methods, models, train
 from abd_jax.methods import bic, coreset, dgr, e2e
 from abd_jax.methods.teacher import Teacher, teacher_apply
 from configs import digits
-from helpers import TinyNet
+from helpers import TinyNet, ce64, log_softmax64
 
 pytestmark = pytest.mark.xdist_group("baseline_losses")
 
@@ -48,21 +48,10 @@ def _method(name, **subtree):
 
 
 # ------------------------------------------------------------------ float64 numpy references
-def _log_softmax(z):
-    z = np.asarray(z, np.float64)
-    m = z.max(axis=-1, keepdims=True)
-    return z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
-
-
-def _ce(z, y):
-    """[B] -log softmax(z_i)_{y_i}."""
-    return -_log_softmax(z)[np.arange(len(y)), np.asarray(y)]
-
-
 def _kd(s, t):
     """mean_i -sum_k softmax(t_i / T)_k log_softmax(s_i / T)_k."""
-    return np.mean(-np.sum(np.exp(_log_softmax(np.asarray(t) / T))
-                           * _log_softmax(np.asarray(s) / T), axis=-1))
+    return np.mean(-np.sum(np.exp(log_softmax64(np.asarray(t) / T))
+                           * log_softmax64(np.asarray(s) / T), axis=-1))
 
 
 def _task_kd(s, t, tasks):
@@ -195,7 +184,7 @@ def _check(got, want):
 # ------------------------------------------------------------------------------- the tests
 def test_base_and_naive_rehearsal_are_ce_over_the_seen_classes(runs):
     """Base; Naive Rehearsal is Base on the task's images + memory samples (SPEC 6b)."""
-    want = np.mean(_ce(runs["z_train"][:, :K_NEW], Y_MIXED))
+    want = np.mean(ce64(runs["z_train"][:, :K_NEW], Y_MIXED))
     for name in ("base", "naive_rehearsal"):
         loss, metrics = runs[name]
         _check(loss, want)
@@ -205,7 +194,7 @@ def test_base_and_naive_rehearsal_are_ce_over_the_seen_classes(runs):
 def test_lwf_coreset_is_ce_plus_kd_over_the_past_classes_on_every_row(runs):
     """LwF + coreset: CE over [0, K_new) + 1 * KD over [0, K_old) of all rows (T = 2)."""
     z, t = runs["z_train"], runs["t"]
-    ce, kd = np.mean(_ce(z[:, :K_NEW], Y_MIXED)), _kd(z[:, :K_OLD], t[:, :K_OLD])
+    ce, kd = np.mean(ce64(z[:, :K_NEW], Y_MIXED)), _kd(z[:, :K_OLD], t[:, :K_OLD])
     loss, metrics = runs["lwf_coreset"]
     _check(metrics["ce"], ce)
     _check(metrics["kd"], kd)
@@ -216,7 +205,7 @@ def test_e2e_weights_each_past_task_by_its_share_of_the_old_classes(runs):
     """E2E (release): CE + sum_{j < t} KD_j * |task j| / K_old; the paper's "sum": weight 1.
     Only the past tasks' columns: the current task's KD would be a third term."""
     z, t = runs["z_train"], runs["t"]
-    ce = np.mean(_ce(z[:, :K_NEW], Y_MIXED))
+    ce = np.mean(ce64(z[:, :K_NEW], Y_MIXED))
     kd0, kd1 = _task_kd(z, t, (0, 1))
     loss, metrics = runs["e2e"]
     _check(metrics["ce"], ce)
@@ -235,7 +224,7 @@ def test_e2e_balanced_stage_on_the_frozen_backbone(runs):
     head = runs["head"]
     z = runs["f_eval"] @ head["kernel"] + head["bias"]
     t = runs["t"]
-    ce = np.mean(_ce(z[:, :K_NEW], Y_MIXED))
+    ce = np.mean(ce64(z[:, :K_NEW], Y_MIXED))
     kd_old = sum(_task_kd(z, t, (0, 1)))
     kd_new = _kd(z[:, K_OLD:K_NEW], runs["z_eval"][:, K_OLD:K_NEW])  # the frozen model's
     w = S / K_NEW
@@ -249,7 +238,7 @@ def test_e2e_balanced_stage_on_the_frozen_backbone(runs):
     # balanced_trains="all": the whole network in train mode, against a separate "before"
     z, before = runs["z_train"], runs["before"]
     loss, _ = runs["e2e_balanced_all"]
-    _check(loss, np.mean(_ce(z[:, :K_NEW], Y_MIXED)) + w * (
+    _check(loss, np.mean(ce64(z[:, :K_NEW], Y_MIXED)) + w * (
         sum(_task_kd(z, t, (0, 1))) + _kd(z[:, K_OLD:K_NEW], before[:, K_OLD:K_NEW])))
 
 
@@ -272,7 +261,7 @@ def test_bic_stage1_mixes_ce_and_kd_by_the_old_class_share(runs):
     logits of the past tasks through their fixed corrections."""
     z = _correct(runs["z_train"], ALPHA, BETA, K_OLD)
     t = _correct(runs["t"], ALPHA, BETA, K_OLD)
-    ce, kd = np.mean(_ce(z[:, :K_NEW], Y_MIXED)), _kd(z[:, :K_OLD], t[:, :K_OLD])
+    ce, kd = np.mean(ce64(z[:, :K_NEW], Y_MIXED)), _kd(z[:, :K_OLD], t[:, :K_OLD])
     lam = K_OLD / K_NEW
     loss, metrics = runs["bic"]
     _check(metrics["ce"], ce)
@@ -287,7 +276,7 @@ def test_bic_stage2_fits_the_new_tasks_correction_on_the_frozen_model(runs):
     alpha[TASK.index], beta[TASK.index] = 0.5, 1.25
     z = _correct(runs["z_eval"], alpha, beta, K_NEW)
     loss, metrics = runs["bic_stage2"]
-    _check(loss, np.mean(_ce(z[:, :K_NEW], Y_MIXED)))
+    _check(loss, np.mean(ce64(z[:, :K_NEW], Y_MIXED)))
     _check(metrics["ce"], loss)
 
 
@@ -327,7 +316,7 @@ def test_dgr_solver_loss(runs):
     y = np.concatenate([Y_NEW, np.argmax(t_replay[:, :K_OLD], axis=1)])
     r = K_OLD / K_NEW
     w = np.concatenate([np.full(B, 1 - r), np.full(B, r)])
-    ce = np.mean(w * _ce(z[:, :K_NEW], y))
+    ce = np.mean(w * ce64(z[:, :K_NEW], y))
     kd = _kd(z[B:, :K_OLD], t_replay[:, :K_OLD])
     loss, metrics = runs["dgr"]
     _check(metrics["ce"], ce)

@@ -22,7 +22,7 @@ from abd_jax.methods import rdfcil
 from abd_jax.methods.lifecycle import HeadStage
 from abd_jax.methods.synthetic_replay import replay
 from abd_jax.methods.teacher import Teacher, teacher_apply
-from helpers import TinyGenerator, TinyNet, three_task_config
+from helpers import TinyGenerator, TinyNet, ce64, three_task_config
 
 pytestmark = pytest.mark.xdist_group("rdfcil")
 
@@ -37,16 +37,6 @@ def _check(got, want):
 
 
 # ------------------------------------------------------------------ float64 numpy references
-def _log_softmax(z):
-    z = np.asarray(z, np.float64)
-    m = z.max(axis=-1, keepdims=True)
-    return z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
-
-
-def _ce(z, y):
-    return -_log_softmax(z)[np.arange(len(y)), np.asarray(y)]
-
-
 def _angles(x):
     """angle[a, b, c] = <unit(x_b - x_a), unit(x_c - x_a)> by loops (zero vectors stay 0)."""
     x = np.asarray(x, np.float64)
@@ -213,7 +203,7 @@ def test_main_loss_matches_hand_computation(runs, setup):
     0.5 alpha beta)."""
     f64 = lambda a: np.asarray(a, np.float64)
     y = np.asarray(runs["labels"])
-    ce = np.mean(_ce(f64(runs["z_real"])[:, K_OLD:K_NEW], y[:B] - K_OLD))
+    ce = np.mean(ce64(f64(runs["z_real"])[:, K_OLD:K_NEW], y[:B] - K_OLD))
     hkd = np.mean(np.abs(f64(runs["z_syn"])[:, :K_OLD] - f64(runs["tz"])[B:, :K_OLD]))
     proj = jax.tree.map(f64, setup["params"][rdfcil.PROJECTION])
     student = f64(runs["f_real"]) @ proj["student"]["kernel"] + proj["student"]["bias"]
@@ -258,7 +248,7 @@ def test_finetune_loss_matches_hand_computation(runs, setup):
     z = f64(runs["f_backbone"]) @ head["kernel"] + head["bias"]
     y = np.asarray(runs["labels"])
     w = f64(setup["class_weights"])[y]
-    ce = np.sum(w * _ce(z[:, :K_NEW], y)) / np.sum(w)
+    ce = np.sum(w * ce64(z[:, :K_NEW], y)) / np.sum(w)
     hkd = np.mean(np.abs(z[B:, :K_OLD] - f64(runs["tz"])[B:, :K_OLD]))
     loss, new_bs, metrics = runs["finetune"]
     assert new_bs is None
