@@ -107,11 +107,19 @@ class RunCheckpointer:
         """`(position, pytree shaped like template, meta)` of the newest checkpoint that
         restores, or None if there is none. A newer one that fails to restore (truncated or
         missing files) is moved aside to `<directory>.damaged/` with a one-line warning, never
-        deleted, and the one before it is tried."""
+        deleted, and the one before it is tried. One whose state is laid out unlike
+        `template` (saved by another version of the code) is not damaged: it raises
+        `LayoutMismatch`, naming the fix, and nothing is moved (the ones before it were saved
+        by the same code, and restarting would overwrite the run's results)."""
         while (step := self._manager.latest_step()) is not None:
             try:
                 return id_to_position(step), *self._restore(step, template)
-            except Exception as err:  # noqa: BLE001 (any failure to read it means damaged)
+            except LayoutMismatch as err:
+                raise LayoutMismatch(
+                    f"checkpoint {step} ({describe_position(*id_to_position(step))}) in "
+                    f"{self.directory} was saved by another version of abd-jax: {err}. Resume "
+                    "it with the version that saved it, or pass a new --workdir") from None
+            except Exception as err:  # noqa: BLE001 (any other failure to read it: damaged)
                 self._move_aside(step, err)
         return None
 
@@ -224,6 +232,10 @@ class _disk_errors:
 LAYOUT = "state_layout"  # the meta key of a packed state's layout
 
 
+class LayoutMismatch(ValueError):
+    """A checkpoint's state has other arrays than the run restoring it expects."""
+
+
 def _host_value(leaf) -> bool:
     """Whether `leaf` is one value every process holds whole: a host array, or a replicated
     `jax.Array` (all of a data-parallel run's state)."""
@@ -268,7 +280,7 @@ def _unpack(target: dict, layout: list, restore) -> dict:
         was, now = next(pair for pair in itertools.zip_longest(saved, expected)
                         if pair[0] != pair[1])
         describe = lambda entry: "nothing" if entry is None else f"{entry[0]} {entry[2]}{entry[1]}"
-        raise ValueError(f"its state layout differs from this run's ({len(saved)} vs "
+        raise LayoutMismatch(f"its state layout differs from this run's ({len(saved)} vs "
                          f"{len(expected)} arrays): saved {describe(was)} where this run "
                          f"has {describe(now)}")
     sizes: dict[str, int] = {}  # dtype -> packed length

@@ -140,3 +140,30 @@ def test_a_state_is_saved_packed_and_restores_placed_like_its_template(tmp_path)
             "saved ['state']['w'] float32[3, 4] where this run has ['state']['w'] float32[4, 3]")):
         checkpointer.restore_at(0, 1, template)
     checkpointer.close()
+
+
+def test_a_checkpoint_of_another_layout_stops_the_resume_without_moving_anything(tmp_path):
+    """Checkpoints saved by another version of the code (other arrays in the state) are not
+    damaged: the resume stops in one line naming the checkpoint and the fix, every checkpoint
+    stays where it was, and no restart from task 1 overwrites the run."""
+    import jax.numpy as jnp
+
+    directory = tmp_path / "ckpt"
+    checkpointer = ckpt_lib.RunCheckpointer(directory)
+    for step in (1, 2):
+        checkpointer.save(0, step, {"w": jnp.ones(3)}, {"accuracy": {}})
+    checkpointer.close()
+    before = sorted(p.name for p in directory.iterdir())
+
+    reopened = ckpt_lib.RunCheckpointer(directory)
+    with pytest.raises(ckpt_lib.LayoutMismatch) as err:
+        reopened.restore_latest({"w": jnp.ones(3), "extra": jnp.zeros(2)})
+    reopened.close()
+    message = str(err.value)
+    assert "\n" not in message
+    newest = ckpt_lib.position_to_id(0, 2)
+    assert message.startswith(f"checkpoint {newest} (task 1, training step 2) in {directory} "
+                              "was saved by another version of abd-jax: ")
+    assert "(1 vs 2 arrays)" in message and message.endswith("or pass a new --workdir")
+    assert sorted(p.name for p in directory.iterdir()) == before
+    assert not directory.with_name("ckpt.damaged").exists()
