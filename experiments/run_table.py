@@ -202,7 +202,7 @@ def run_cells(rows: list[str], task_counts: list[int], workdir: pathlib.Path,
             (workdir / "table.csv").write_text(csv)
             reporting.write_comparison(
                 workdir / "comparison.png", comparison_panels(rows, task_counts, cells),
-                f"{FLAGS.config.dataset}: A_i per row (mean +- std over repeats)")
+                f"{FLAGS.config.dataset}: A_i per row (mean ± std over repeats)")
     return table
 
 

@@ -243,7 +243,8 @@ def test_an_interrupted_preparation_leaves_nothing_and_a_rerun_reads_everything(
     with pytest.raises(KeyboardInterrupt):
         data_lib.get_spec(f"folder:{tmp_path / 'pets'}", tmp_path / "tfds")
     assert not [p for p in (tmp_path / "tfds").rglob("*") if p.is_file()]
-    # A preparation killed outright leaves TFDS's temporary folder: never taken as prepared.
+    # A preparation killed outright leaves TFDS's temporary folder: never taken as prepared,
+    # and deleted by the next preparation.
     name = f"image_folder/{folder_lib.folder_config_name(tmp_path / 'pets', 0)}"
     killed = tmp_path / "tfds" / name / "incomplete.ABC123_1.0.0"
     killed.mkdir(parents=True)
@@ -251,6 +252,7 @@ def test_an_interrupted_preparation_leaves_nothing_and_a_rerun_reads_everything(
     assert prepared_version_dir(name, tmp_path / "tfds") is None
     monkeypatch.setattr(folder_lib, "read_image", read_image)
     spec = data_lib.get_spec(f"folder:{tmp_path / 'pets'}", tmp_path / "tfds")
+    assert not killed.exists(), "the next preparation deletes what a killed one left"
     for split in ("train", "test"):
         images, labels = data_lib.load_split(spec, split, str(tmp_path / "tfds"))
         np.testing.assert_array_equal(images, expected[split][0])
@@ -261,3 +263,25 @@ def test_an_interrupted_preparation_leaves_nothing_and_a_rerun_reads_everything(
     assert data_lib.get_spec(f"folder:{tmp_path / 'pets'}", tmp_path / "tfds") == spec
     assert json.loads(stats_file.read_text())["num_classes"] == 4
     assert [p.name for p in stats_file.parent.glob(".*")] == []
+
+
+def test_two_processes_preparing_one_folder_both_finish_with_one_dataset(tmp_path):
+    """Two runs started on a folder that is not prepared yet: the second waits for the
+    first's preparation and reads it, instead of racing it to the version folder."""
+    expected = make_folder(tmp_path / "pets", per_class=(60, 10), size=16)
+    command = [sys.executable, "-m", "abd_jax.prepare_data",
+               f"--dataset=folder:{tmp_path / 'pets'}", f"--data_dir={tmp_path / 'tfds'}"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+             for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-2000:]
+        assert "train: 240 examples" in out, out
+    spec = data_lib.get_spec(f"folder:{tmp_path / 'pets'}", tmp_path / "tfds")
+    images, labels = data_lib.load_split(spec, "train", str(tmp_path / "tfds"))
+    np.testing.assert_array_equal(images, expected["train"][0])
+    np.testing.assert_array_equal(labels, expected["train"][1])
+    leftovers = [p.name for p in pathlib.Path(spec.prepared_dir).parent.iterdir()
+                 if p.name.startswith("incomplete.")]
+    assert leftovers == []

@@ -9,7 +9,7 @@ from absl import logging
 
 from abd_jax.datasets.common import png_bytes
 from abd_jax.datasets.folder_files import SPLITS, folder_layout, read_image
-from abd_jax.datasets.prepared import dataset_stats, prepared_version_dir
+from abd_jax.datasets.prepared import dataset_stats, prepared_version_dir, preparing
 
 
 def folder_config_name(root: pathlib.Path, image_size: int) -> str:
@@ -75,9 +75,12 @@ def prepare_folder(root, data_dir=None, image_size: int = 0) -> pathlib.Path:
     if prepared is None:
         builder = ImageFolder(root=root, image_size=image_size, data_dir=data_dir,
                               file_format="array_record")
-        logging.info("preparing %s into %s", root, builder.data_dir)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False))
-        prepared = pathlib.Path(builder.data_dir)
+        with preparing(pathlib.Path(builder.data_dir).parent):
+            prepared = prepared_version_dir(name, data_dir)  # by a process waited for
+            if prepared is None:
+                logging.info("preparing %s into %s", root, builder.data_dir)
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                    try_download_gcs=False))
+                prepared = pathlib.Path(builder.data_dir)
     dataset_stats(prepared)
     return prepared

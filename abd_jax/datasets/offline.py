@@ -1,5 +1,7 @@
 """The datasets abd-jax prepares from their official archives, without TensorFlow."""
+import contextlib
 import os
+import pathlib
 import urllib.request
 
 import tensorflow_datasets as tfds
@@ -9,6 +11,7 @@ from etils import epath
 from abd_jax.datasets.cifar import OfflineCifar10, OfflineCifar100
 from abd_jax.datasets.digits import SklearnDigits
 from abd_jax.datasets.imagenet import Imagenet2012
+from abd_jax.datasets.prepared import preparing
 from abd_jax.datasets.tiny_imagenet import TinyImagenet
 
 OFFLINE_BUILDERS = {"cifar10": OfflineCifar10, "cifar100": OfflineCifar100,
@@ -38,8 +41,8 @@ def download_and_prepare(name: str, data_dir=None, manual_dir=None,
 
     The archive (CIFAR, Tiny-ImageNet; ImageNet's two tars) is read from `manual_dir`; with
     `download` and no manual dir, it is first fetched into `<data_dir>/downloads/manual`
-    (not ImageNet, which needs a registration). A no-op when already prepared. Returns
-    the builder; its `info.splits` give the sizes.
+    (not ImageNet, which needs a registration). A no-op when already prepared; one process
+    at a time prepares (`preparing`). Returns the builder; its `info.splits` give the sizes.
     """
     if name not in OFFLINE_BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(OFFLINE_BUILDERS)}")
@@ -47,10 +50,15 @@ def download_and_prepare(name: str, data_dir=None, manual_dir=None,
         data_dir = epath.Path(data_dir).expanduser()
     if manual_dir is not None:
         manual_dir = epath.Path(manual_dir).expanduser()
-    builder = OFFLINE_BUILDERS[name](data_dir=data_dir, file_format="array_record")
-    if (download and manual_dir is None and getattr(builder, "URL", None)
-            and not builder.is_prepared()):
-        manual_dir = fetch_archive(name, epath.Path(builder.data_dir_root) / "downloads" / "manual")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, try_download_gcs=False))
+    make = lambda: OFFLINE_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+    builder = make()
+    folder = pathlib.Path(builder.data_dir).parent
+    with contextlib.nullcontext() if builder.is_prepared() else preparing(folder):
+        builder = make()  # a process waited for may have prepared it
+        if (download and manual_dir is None and getattr(builder, "URL", None)
+                and not builder.is_prepared()):
+            manual_dir = fetch_archive(
+                name, epath.Path(builder.data_dir_root) / "downloads" / "manual")
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, try_download_gcs=False))
     return builder

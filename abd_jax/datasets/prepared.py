@@ -1,9 +1,13 @@
-"""Prepared TFDS datasets on disk: which version folder is complete, and its statistics."""
+"""Prepared TFDS datasets on disk: which version folder is complete, one preparation at a
+time, and the statistics."""
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import re
 import secrets
+import shutil
 from typing import Optional
 
 import numpy as np
@@ -12,6 +16,7 @@ from absl import logging
 
 STATS_FILE = "abd_stats.json"  # beside dataset_info.json in a prepared version folder
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
+INCOMPLETE_GLOB = "incomplete.*"  # TFDS prepares into such a folder, then renames it
 
 
 def prepared_version_dir(name: str, data_dir) -> Optional[pathlib.Path]:
@@ -25,6 +30,29 @@ def prepared_version_dir(name: str, data_dir) -> Optional[pathlib.Path]:
     versions = [d for d in folder.iterdir() if _VERSION.fullmatch(d.name)
                 and (d / "dataset_info.json").is_file()] if folder.is_dir() else []
     return max(versions, key=lambda d: tuple(map(int, d.name.split("."))), default=None)
+
+
+@contextlib.contextmanager
+def preparing(folder: pathlib.Path):
+    """Held while a dataset is prepared into `folder` (the parent of its version folders):
+    an exclusive `flock` on the folder itself (no lock file is left behind), so a second
+    process preparing the same dataset waits for the first, and then finds it prepared,
+    instead of racing it to the version folder. Once held, the `incomplete.*` folders that a
+    preparation killed outright left there are deleted: no live preparation writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.info("waiting for another process preparing into %s", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in folder.glob(INCOMPLETE_GLOB):
+            logging.warning("deleting %s, left by a preparation that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_atomically(path: pathlib.Path, text: str) -> None:
