@@ -42,7 +42,8 @@ NON_RESULT = ("log_every_steps", "checkpoint_every_steps", "data_dir", "download
 CHANGEABLE = ("lr", "synthesis.lr", "lr_decay", "lr_milestones", "momentum", "weight_decay")
 
 # Result fields added after runs were made, with the value that reproduces those runs.
-ADDED = {"image_size": 0, "num_classes": 0, "synthesis.generator_dtype": "float32"}
+ADDED = {"image_size": 0, "num_classes": 0, "synthesis.generator_dtype": "float32",
+         "first_repeat": 0}
 
 METHOD_SECTIONS = ("abd", "lwf", "lwf_synthetic", "deepinversion", "coreset", "e2e", "bic",
                    "dgr", "rdfcil", "synthesis")
@@ -81,13 +82,19 @@ def check_method_name(config) -> None:
                          f"{', '.join(methods_lib.METHODS)} (--config.method=...)")
 
 
+def repeat_indices(config) -> range:
+    """The repeats a run makes: `first_repeat` .. `first_repeat + repeats - 1` (repeat r:
+    seed `seed + r`, the r-th class order)."""
+    return range(config.first_repeat, config.first_repeat + config.repeats)
+
+
 def validate(config, num_devices: int,
              spec: Optional[data_lib.DatasetSpec] = None) -> methods_lib.Method:
     """Raise ValueError naming the fix for any setting the run cannot honour; returns the
     run's method (built once). `spec`: the data's, when the caller supplies splits."""
     check_method_name(config)
     spec = spec or data_lib.spec_of(config)
-    for repeat in range(config.repeats):
+    for repeat in repeat_indices(config):
         data_lib.class_order(spec.num_classes, config.class_order, config.seed + repeat, repeat)
     spec = data_lib.classes_in_use(spec, config.num_classes)
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
@@ -95,6 +102,9 @@ def validate(config, num_devices: int,
     if config.input_pipeline not in input_pipeline.PIPELINES:
         raise ValueError(f"input_pipeline={config.input_pipeline!r}: use one of "
                          f"{input_pipeline.PIPELINES} (--config.input_pipeline)")
+    if config.first_repeat < 0:
+        raise ValueError(f"first_repeat {config.first_repeat} must be 0 or more "
+                         "(--config.first_repeat)")
     for name in ("batch_size", "eval_batch_size", "repeats", "epochs", "log_every_steps",
                  "checkpoint_every_steps"):
         if config[name] < 1:

@@ -140,6 +140,11 @@ def run(config, workdir, splits: Optional[Splits] = None, session: Optional[Sess
                            omega_reference)
 
 
+def run_title(config) -> str:
+    """The title of a run's results and plots."""
+    return f"{config.method} on {config.dataset}, {config.num_tasks} tasks"
+
+
 def _run_locked(config, workdir: pathlib.Path, splits: Splits, mesh: Mesh, config_dict: dict,
                 method, session: Session, omega_reference) -> dict:
     logging.info("devices: %s; dataset %s: %d train / %d test images", mesh.devices.tolist(),
@@ -147,7 +152,7 @@ def _run_locked(config, workdir: pathlib.Path, splits: Splits, mesh: Mesh, confi
     logging.info("running %s: %d tasks, %d epochs each (%s, batch %d), %d repeat(s); every "
                  "setting is in %s", config.method, config.num_tasks, config.epochs,
                  config.model, config.batch_size, config.repeats, workdir / "config.json")
-    title = f"{config.method} on {config.dataset}, {config.num_tasks} tasks"
+    title = run_title(config)
     results = {}
     tensorboard = workdir / "tensorboard" if config.tensorboard else None
     # Process 0 of several writes the logs; the others' lines go nowhere (their offsets in a
@@ -155,7 +160,7 @@ def _run_locked(config, workdir: pathlib.Path, splits: Splits, mesh: Mesh, confi
     log_path = workdir / "metrics.jsonl" if hosts.is_main() else pathlib.Path(os.devnull)
     with reporting.MetricWriter(log_path, tensorboard if hosts.is_main() else None) as writer:
         run_results, all_restored = [], True
-        for repeat in range(config.repeats):
+        for repeat in config_lib.repeat_indices(config):
             repeat_runner = runner.RepeatRunner(config, workdir, splits, mesh, writer, repeat,
                                                 method, session)
             try:

@@ -9,15 +9,13 @@ run the same command (docs/hosts.md).
 """
 from __future__ import annotations
 
-import errno
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from abd_jax import checkpoint as ckpt_lib
 from abd_jax import config as config_lib
-from abd_jax import driver, experiment, hosts, logs
+from abd_jax import errors, experiment, hosts, logs
 from abd_jax.session import Session
 
 FLAGS = flags.FLAGS
@@ -83,26 +81,11 @@ def main(argv):
         except KeyboardInterrupt:
             logging.warning("stopped; rerun the same command to resume from %s", FLAGS.workdir)
             raise SystemExit(130)
-        except (ValueError, FileNotFoundError, driver.Diverged, ckpt_lib.WorkdirBusy) as err:
-            raise SystemExit(f"error: {err}")
-        except OSError as err:
-            raise SystemExit(f"error: {os_error_message(err)}")
-
-
-FIXES = {
-    errno.EROFS: "pass a --workdir on a writable disk",
-    errno.EACCES: "pass a --workdir you may write to",
-    errno.ENOSPC: ("free space on that disk (or move the workdir to a larger one) and rerun "
-                   "the same command: it resumes from the newest checkpoint"),
-}
-
-
-def os_error_message(err: OSError) -> str:
-    """One line: what failed, where, and the fix."""
-    what = err.strerror or str(err)
-    where = f" ({err.filename})" if err.filename else ""
-    fix = FIXES.get(err.errno, "check that path, then rerun the same command to resume")
-    return f"{what}{where}; {fix}"
+        except Exception as err:  # noqa: BLE001 (a failure the user can fix is one line)
+            message = errors.one_line(err)
+            if message is None:
+                raise
+            raise SystemExit(message) from None
 
 
 if __name__ == "__main__":

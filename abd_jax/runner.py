@@ -177,7 +177,7 @@ class RepeatRunner:
         start_task, start_step = 0, 0
         latest = self.checkpointer.restore_latest({"state": learner, "method": method_state})
         if latest is None:
-            if self.repeat == 0:
+            if self.repeat == c.first_repeat:
                 self.writer.truncate(0)  # lines of a run killed before its first checkpoint
         else:
             (start_task, start_step), restored, meta = latest
@@ -296,7 +296,8 @@ class RepeatRunner:
         """A rough estimate: the mean wall time of this repeat's tasks so far."""
         c = self.config
         walls = self.timing["task_wall_seconds"]
-        tasks_left = (c.num_tasks - t - 1) + (c.repeats - self.repeat - 1) * c.num_tasks
+        repeats_left = c.first_repeat + c.repeats - self.repeat - 1
+        tasks_left = (c.num_tasks - t - 1) + repeats_left * c.num_tasks
         left = (f"; roughly {logs.format_duration(tasks_left * float(np.mean(walls)))} left "
                 f"({tasks_left} tasks)" if tasks_left else "")
         logging.info("task %d took %s%s", t + 1, logs.format_duration(walls[-1]), left)

@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_classes = 0          # use only the first N classes of the class order (0 = all)
     c.seed = 0                 # repeat r uses seed + r (its own class order)
     c.repeats = 1
+    c.first_repeat = 0         # this run's repeats are first_repeat .. + repeats - 1 (a slice
+    #                            of a larger run: run_table.py --parallel runs each repeat alone)
     c.method = "abd"           # abd | deepinversion | lwf_synthetic | base | upper_bound |
     #                            lwf | lwf_mc | naive_rehearsal | lwf_coreset | e2e | bic |
     #                            dgr | rdfcil

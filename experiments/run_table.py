@@ -16,6 +16,13 @@ seconds per batch (of the last task count). It is printed and written to
 `<workdir>/table.md`, every number to `<workdir>/table.csv`, and the A_i curves of every row
 to `<workdir>/comparison.png` (one panel per task count). Tables: `methods` (all rows of
 the paper's Tables 1/2), `data_free` (Table 1 and R-DFCIL), `coreset`, `ablations` (Table 3).
+
+`--parallel=N` runs N at once, each in a process of its own with an even share of each
+accelerator's memory (`abd_jax.parallel`): the repeats of a cell (repeat r of a cell of
+several in `<cell>/repeat_<r>/`, merged into the cell's results.json with the numbers of a
+run in one process) and the cells, the upper bounds first. Their logs go to
+`<workdir>/logs/`; a stop stops them all, each with a checkpoint, and the same command
+resumes them.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from abd_jax import experiment, logs, reporting
+from abd_jax import experiment, logs, parallel, reporting
 from abd_jax.session import Session
 
 # row name -> config overrides (dotted keys for nested fields)
@@ -162,47 +169,99 @@ def main(argv):
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise app.UsageError(f"unknown rows {unknown}; known: {sorted(ROWS)}")
+    if FLAGS.parallel < 1:
+        raise app.UsageError(f"--parallel={FLAGS.parallel}: pass 1 or more")
     task_counts = [int(n) for n in FLAGS.tasks] if FLAGS.tasks else [FLAGS.config.num_tasks]
     workdir = pathlib.Path(FLAGS.workdir)
     rows = sorted(rows, key=lambda r: r != "upper_bound")  # upper bound first, for Omega
-    with Session() as session:  # the table's runs compile each program once
-        session.stop.install()
-        try:
-            table = run_cells(rows, task_counts, workdir, session)
-        except KeyboardInterrupt:
-            raise SystemExit(130)
-        except (ValueError, FileNotFoundError) as err:
-            raise SystemExit(f"error: {err}")
+    try:
+        if FLAGS.parallel > 1:
+            table = run_cells_in_processes(rows, task_counts, workdir, FLAGS.parallel)
+        else:
+            with Session() as session:  # the table's runs compile each program once
+                session.stop.install()
+                table = run_cells(rows, task_counts, workdir, session)
+    except KeyboardInterrupt:
+        logging.warning("stopped; rerun the same command to resume the table")
+        raise SystemExit(130)
+    except (ValueError, FileNotFoundError, parallel.JobFailed) as err:
+        raise SystemExit(f"error: {err}")
     config_line = json.dumps({k: FLAGS.config[k] for k in ("dataset", "model", "epochs",
                                                            "repeats")})
     print(f"\n{config_line}\n{table}")
 
 
-def run_cells(rows: list[str], task_counts: list[int], workdir: pathlib.Path,
-              session: Session) -> str:
-    """Run (or resume) every cell, rewriting table.md / table.csv after each; returns the
-    Markdown table."""
-    cells = {}
+def cell_runs(rows: list[str], task_counts: list[int], workdir: pathlib.Path) -> list:
+    """`((row, num_tasks), config, cell workdir)` of every cell, in the order a table runs
+    them: per task count, the upper bound first (its results.json gives the others Omega)."""
+    cells = []
     for n in task_counts:
         folder = workdir / f"tasks_{n}" if FLAGS.tasks else workdir
-        upper_bound_path = ""
         for row in rows:
             overrides = {"num_tasks": n, **ROWS[row]}
-            if row != "upper_bound" and upper_bound_path:
-                overrides["upper_bound_results"] = upper_bound_path
-            logging.info("row %s, %d tasks: %s", row, n, overrides)
-            cells[(row, n)] = experiment.run(experiment.config_with(FLAGS.config, overrides),
-                                             folder / row, session=session)["aggregate"]
-            if row == "upper_bound":
-                upper_bound_path = str(folder / row / "results.json")
-            table, csv = format_table(rows, task_counts, cells,
-                                      PUBLISHED.get(FLAGS.config.dataset))
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "table.md").write_text(table)
-            (workdir / "table.csv").write_text(csv)
-            reporting.write_comparison(
-                workdir / "comparison.png", comparison_panels(rows, task_counts, cells),
-                f"{FLAGS.config.dataset}: A_i per row (mean ± std over repeats)")
+            if row != "upper_bound" and "upper_bound" in rows:
+                overrides["upper_bound_results"] = str(folder / "upper_bound" / "results.json")
+            cells.append(((row, n), experiment.config_with(FLAGS.config, overrides),
+                          folder / row))
+    return cells
+
+
+def write_table(workdir: pathlib.Path, rows: list[str], task_counts: list[int],
+                cells: dict) -> str:
+    """table.md, table.csv and comparison.png of the cells done; returns the Markdown."""
+    table, csv = format_table(rows, task_counts, cells, PUBLISHED.get(FLAGS.config.dataset))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "table.md").write_text(table)
+    (workdir / "table.csv").write_text(csv)
+    reporting.write_comparison(
+        workdir / "comparison.png", comparison_panels(rows, task_counts, cells),
+        f"{FLAGS.config.dataset}: A_i per row (mean ± std over repeats)")
+    return table
+
+
+def run_cells(rows: list[str], task_counts: list[int], workdir: pathlib.Path,
+              session: Session) -> str:
+    """Run (or resume) every cell in this process, one after another, rewriting the table
+    after each; returns the Markdown table."""
+    cells = {}
+    for key, config, cell in cell_runs(rows, task_counts, workdir):
+        logging.info("row %s, %d tasks: %s", *key, cell)
+        cells[key] = experiment.run(config, cell, session=session)["aggregate"]
+        table = write_table(workdir, rows, task_counts, cells)
+    return table
+
+
+def run_cells_in_processes(rows: list[str], task_counts: list[int], workdir: pathlib.Path,
+                           processes: int) -> str:
+    """Run (or resume) every cell's repeats, `processes` at a time, each in a process of its
+    own (`abd_jax.parallel`; a cell of R > 1 repeats keeps repeat r in `<cell>/repeat_<r>/`),
+    the upper bounds first; the table is rewritten as each cell completes. Returns it."""
+    cells, table = {}, ""
+    plan = cell_runs(rows, task_counts, workdir)
+    for wave in ([c for c in plan if c[0][0] == "upper_bound"],
+                 [c for c in plan if c[0][0] != "upper_bound"]):
+        jobs, cell_of, left, ran = [], {}, {}, set()
+        for key, config, cell in wave:
+            cell_jobs = parallel.repeat_jobs(f"{key[0]} {key[1]} tasks", config, cell,
+                                             workdir / "logs")
+            jobs += cell_jobs
+            left[key] = len(cell_jobs)
+            cell_of.update({job.name: (key, config, cell) for job in cell_jobs})
+
+        def on_done(job, job_ran):
+            nonlocal table
+            key, config, cell = cell_of[job.name]
+            logging.info("%s: %s", job.name, "done" if job_ran else "finished before")
+            left[key] -= 1
+            ran.update([key] if job_ran else [])
+            if not left[key]:
+                write = key in ran or not (cell / "results.json").exists()
+                cells[key] = parallel.merge_repeats(config, cell, write)["aggregate"]
+                table = write_table(workdir, rows, task_counts, cells)
+
+        logging.info("running %d jobs, %d at a time; their logs: %s", len(jobs), processes,
+                     workdir / "logs")
+        parallel.run_jobs(jobs, processes, on_done)
     return table
 
 
@@ -212,6 +271,10 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Folder for the rows' workdirs and table.md.")
     flags.DEFINE_enum("table", "methods", sorted(TABLES), "Which predefined list of rows.")
     flags.DEFINE_list("rows", None, f"Explicit rows instead of --table; known: {sorted(ROWS)}")
+    flags.DEFINE_integer("parallel", 1, "Runs at once, each in a process of its own with an "
+                         "even share of each accelerator's memory: the repeats of a cell "
+                         "(repeat r in <cell>/repeat_<r>/) and the cells; 1: one after "
+                         "another in this process.")
     flags.DEFINE_list("tasks", None, "Task counts, one column each (e.g. 5,10,20; default: the "
                       "config's num_tasks).")
     flags.mark_flags_as_required(["config", "workdir"])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from abd_jax import checkpoint as ckpt_lib
-from abd_jax import driver, experiment, main, train
+from abd_jax import driver, errors, experiment, train
 from helpers import tiny_config, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_a_read_only_workdir_is_one_line(digits_data_dir, tmp_path, monkeypatch,
     monkeypatch.setattr(Path, "mkdir", read_only)
     with pytest.raises(OSError) as caught:
         experiment.run(tiny_config(digits_data_dir, epochs=1), tmp_path / "wd", session=session)
-    assert "writable disk" in main.os_error_message(caught.value)
+    assert "writable disk" in errors.os_error_message(caught.value)
 
 
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(digits_data_dir,
@@ -196,7 +196,7 @@ def test_a_disk_that_fills_during_the_run_keeps_its_last_checkpoint(
     with pytest.raises(OSError) as caught:
         experiment.run(config, tmp_path, session=session)
     assert caught.value.errno == errno.ENOSPC
-    assert "rerun the same command" in main.os_error_message(caught.value)
+    assert "rerun the same command" in errors.os_error_message(caught.value)
     monkeypatch.setattr(ckpt_lib.shutil, "disk_usage", real)
     assert ckpt_lib.RunCheckpointer(tmp_path / "checkpoints" / "repeat_0").latest() is not None
     resumed = experiment.run(config, tmp_path, session=session)
