@@ -67,10 +67,9 @@ def _file_name(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def merge_repeats(config, workdir: pathlib.Path, write: bool = True) -> dict:
-    """The results of `config`'s run in `workdir` from its one-repeat runs (`repeat_jobs`);
-    with `write` (and R > 1), also written as that run's results.json, summary.md and
-    accuracy.png."""
+def merge_repeats(config, workdir: pathlib.Path) -> dict:
+    """The results of `config`'s run in `workdir` from its one-repeat runs (`repeat_jobs`),
+    written (R > 1) as that run's results.json, summary.md and accuracy.png."""
     workdir = pathlib.Path(workdir)
     if config.repeats == 1:
         return json.loads((workdir / "results.json").read_text())
@@ -79,23 +78,22 @@ def merge_repeats(config, workdir: pathlib.Path, write: bool = True) -> dict:
     upper_bound = (json.loads(pathlib.Path(config.upper_bound_results).expanduser().read_text())
                    if config.upper_bound_results else None)
     results = metrics.build_results(runs, upper_bound)
-    if write:
-        reporting.write_results(workdir, results, json.loads(config.to_json()),
-                                experiment.run_title(config))
+    reporting.write_results(workdir, results, json.loads(config.to_json()),
+                            experiment.run_title(config))
     return results
 
 
-def finished(job: Job) -> bool:
-    """Whether `job.workdir` holds this job's finished run (results.json of a run of one
-    repeat is written when it ends, and the settings are the job's)."""
-    if not (job.workdir / "results.json").exists():
-        return False
+def finished(config, workdir: pathlib.Path) -> bool:
+    """Whether `workdir` holds the finished run of `config`: a results.json of all its
+    repeats, with the settings that decide the numbers equal to `config`'s (a run in one
+    process, or one merged by `merge_repeats`)."""
     try:
-        config_lib.check_or_write_fingerprint(job.workdir, json.loads(job.config.to_json()),
-                                              write=False)
-    except ValueError:
-        return False  # its process reports the difference
-    return True
+        results = json.loads((pathlib.Path(workdir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    fields = config_lib.result_fields
+    return (results.get("num_repeats") == config.repeats
+            and fields(results.get("config", {})) == fields(json.loads(config.to_json())))
 
 
 def default_memory_fraction(processes: int) -> float:
@@ -126,7 +124,7 @@ def run_jobs(jobs: list[Job], processes: int, on_done: Callable[[Job, bool], Non
         while pending or running:
             while pending and len(running) < processes and not stops[0] and failure is None:
                 job = pending.pop(0)
-                if finished(job):
+                if finished(job.config, job.workdir):
                     on_done(job, False)
                     continue
                 job.log.parent.mkdir(parents=True, exist_ok=True)

@@ -240,8 +240,11 @@ def run_cells_in_processes(rows: list[str], task_counts: list[int], workdir: pat
     plan = cell_runs(rows, task_counts, workdir)
     for wave in ([c for c in plan if c[0][0] == "upper_bound"],
                  [c for c in plan if c[0][0] != "upper_bound"]):
-        jobs, cell_of, left, ran = [], {}, {}, set()
+        jobs, cell_of, left = [], {}, {}
         for key, config, cell in wave:
+            if parallel.finished(config, cell):  # (also a cell run in one process)
+                cells[key] = json.loads((cell / "results.json").read_text())["aggregate"]
+                continue
             cell_jobs = parallel.repeat_jobs(f"{key[0]} {key[1]} tasks", config, cell,
                                              workdir / "logs")
             jobs += cell_jobs
@@ -253,16 +256,15 @@ def run_cells_in_processes(rows: list[str], task_counts: list[int], workdir: pat
             key, config, cell = cell_of[job.name]
             logging.info("%s: %s", job.name, "done" if job_ran else "finished before")
             left[key] -= 1
-            ran.update([key] if job_ran else [])
             if not left[key]:
-                write = key in ran or not (cell / "results.json").exists()
-                cells[key] = parallel.merge_repeats(config, cell, write)["aggregate"]
+                cells[key] = parallel.merge_repeats(config, cell)["aggregate"]
                 table = write_table(workdir, rows, task_counts, cells)
 
-        logging.info("running %d jobs, %d at a time; their logs: %s", len(jobs), processes,
-                     workdir / "logs")
-        parallel.run_jobs(jobs, processes, on_done)
-    return table
+        if jobs:
+            logging.info("running %d jobs, %d at a time; their logs: %s", len(jobs),
+                         processes, workdir / "logs")
+            parallel.run_jobs(jobs, processes, on_done)
+    return table or write_table(workdir, rows, task_counts, cells)
 
 
 def define_flags() -> None:

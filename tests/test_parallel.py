@@ -3,6 +3,7 @@ one process, stop together on Ctrl-C and resume; a failing job is one line namin
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,10 +56,13 @@ def test_a_stopped_parallel_table_resumes_to_the_numbers_of_one_process(
         assert "stopped; rerunning the table resumes" in log.read_text(), log.read_text()
         saved.append("stop requested: saving a checkpoint" in log.read_text())
 
+    upper_logs = sorted((workdir / "logs").glob("upper_bound_*.log"))
+    upper_text = [log.read_text() for log in upper_logs]
     done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "upper_bound 2 tasks, repeat 0: finished before" in done.stderr
+    assert len(upper_logs) == 2 and [log.read_text() for log in upper_logs] == upper_text, \
+        "the finished upper bound ran again"
     for log, checkpointed in zip(logs, saved):  # (a stop before the first step saves none)
         assert ("resuming repeat" in log.read_text()) == checkpointed
     merged = json.loads((workdir / "lwf" / "results.json").read_text())
@@ -73,6 +77,15 @@ def test_a_stopped_parallel_table_resumes_to_the_numbers_of_one_process(
         assert merged["aggregate"][key] == alone["aggregate"][key], key
     assert merged["config"]["repeats"] == 2 and merged["config"]["first_repeat"] == 0
     assert "| lwf |" in (workdir / "table.md").read_text()
+
+    # Rerun once finished: no job starts and no result file changes.
+    results = sorted(workdir.rglob("results.json"))
+    stamps = [p.stat().st_mtime_ns for p in results]
+    again = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not re.search(r"running \d+ jobs", again.stderr), again.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in results] == stamps
 
 
 def test_a_failing_job_is_one_line_naming_it_and_its_log(digits_data_dir, tmp_path):
