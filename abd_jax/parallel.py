@@ -105,13 +105,13 @@ def run_jobs(jobs: list[Job], processes: int, on_done: Callable[[Job, bool], Non
              memory_fraction: float = 0.0) -> None:
     """Run `jobs`, `processes` at a time, in their order; `on_done(job, ran)` after each one
     ends (`ran` False for one found finished). A stop request (SIGINT, SIGTERM) is passed on
-    to the running jobs once per request and starts no more; then KeyboardInterrupt. A job
-    that fails stops the others the same way (each saves a checkpoint); then JobFailed
-    naming it, its error and its log."""
+    to the running jobs once per request and starts no more; then KeyboardInterrupt (also
+    when a job was stopped by a signal of its own). A job that fails stops the others the
+    same way (each saves a checkpoint); then JobFailed naming it, its error and its log."""
     memory_fraction = memory_fraction or default_memory_fraction(processes)
     context = multiprocessing.get_context("spawn")
     pending = list(jobs)
-    running: dict = {}  # process -> (job, (control pipe's sending end, error pipe's receiving end))
+    running: dict = {}  # process -> (job, (its control pipe's end, its error pipe's end))
     stops, failure = [0], None
 
     def pass_on(signum, frame):
@@ -148,7 +148,10 @@ def run_jobs(jobs: list[Job], processes: int, on_done: Callable[[Job, bool], Non
                 receive.close()
                 if process.exitcode == 0:
                     on_done(job, True)
-                elif process.exitcode != EXIT_STOPPED and failure is None:
+                elif process.exitcode == EXIT_STOPPED:
+                    if not stops[0]:  # a signal of its own (a cluster stopping every process)
+                        pass_on(None, None)
+                elif failure is None:
                     failure = (job, message or f"its process ended with status "
                                f"{process.exitcode}")
                     pass_on(None, None)
