@@ -303,11 +303,12 @@ class RepeatRunner:
         logging.info("task %d took %s%s", t + 1, logs.format_duration(walls[-1]), left)
 
     def _result(self, method_state) -> dict:
-        steps = max(self.timing["train_steps"], 1)
+        steps = self.timing["train_steps"]  # (none when every loop was one call)
         footprint = self.method.memory_footprint(self.rt, method_state)
         return {"seed": self.plan.seed, "class_order": self.plan.order.tolist(),
                 **self.acc.to_dict(),
-                "train_seconds_per_batch": self.timing["train_seconds"] / steps,
+                "train_seconds_per_batch": (self.timing["train_seconds"] / steps
+                                            if steps else None),
                 "task_wall_seconds": list(self.timing["task_wall_seconds"]),
                 "peak_memory_bytes": peak_memory_bytes(),
                 "memory": {**footprint, **metrics.memory_totals(footprint)}}

@@ -145,7 +145,8 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
                 agg["train_seconds_per_batch"]["mean"], acc["n"])))
         memory = None if last is None else last.get("memory", {}).get("values")
         line.append("n/a" if memory is None else f"{memory / 1e6:.2f}")
-        line.append("..." if last is None else f"{last['train_seconds_per_batch']['mean']:.4f}")
+        seconds = None if last is None else last["train_seconds_per_batch"]["mean"]
+        line.append("..." if last is None else "n/a" if seconds is None else f"{seconds:.4f}")
         md.append("| " + " | ".join(line) + " |")
     notes = [f"[{key}] {SOURCES[key]}." for key in sorted(sources)]
     if with_published and "rdfcil" in rows:

@@ -60,7 +60,8 @@ def main(argv):
           f"{FLAGS.config.epochs} epochs/task, {FLAGS.config.synthesis.iterations} generator "
           f"iterations/task, batch {FLAGS.config.batch_size}")
     print("wall seconds per task:", [round(s, 1) for s in rep["task_wall_seconds"]])
-    print(f"seconds per training batch: {rep['train_seconds_per_batch']:.5f}")
+    seconds = rep["train_seconds_per_batch"]  # None when every loop was one call
+    print("seconds per training batch:", "n/a" if seconds is None else f"{seconds:.5f}")
     print(f"wall time of this process's run: {total:.1f} s; peak memory "
           f"{rep['peak_memory_bytes'] / 2**20:.0f} MiB")
 

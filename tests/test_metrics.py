@@ -115,6 +115,11 @@ def test_build_results_values():
     assert agg["omega"]["n"] == 2
     assert res["A_mean"] == [85.0, 60.0]
     assert "omega" not in metrics.build_results(runs)["aggregate"]
+    # No timed step (every loop one call, which counts as compilation): n/a, not 0.
+    untimed = metrics.build_results([{**run, "train_seconds_per_batch": None} for run in runs])
+    assert untimed["aggregate"]["train_seconds_per_batch"] == {"mean": None, "std": None, "n": 2}
+    assert "- seconds per training batch: n/a ± n/a" in reporting._summary_markdown(
+        untimed, {"method": "abd"}, "t")
     with pytest.raises(ValueError):
         metrics.build_results(runs, upper_bound={"A_mean": [1.0, 2.0, 3.0]})
 

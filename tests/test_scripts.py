@@ -112,6 +112,8 @@ def test_table_layout_cells_forgetting_omega_published_and_pending():
                                     "abd,5,40.0,1.0,40.0,2.0,0.62,0.01,43.9,0.9,2000000.0,0.5,3"]
     md, _ = module.format_table(["abd"], [5], cells)  # no published figures: no column
     assert "published" not in md and "[ABD]" not in md
+    untimed = {("abd", 5): {**agg(40.0), "train_seconds_per_batch": {"mean": None}}}
+    assert module.format_table(["abd"], [5], untimed)[0].splitlines()[2].endswith("| n/a |")
 
 
 def test_every_published_figure_names_its_source_and_a_known_row():
