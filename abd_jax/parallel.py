@@ -8,7 +8,7 @@ the numbers a run of all R in one process gives. A run of one repeat runs in its
 it would alone.
 
 Each job is a fresh Python process (spawned), in a process group of its own, writing its log
-to a file. It takes `memory_fraction` of each accelerator's memory
+to a file. It takes an even share of 90% of each accelerator's memory
 (`XLA_PYTHON_CLIENT_MEM_FRACTION`). A stop (Ctrl-C, SIGTERM) to the caller is passed on to
 every running job through a pipe, as a stop request: the job saves a checkpoint and exits,
 as on a signal of its own (a job that also got the signal itself counts it once); a second
@@ -96,19 +96,13 @@ def finished(config, workdir: pathlib.Path) -> bool:
             and fields(results.get("config", {})) == fields(json.loads(config.to_json())))
 
 
-def default_memory_fraction(processes: int) -> float:
-    """Each of `processes` jobs' share of an accelerator's memory: 90% split evenly."""
-    return round(0.9 / processes, 3)
-
-
-def run_jobs(jobs: list[Job], processes: int, on_done: Callable[[Job, bool], None],
-             memory_fraction: float = 0.0) -> None:
+def run_jobs(jobs: list[Job], processes: int, on_done: Callable[[Job, bool], None]) -> None:
     """Run `jobs`, `processes` at a time, in their order; `on_done(job, ran)` after each one
     ends (`ran` False for one found finished). A stop request (SIGINT, SIGTERM) is passed on
     to the running jobs once per request and starts no more; then KeyboardInterrupt (also
     when a job was stopped by a signal of its own). A job that fails stops the others the
     same way (each saves a checkpoint); then JobFailed naming it, its error and its log."""
-    memory_fraction = memory_fraction or default_memory_fraction(processes)
+    memory_fraction = round(0.9 / processes, 3)  # each job's share: 90% split evenly
     context = multiprocessing.get_context("spawn")
     pending = list(jobs)
     running: dict = {}  # process -> (job, (its control pipe's end, its error pipe's end))
