@@ -94,6 +94,9 @@ def validate(config, num_devices: int,
     run's method (built once). `spec`: the data's, when the caller supplies splits."""
     check_method_name(config)
     spec = spec or data_lib.spec_of(config)
+    if config.first_repeat < 0:
+        raise ValueError(f"first_repeat {config.first_repeat} must be 0 or more "
+                         "(--config.first_repeat)")
     for repeat in repeat_indices(config):
         data_lib.class_order(spec.num_classes, config.class_order, config.seed + repeat, repeat)
     spec = data_lib.classes_in_use(spec, config.num_classes)
@@ -102,9 +105,6 @@ def validate(config, num_devices: int,
     if config.input_pipeline not in input_pipeline.PIPELINES:
         raise ValueError(f"input_pipeline={config.input_pipeline!r}: use one of "
                          f"{input_pipeline.PIPELINES} (--config.input_pipeline)")
-    if config.first_repeat < 0:
-        raise ValueError(f"first_repeat {config.first_repeat} must be 0 or more "
-                         "(--config.first_repeat)")
     for name in ("batch_size", "eval_batch_size", "repeats", "epochs", "log_every_steps",
                  "checkpoint_every_steps"):
         if config[name] < 1:

@@ -42,6 +42,7 @@ def test_tilde_and_variables_in_paths_are_expanded(digits_data_dir, tmp_path, mo
 
 @pytest.mark.parametrize("overrides,message", [
     ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"first_repeat": -1}, "first_repeat -1 must be 0 or more"),
     ({"lr": -0.1}, "lr must be > 0"),
     ({"train_per_class": 1}, "task 1 has 2 training images"),
 ])
