@@ -19,6 +19,17 @@ from helpers import tiny_config, xla_flags
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_seconds_per_batch_is_unknown_when_no_step_was_timed(digits_data_dir, tmp_path,
+                                                              session):
+    """Each loop in one call (log interval past its end): that call's time includes the
+    compilation and is not counted, so there is no time per batch, rather than 0."""
+    results = experiment.run(tiny_config(digits_data_dir, method="base", epochs=1,
+                                         num_tasks=2, log_every_steps=10_000),
+                             tmp_path, session=session)
+    assert results["repeats"][0]["train_seconds_per_batch"] is None
+    assert results["aggregate"]["train_seconds_per_batch"]["mean"] is None
+
+
 @pytest.mark.parametrize("method", ["base", "lwf", "abd", "deepinversion"])
 def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, method, session):
     # ABD's whole loop (learner, generator, evaluation) data-parallel over the 4 simulated
