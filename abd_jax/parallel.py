@@ -39,27 +39,31 @@ EXIT_STOPPED = 130  # as `python -m abd_jax.main` after a stop request
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One process's run: `experiment.run(config, workdir)`, logged to `log`."""
+    """One process's run: `experiment.run(config, workdir, allow_changed=allow_changed)`,
+    logged to `log`."""
 
     name: str
     config: ml_collections.ConfigDict
     workdir: pathlib.Path
     log: pathlib.Path
+    allow_changed: tuple = ()
 
 
 class JobFailed(RuntimeError):
     """A job ended with an error (its message and log named)."""
 
 
-def repeat_jobs(name: str, config, workdir: pathlib.Path, log_dir: pathlib.Path) -> list[Job]:
+def repeat_jobs(name: str, config, workdir: pathlib.Path, log_dir: pathlib.Path,
+                allow_changed: tuple = ()) -> list[Job]:
     """The jobs of a run: itself when it has one repeat, else one job per repeat r in
     `workdir/repeat_<r>` (`config.repeats = 1`, `config.first_repeat = r`)."""
     workdir, log_dir = pathlib.Path(workdir), pathlib.Path(log_dir)
     if config.repeats == 1:
-        return [Job(name, config, workdir, log_dir / f"{_file_name(name)}.log")]
+        return [Job(name, config, workdir, log_dir / f"{_file_name(name)}.log", allow_changed)]
     return [Job(f"{name}, repeat {r}",
                 experiment.config_with(config, {"repeats": 1, "first_repeat": r}),
-                workdir / f"repeat_{r}", log_dir / f"{_file_name(name)}_repeat{r}.log")
+                workdir / f"repeat_{r}", log_dir / f"{_file_name(name)}_repeat{r}.log",
+                allow_changed)
             for r in config_lib.repeat_indices(config)]
 
 
@@ -125,8 +129,8 @@ def run_jobs(jobs: list[Job], processes: int, on_done: Callable[[Job, bool], Non
                 control_receive, control = context.Pipe(duplex=False)
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(target=_job_main, name=job.name, args=(
-                    job.config, str(job.workdir), str(job.log), memory_fraction,
-                    control_receive, send))
+                    job.config, str(job.workdir), str(job.log), job.allow_changed,
+                    memory_fraction, control_receive, send))
                 process.start()
                 control_receive.close()
                 send.close()
@@ -180,8 +184,8 @@ def _send(control, command: str) -> None:
         pass  # the job has just ended
 
 
-def _job_main(config, workdir: str, log: str, memory_fraction: float, control,
-              errors_pipe) -> None:
+def _job_main(config, workdir: str, log: str, allow_changed: tuple, memory_fraction: float,
+              control, errors_pipe) -> None:
     """A job's process: its own process group (a Ctrl-C to the terminal reaches it only
     through the caller), output to `log`, stop requests from `control`, then the run."""
     os.setpgrp()
@@ -201,7 +205,7 @@ def _job_main(config, workdir: str, log: str, memory_fraction: float, control,
         session.stop.install()
         threading.Thread(target=_follow, args=(control, session), daemon=True).start()
         try:
-            experiment.run(config, workdir, session=session)
+            experiment.run(config, workdir, session=session, allow_changed=allow_changed)
         except KeyboardInterrupt:
             logging.warning("stopped; rerunning the table resumes %s", workdir)
             sys.exit(EXIT_STOPPED)

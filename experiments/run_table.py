@@ -32,7 +32,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from abd_jax import experiment, logs, parallel, reporting
+from abd_jax import errors, experiment, logs, parallel, reporting
 from abd_jax.session import Session
 
 # row name -> config overrides (dotted keys for nested fields)
@@ -177,16 +177,23 @@ def main(argv):
     rows = sorted(rows, key=lambda r: r != "upper_bound")  # upper bound first, for Omega
     try:
         if FLAGS.parallel > 1:
-            table = run_cells_in_processes(rows, task_counts, workdir, FLAGS.parallel)
+            table = run_cells_in_processes(rows, task_counts, workdir, FLAGS.parallel,
+                                           tuple(FLAGS.allow_changed))
         else:
             with Session() as session:  # the table's runs compile each program once
                 session.stop.install()
-                table = run_cells(rows, task_counts, workdir, session)
+                table = run_cells(rows, task_counts, workdir, session,
+                                  tuple(FLAGS.allow_changed))
     except KeyboardInterrupt:
         logging.warning("stopped; rerun the same command to resume the table")
         raise SystemExit(130)
-    except (ValueError, FileNotFoundError, parallel.JobFailed) as err:
-        raise SystemExit(f"error: {err}")
+    except parallel.JobFailed as err:
+        raise SystemExit(f"error: {err}") from None
+    except Exception as err:  # noqa: BLE001 (a failure the user can fix is one line)
+        message = errors.one_line(err)
+        if message is None:
+            raise
+        raise SystemExit(message) from None
     config_line = json.dumps({k: FLAGS.config[k] for k in ("dataset", "model", "epochs",
                                                            "repeats")})
     print(f"\n{config_line}\n{table}")
@@ -221,19 +228,20 @@ def write_table(workdir: pathlib.Path, rows: list[str], task_counts: list[int],
 
 
 def run_cells(rows: list[str], task_counts: list[int], workdir: pathlib.Path,
-              session: Session) -> str:
+              session: Session, allow_changed: tuple = ()) -> str:
     """Run (or resume) every cell in this process, one after another, rewriting the table
-    after each; returns the Markdown table."""
+    after each; returns the Markdown table. `allow_changed`: as `experiment.run`'s."""
     cells = {}
     for key, config, cell in cell_runs(rows, task_counts, workdir):
         logging.info("row %s, %d tasks: %s", *key, cell)
-        cells[key] = experiment.run(config, cell, session=session)["aggregate"]
+        cells[key] = experiment.run(config, cell, session=session,
+                                    allow_changed=allow_changed)["aggregate"]
         table = write_table(workdir, rows, task_counts, cells)
     return table
 
 
 def run_cells_in_processes(rows: list[str], task_counts: list[int], workdir: pathlib.Path,
-                           processes: int) -> str:
+                           processes: int, allow_changed: tuple = ()) -> str:
     """Run (or resume) every cell's repeats, `processes` at a time, each in a process of its
     own (`abd_jax.parallel`; a cell of R > 1 repeats keeps repeat r in `<cell>/repeat_<r>/`),
     the upper bounds first; the table is rewritten as each cell completes. Returns it."""
@@ -247,7 +255,7 @@ def run_cells_in_processes(rows: list[str], task_counts: list[int], workdir: pat
                 cells[key] = json.loads((cell / "results.json").read_text())["aggregate"]
                 continue
             cell_jobs = parallel.repeat_jobs(f"{key[0]} {key[1]} tasks", config, cell,
-                                             workdir / "logs")
+                                             workdir / "logs", allow_changed)
             jobs += cell_jobs
             left[key] = len(cell_jobs)
             cell_of.update({job.name: (key, config, cell) for job in cell_jobs})
@@ -278,6 +286,9 @@ def define_flags() -> None:
                          "even share of each accelerator's memory: the repeats of a cell "
                          "(repeat r in <cell>/repeat_<r>/) and the cells; 1: one after "
                          "another in this process.")
+    flags.DEFINE_list("allow_changed", [], "Result fields the rows' resumed runs may change, "
+                      "logged in each row's config_changes.jsonl (e.g. lr after a divergence; "
+                      "as abd_jax.main's flag).")
     flags.DEFINE_list("tasks", None, "Task counts, one column each (e.g. 5,10,20; default: the "
                       "config's num_tasks).")
     flags.mark_flags_as_required(["config", "workdir"])

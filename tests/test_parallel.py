@@ -114,8 +114,10 @@ def test_a_job_stops_when_told_or_when_its_caller_is_gone():
 
 def test_repeats_split_into_jobs_of_one_repeat_each(tmp_path):
     config = experiment.config_with(digits.get_config(), {"repeats": 3, "first_repeat": 2})
-    jobs = parallel.repeat_jobs("abd 5 tasks", config, tmp_path / "abd", tmp_path / "logs")
+    jobs = parallel.repeat_jobs("abd 5 tasks", config, tmp_path / "abd", tmp_path / "logs",
+                                allow_changed=("lr",))
     assert [(j.config.repeats, j.config.first_repeat) for j in jobs] == [(1, 2), (1, 3), (1, 4)]
+    assert [j.allow_changed for j in jobs] == [("lr",)] * 3
     assert [j.workdir.name for j in jobs] == ["repeat_2", "repeat_3", "repeat_4"]
     assert [j.log.name for j in jobs] == [f"abd_5_tasks_repeat{r}.log" for r in (2, 3, 4)]
     one = experiment.config_with(config, {"repeats": 1})

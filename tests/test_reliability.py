@@ -225,6 +225,27 @@ def test_a_diverged_run_says_how_to_recover_and_that_works(digits_data_dir, tmp_
     assert stored["lr"] == 0.05 and (tmp_path / "wd" / "config_changes.jsonl").exists()
 
 
+def test_a_diverged_table_row_is_one_line_whose_fix_works(digits_data_dir, tmp_path):
+    """run_table.py: a row diverging (lr=1e6) ends in the run's one line, and its advice
+    (a lower lr, --allow_changed=lr, the same command) runs the table to the end."""
+    def table(*extra):
+        command = [sys.executable, "experiments/run_table.py", "--config=configs/digits.py",
+                   f"--workdir={tmp_path / 'table'}", f"--config.data_dir={digits_data_dir}",
+                   "--rows=base", "--config.epochs=1", "--config.num_tasks=2",
+                   "--config.num_devices=1", *extra]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "XLA_FLAGS": xla_flags()})
+        return done.returncode, done.stderr
+
+    rc, stderr = table("--config.lr=1e6")
+    assert rc == 1
+    line = _one_error_line(stderr)
+    assert "non-finite" in line and "--allow_changed=lr" in line, line
+    rc, stderr = table("--config.lr=0.05", "--allow_changed=lr")
+    assert rc == 0, stderr[-3000:]
+    assert "| base |" in (tmp_path / "table" / "table.md").read_text()
+
+
 def test_a_divergence_after_a_checkpoint_resumes_from_it(digits_data_dir, reference_run,
                                                          tmp_path, monkeypatch, session):
     """NaN in task 2: the message names task 1's end, a checkpoint that still resumes to the
