@@ -89,11 +89,21 @@ class FeatureSets:
     synthetic_first: np.ndarray
 
 
-def load_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-    path = workdir / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{workdir} holds no run (no config.json); pass the --workdir "
-                                "of a run made with abd_jax.main")
+def run_folder(workdir: pathlib.Path, repeat: int = 0) -> pathlib.Path:
+    """The folder of `workdir`'s run holding `repeat`: `workdir` itself, or for a table cell
+    run in processes (`run_table.py --parallel`) its `repeat_<repeat>/`."""
+    workdir = pathlib.Path(workdir)
+    if (workdir / "config.json").exists():
+        return workdir
+    if (workdir / f"repeat_{repeat}" / "config.json").exists():
+        return workdir / f"repeat_{repeat}"
+    raise FileNotFoundError(f"{workdir} holds no run of repeat {repeat} (no config.json, "
+                            f"nor repeat_{repeat}/config.json); pass the --workdir of a run "
+                            "made with abd_jax.main or of a run_table.py cell")
+
+
+def load_config(workdir: pathlib.Path, repeat: int = 0) -> ml_collections.ConfigDict:
+    path = run_folder(workdir, repeat) / "config.json"
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -106,6 +116,7 @@ def feature_sets(workdir: pathlib.Path, task: int = 2, repeat: int = 0, split: s
     if session is None:
         with Session() as own:
             return feature_sets(workdir, task, repeat, split, max_per_set, seed, own)
+    workdir = run_folder(workdir, repeat)
     config = load_config(workdir)
     if not 2 <= task <= config.num_tasks:
         raise ValueError(f"task must be in [2, {config.num_tasks}] (the model after task T is "

@@ -127,7 +127,7 @@ def main(argv):
     out = pathlib.Path(FLAGS.out).expanduser() if FLAGS.out else workdirs[0] / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     try:
-        methods = [analysis.load_config(w).method for w in workdirs]
+        methods = [analysis.load_config(w, FLAGS.repeat).method for w in workdirs]
     except FileNotFoundError as err:
         raise SystemExit(f"error: {err}")
     labels = run_labels(workdirs, methods)

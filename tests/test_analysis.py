@@ -95,6 +95,19 @@ def test_analyze_writes_numbers_and_plots(abd_run, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+def test_a_cell_run_in_processes_is_read_through_its_repeat_folder(abd_run, tmp_path):
+    """A `run_table.py --parallel` cell keeps repeat r in `<cell>/repeat_<r>/`: given the cell,
+    the diagnostics read that run; a repeat it lacks is one message naming both places."""
+    cell = tmp_path / "cell"
+    shutil.copytree(abd_run, cell / "repeat_0")
+    direct = analysis.feature_sets(abd_run, task=2, max_per_set=50)
+    via_cell = analysis.feature_sets(cell, task=2, max_per_set=50)
+    for group in ("real_first", "real_current", "synthetic_first"):
+        np.testing.assert_array_equal(getattr(via_cell, group), getattr(direct, group))
+    with pytest.raises(FileNotFoundError, match="repeat_1/config.json"):
+        analysis.feature_sets(cell, task=2, repeat=1)
+
+
 def test_missing_task_checkpoint_says_how_to_keep_them(abd_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(abd_run, copy)
