@@ -20,7 +20,7 @@ from typing import Optional
 from absl import logging
 
 from abd_jax import data as data_lib
-from abd_jax import input_pipeline, models
+from abd_jax import files, input_pipeline, models
 from abd_jax import methods as methods_lib
 
 # Flat names of earlier versions -> their place now (an old name gives a one-line error).
@@ -192,6 +192,4 @@ def check_or_write_fingerprint(workdir: os.PathLike, config_dict: dict, write: b
         with open(path.with_name("config_changes.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                 "changes": changes}) + "\n")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    files.write_file(path, json.dumps(current, indent=2, sort_keys=True))

@@ -1,4 +1,4 @@
-"""Reporting a run: results.json, summary.md and plots written atomically, sample grids, and
+"""Reporting a run: results.json, summary.md and plots written whole (`files`), sample grids, and
 the metrics log (JSON lines and TensorBoard). The numbers come from `abd_jax.metrics`;
 matplotlib is imported only when a plot is written.
 """
@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
+from abd_jax.files import write_file
 from abd_jax.metrics import json_safe
 
 
@@ -23,27 +22,6 @@ def _memory_line(memory: dict) -> str:
         parts.append(f"{memory['stored_images']:,} stored images")
     return (f"- memory kept between tasks: {memory['values'] / 1e6:.2f} M values, "
             f"{memory['bytes'] / 2**20:.2f} MiB ({' + '.join(parts)})")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to a temp file in ``path``'s folder, then ``os.replace`` it into place,
-    readable as the umask allows (not mkstemp's private 0600: results are shared)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -174,7 +152,7 @@ def _accuracy_png(results: dict, title: str) -> bytes:
 
 def write_comparison(path, panels: dict, title: str) -> None:
     """Atomically write `comparison_figure(panels, title)` as a PNG at `path`."""
-    _atomic_write_bytes(pathlib.Path(path), _png(comparison_figure(panels, title)))
+    write_file(pathlib.Path(path), _png(comparison_figure(panels, title)))
 
 
 def write_results(workdir, results: dict, config_dict: dict, title: str) -> None:
@@ -184,10 +162,10 @@ def write_results(workdir, results: dict, config_dict: dict, title: str) -> None
     workdir.mkdir(parents=True, exist_ok=True)
     payload = json_safe({"title": title, "config": config_dict, **results})
     text = json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n"
-    _atomic_write_bytes(workdir / "results.json", text.encode())
-    _atomic_write_bytes(workdir / "summary.md",
+    write_file(workdir / "results.json", text.encode())
+    write_file(workdir / "summary.md",
                         _summary_markdown(results, config_dict, title).encode())
-    _atomic_write_bytes(workdir / "accuracy.png", _accuracy_png(results, title))
+    write_file(workdir / "accuracy.png", _accuracy_png(results, title))
 
 
 def load_plotting() -> None:
@@ -223,7 +201,7 @@ def save_sample_grid(path, images: np.ndarray, labels: np.ndarray, mean, std,
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write_bytes(pathlib.Path(path), buf.getvalue())
+    write_file(pathlib.Path(path), buf.getvalue())
 
 
 def tensorboard_run(tags: dict) -> pathlib.PurePath:

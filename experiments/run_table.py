@@ -32,7 +32,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from abd_jax import errors, experiment, logs, parallel, reporting
+from abd_jax import errors, experiment, files, logs, parallel, reporting
 from abd_jax.session import Session
 
 # row name -> config overrides (dotted keys for nested fields)
@@ -219,8 +219,8 @@ def write_table(workdir: pathlib.Path, rows: list[str], task_counts: list[int],
     """table.md, table.csv and comparison.png of the cells done; returns the Markdown."""
     table, csv = format_table(rows, task_counts, cells, PUBLISHED.get(FLAGS.config.dataset))
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "table.md").write_text(table)
-    (workdir / "table.csv").write_text(csv)
+    files.write_file(workdir / "table.md", table)
+    files.write_file(workdir / "table.csv", csv)
     reporting.write_comparison(
         workdir / "comparison.png", comparison_panels(rows, task_counts, cells),
         f"{FLAGS.config.dataset}: A_i per row (mean ± std over repeats)")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from abd_jax import checkpoint as ckpt_lib
-from abd_jax import driver, errors, experiment, train
+from abd_jax import driver, errors, experiment, files, train
 from helpers import tiny_config, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,18 @@ def test_results_are_readable_as_the_umask_allows(digits_data_dir, tmp_path, ses
         os.umask(old)
     for name in ("results.json", "summary.md", "accuracy.png", "config.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_a_file_written_again_with_the_same_bytes_is_untouched(tmp_path):
+    path = tmp_path / "table.md"
+    files.write_file(path, "| a |\n")
+    before = path.stat()
+    files.write_file(path, b"| a |\n")
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    files.write_file(path, "| b |\n")
+    assert path.read_text() == "| b |\n" and path.stat().st_ino != before.st_ino
+    assert [p.name for p in tmp_path.iterdir()] == ["table.md"]  # no temp file left
 
 
 @pytest.mark.parametrize("args,message", [

@@ -6,13 +6,14 @@ import json
 import os
 import pathlib
 import re
-import secrets
 import shutil
 from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+
+from abd_jax import files
 
 STATS_FILE = "abd_stats.json"  # beside dataset_info.json in a prepared version folder
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
@@ -55,18 +56,6 @@ def preparing(folder: pathlib.Path):
         os.close(fd)  # releases the lock
 
 
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Writes `path` through a temporary file beside it: readers see all of it or none.
-    (Not `tempfile.mkstemp`: its files are private to their owner, whatever the umask.)"""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _read_stats(cache: pathlib.Path) -> Optional[dict]:
     """The cached statistics, or None when absent or unreadable (they are then recomputed)."""
     try:
@@ -107,7 +96,7 @@ def dataset_stats(version_dir: pathlib.Path, chunk_size: int = 4096) -> dict:
              "mean": mean.tolist(),
              "std": np.sqrt(np.maximum(squares / count - mean ** 2, 0)).tolist()}
     try:
-        write_atomically(cache, json.dumps(stats))
+        files.write_file(cache, json.dumps(stats))
     except OSError as err:
         logging.warning("could not cache the dataset's statistics in %s (%s)", cache, err)
     return stats
