@@ -2,7 +2,7 @@
 replay is from the real data it stands for, in the penultimate features of the model after
 task T.
 
-- MID (SPEC section 7): `|| (mu_ref - mu_X) / sd_ref ||_2`, mean feature vectors `mu` and
+- MID (docs/algorithm.md §7): `|| (mu_ref - mu_X) / sd_ref ||_2`, mean feature vectors `mu` and
   the reference sample's per-feature std `sd_ref`.
 - MMD (Appendix B): the unbiased estimate of MMD^2 with a Gaussian kernel
   `k(a, b) = exp(-||a - b||^2 / (2 s^2))`, `s` the median pairwise distance of the pooled
@@ -25,7 +25,7 @@ import numpy as np
 
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
-from abd_jax import experiment, methods, models, rng
+from abd_jax import experiment, methods, rng
 from abd_jax.methods.lifecycle import Runtime, learner_optimizer, new_learner
 from abd_jax.methods.synthetic_replay import SyntheticReplay
 from abd_jax.methods.teacher import teacher_apply, teacher_of
@@ -130,8 +130,7 @@ def feature_sets(workdir: pathlib.Path, task: int = 2, repeat: int = 0, split: s
                          "lwf_synthetic)")
     plan = RunPlan.create(config, splits.spec.num_classes, splits.train_labels,
                           splits.test_labels, repeat)
-    model = models.create_classifier(config.model, spec.num_classes, config.dtype,
-                                     config.conv_impl)
+    model = method.classifier(spec.num_classes)
     rt = Runtime(config=config, plan=plan, model=model,
                  mesh=experiment.make_mesh(config.num_devices), image_shape=spec.image_shape,
                  steps_per_call=1, method_key=plan.method_key, session=session)

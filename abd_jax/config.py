@@ -43,7 +43,8 @@ CHANGEABLE = ("lr", "synthesis.lr", "lr_decay", "lr_milestones", "momentum", "we
 
 # Result fields added after runs were made, with the value that reproduces those runs.
 ADDED = {"image_size": 0, "num_classes": 0, "synthesis.generator_dtype": "float32",
-         "first_repeat": 0}
+         "first_repeat": 0, "coreset.distinct_memory": True, "e2e.balanced_bn": "eval",
+         "bic.stage2_bn": "eval", "rdfcil.head": "shared"}
 
 METHOD_SECTIONS = ("abd", "lwf", "lwf_synthetic", "deepinversion", "coreset", "e2e", "bic",
                    "dgr", "rdfcil", "synthesis")
@@ -98,7 +99,8 @@ def validate(config, num_devices: int,
         raise ValueError(f"first_repeat {config.first_repeat} must be 0 or more "
                          "(--config.first_repeat)")
     for repeat in repeat_indices(config):
-        data_lib.class_order(spec.num_classes, config.class_order, config.seed + repeat, repeat)
+        data_lib.class_order(spec.num_classes, config.class_order, config.seed + repeat, repeat,
+                             config.dataset)
     spec = data_lib.classes_in_use(spec, config.num_classes)
     data_lib.task_boundaries(spec.num_classes, config.num_tasks)
     models.create_classifier(config.model, spec.num_classes, config.dtype, config.conv_impl)

@@ -3,6 +3,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+import random
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ DATASETS = {
                             (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     # Pixel mean/std of the sklearn_digits train split (1442 images) after uint8 -> [0, 1].
     "digits": DatasetSpec("sklearn_digits", 10, (8, 8, 1), (0.3052,), (0.3760,)),
-    # SPEC section 1's Tiny-ImageNet statistics; our builder (`datasets.TinyImagenet`).
+    # docs/algorithm.md §1's Tiny-ImageNet statistics; our builder (`datasets.TinyImagenet`).
     "tiny_imagenet": DatasetSpec("tiny_imagenet", 200, (64, 64, 3),
                                  (0.4389, 0.4114, 0.3682), (0.2402, 0.2350, 0.2268)),
     # ILSVRC-2012 as JPEGs of varying size (`datasets.Imagenet2012`; test = the validation
@@ -198,10 +199,24 @@ def _read_all(source, spec: DatasetSpec, chunk_size: int) -> tuple[np.ndarray, n
     return images, labels
 
 
-def class_order(num_classes: int, mode="shuffle", seed: int = 0, repeat: int = 0) -> np.ndarray:
-    """Class order int32 [C]: "shuffle" (seeded permutation), "identity", or explicit ids
-    (a sequence, or a comma-separated string such as "3,0,2,1"; several orders separated by
-    ";" give repeat r the r-th)."""
+# The datasets the release orders with numpy's seed-1993 shuffle (trainer.py: ImageNet).
+RELEASE_1993_DATASETS = ("imagenet2012", "imagenet100")
+ORDER_MODES = ("release", "1993", "shuffle", "identity")
+
+
+def class_order(num_classes: int, mode="shuffle", seed: int = 0, repeat: int = 0,
+                dataset: str = "") -> np.ndarray:
+    """Class order int32 `[C]`:
+
+    - "release": the authors' release (`trainer.py`): Python's `random.seed(seed)` then
+      `random.shuffle(list(range(C)))` (the same in every Python 3); for ImageNet
+      (`RELEASE_1993_DATASETS`, by `dataset`) the "1993" order, whatever the seed;
+    - "1993": numpy's `RandomState(1993)` permutation, the iCaRL / PODNet / PyCIL order
+      (equal to `np.random.seed(1993); np.random.shuffle`), the same for every repeat;
+    - "shuffle": numpy's `RandomState(seed).permutation(C)`;
+    - "identity"; or explicit ids (a sequence, or a comma-separated string such as
+      "3,0,2,1"; several orders separated by ";" give repeat r the r-th).
+    """
     if isinstance(mode, str) and ";" in mode:
         orders = [m for m in mode.split(";") if m.strip()]
         if repeat >= len(orders):
@@ -216,12 +231,20 @@ def class_order(num_classes: int, mode="shuffle", seed: int = 0, repeat: int = 0
             raise ValueError(f"explicit class order {mode!r} must be comma-separated "
                              "integers") from None
     if isinstance(mode, str):
+        if mode == "release" and dataset in RELEASE_1993_DATASETS:
+            mode = "1993"
+        if mode == "release":
+            order = list(range(num_classes))
+            random.Random(seed).shuffle(order)
+            return np.asarray(order, np.int32)
+        if mode == "1993":
+            return np.random.RandomState(1993).permutation(num_classes).astype(np.int32)
         if mode == "shuffle":
             return np.random.RandomState(seed).permutation(num_classes).astype(np.int32)
         if mode == "identity":
             return np.arange(num_classes, dtype=np.int32)
-        raise ValueError(f"class order mode {mode!r}: use 'shuffle', 'identity' or a list of "
-                         "class ids")
+        raise ValueError(f"class order mode {mode!r}: use one of {', '.join(ORDER_MODES)} or a "
+                         "list of class ids (--config.class_order)")
     order = np.asarray(mode)
     if order.shape != (num_classes,) or not np.array_equal(np.sort(order),
                                                             np.arange(num_classes)):
@@ -286,25 +309,44 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
     return _standardize(images.astype(jnp.float32) / 255.0, mean, std)
 
 
-def _augment_one(key: jax.Array, x: jax.Array, aug: AugmentConfig) -> jax.Array:
-    """One image in [0, 1], float32 [H, W, C] -> augmented [H, W, C] in [0, 1]."""
+def augment_draws(key: jax.Array, aug: AugmentConfig) -> dict:
+    """One image's random draws: brightness and contrast factors, uniform in
+    [max(0, 1 - a), 1 + a]; `contrast_first`, the order of the two (torchvision's
+    `ColorJitter` shuffles its transforms per image); `flip`; the crop's `top`, `left`
+    offsets into the padded image, uniform in [0, 2p]."""
     k_bright, k_contrast, k_flip, k_crop = jax.random.split(key, 4)
-    if aug.brightness:
-        factor = jax.random.uniform(k_bright, (), minval=max(0.0, 1 - aug.brightness),
-                                    maxval=1 + aug.brightness)
-        x = jnp.clip(x * factor, 0.0, 1.0)
-    if aug.contrast:
-        factor = jax.random.uniform(k_contrast, (), minval=max(0.0, 1 - aug.contrast),
-                                    maxval=1 + aug.contrast)
-        gray = x[..., 0] if x.shape[-1] == 1 else x @ jnp.array([0.299, 0.587, 0.114])
-        x = jnp.clip(factor * x + (1 - factor) * gray.mean(), 0.0, 1.0)
+    factor = lambda k, a: jax.random.uniform(k, (), minval=max(0.0, 1 - a), maxval=1 + a)
+    top, left = jax.random.randint(k_crop, (2,), 0, 2 * aug.crop_padding + 1)
+    return dict(brightness=factor(k_bright, aug.brightness),
+                contrast=factor(k_contrast, aug.contrast),
+                contrast_first=jax.random.bernoulli(jax.random.fold_in(key, 4)),
+                flip=jax.random.bernoulli(k_flip), top=top, left=left)
+
+
+def _augment_one(key: jax.Array, x: jax.Array, aug: AugmentConfig) -> jax.Array:
+    """One image in [0, 1], float32 [H, W, C] -> augmented [H, W, C] in [0, 1], as the
+    release's torchvision pipeline: ColorJitter (brightness: x * b; contrast: c x + (1 - c)
+    mean(gray(x)); each clipped to [0, 1]; in a random order), horizontal flip, then a random
+    crop of the image padded with black (0) by `crop_padding` pixels."""
+    d = augment_draws(key, aug)
+    brightness = lambda v: jnp.clip(v * d["brightness"], 0.0, 1.0)
+
+    def contrast(v):
+        gray = v[..., 0] if v.shape[-1] == 1 else v @ jnp.array([0.299, 0.587, 0.114])
+        return jnp.clip(d["contrast"] * v + (1 - d["contrast"]) * gray.mean(), 0.0, 1.0)
+
+    if aug.brightness and aug.contrast:
+        x = jnp.where(d["contrast_first"], brightness(contrast(x)), contrast(brightness(x)))
+    elif aug.brightness:
+        x = brightness(x)
+    elif aug.contrast:
+        x = contrast(x)
     if aug.flip:
-        x = jnp.where(jax.random.bernoulli(k_flip), x[:, ::-1], x)
+        x = jnp.where(d["flip"], x[:, ::-1], x)
     if aug.crop_padding:
         p = aug.crop_padding
         padded = jnp.pad(x, ((p, p), (p, p), (0, 0)))
-        top, left = jax.random.randint(k_crop, (2,), 0, 2 * p + 1)
-        x = jax.lax.dynamic_slice(padded, (top, left, 0), x.shape)
+        x = jax.lax.dynamic_slice(padded, (d["top"], d["left"], 0), x.shape)
     return x
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: the eval-mode model over an image set, and the accuracies of SPEC section 7.
+"""Evaluation: the eval-mode model over an image set, and the accuracies of docs/algorithm.md §7.
 
 `predict_all` walks a set of uint8 images in batches of one fixed size (the last padded), so
 one compiled program serves every image set of a run, and fetches (logits, features) to the
@@ -67,7 +67,7 @@ def predict_all(predict, variables, images, batch_size: int, mesh: Mesh, stop=No
 def task_accuracies(logits: np.ndarray, labels: np.ndarray, bounds, task: int):
     """[(global, local, global top-5)] accuracy (%) on tasks 0..task; global among logits
     [0, K_new), local within task j's own logits [lo_j, hi_j); top-5: the label is among
-    the 5 largest of the K_new logits (SPEC section 7: reported for ImageNet)."""
+    the 5 largest of the K_new logits (docs/algorithm.md §7: reported for ImageNet)."""
     num_seen = bounds[task][1]
     out = []
     for lo, hi in bounds[:task + 1]:

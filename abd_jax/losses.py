@@ -1,4 +1,4 @@
-"""Every loss of SPEC.md, once, as pure jnp functions (no Flax, no state, no data).
+"""Every loss of docs/algorithm.md, once, as pure jnp functions (no Flax, no state, no data).
 
 Conventions: `B` batch, `K` logit columns. Each function returns a 0-d array, the mean over
 the batch unless stated. Functions that take "already sliced" logits (e.g. `[B, K_new]`) also
@@ -118,19 +118,33 @@ def e2e_loss(logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, nu
     return ce + kd, ce, kd
 
 
-def e2e_balanced_loss(logits: jax.Array, teacher_logits: jax.Array, before_logits: jax.Array,
+def e2e_balanced_loss(logits: jax.Array, teacher_logits: jax.Array, new_class_targets: jax.Array,
                       labels: jax.Array, num_old, num_seen, classes_per_task: int, temperature,
                       weighting: str):
     """E2E's balanced fine-tuning: CE over `[0, K_new)` + sum_{j < t} w KD_j(teacher) + w KD
-    over the new classes `[K_old, K_new)` against the model as it was before the stage
-    (`before_logits`), w = `e2e_task_weight(weighting, s, K_new)`. Returns (loss, ce, kd_old,
-    kd_new)."""
+    of the new classes' logits `[K_old, K_new)` against `new_class_targets`' columns
+    `[K_old, K_new)` (`e2e_new_class_targets`), w = `e2e_task_weight(weighting, s, K_new)`.
+    Returns (loss, ce, kd_old, kd_new)."""
     w = e2e_task_weight(weighting, classes_per_task, num_seen)
     ce = valid_ce_loss(logits, labels, num_seen)
     kd_old = taskwise_kd_loss(logits, teacher_logits, num_old, classes_per_task, temperature, w)
     kd_new = w * kd_loss(mask_logits(logits, num_old, num_seen),
-                         mask_logits(before_logits, num_old, num_seen), temperature)
+                         mask_logits(new_class_targets, num_old, num_seen), temperature)
     return ce + kd_old + kd_new, ce, kd_old, kd_new
+
+
+def e2e_new_class_targets(teacher_logits: jax.Array, before_logits: jax.Array, num_old,
+                          source: str) -> jax.Array:
+    """`[B, K]` logits whose columns `[K_old, K_new)` are the balanced stage's KD targets for
+    the new classes: "release", the previous task's model's first columns `[0, K_new - K_old)`
+    (the target the release's `ETE.update_model_b` reads: its `target_KD`, not the
+    `target_KD_B` it computes); "before", the model as it was before the stage (the E2E
+    paper)."""
+    if source == "release":
+        return jnp.roll(teacher_logits, num_old, axis=-1)
+    if source == "before":
+        return before_logits
+    raise ValueError(f"E2E new-class KD target {source!r}: use 'release' or 'before'")
 
 
 def bias_correction(logits: jax.Array, alpha: jax.Array, beta: jax.Array,
@@ -275,9 +289,15 @@ def logit_l1_loss(student_logits: jax.Array, teacher_logits: jax.Array, num_old)
 
 def _angles(embeddings: jax.Array) -> jax.Array:
     """`[N, N, N]`: angle[a, b, c] = <e(a, b), e(a, c)>, e(a, b) = (x_b - x_a) /
-    ||x_b - x_a||, and 0 with a zero gradient where x_b = x_a (b = a): dividing by a clamped
-    norm there, as PyTorch's normalize does, sends 1 / eps into the sum of x_a's gradient,
-    whose other terms float32 then loses. Embeddings `[N, D]`."""
+    ||x_b - x_a||, and e(a, b) = 0 with a zero gradient where x_b = x_a (b = a, or two equal
+    rows). Embeddings `[N, D]`.
+
+    The release divides by the norm clamped at eps (F.normalize), a slope of 1 / eps at a
+    zero vector, which its L1 multiplies by sign(0) = 0 where both sides have the zero
+    vector (their angles are both 0): its gradient is finite and float32 keeps it. `jnp.abs`
+    has slope 1 at 0, so a clamped division here would send +-1 / eps into x_a's gradient;
+    the zero gradient gives the release's instead (where only one side has two equal rows,
+    the release's is of order 1 / eps)."""
     x = embeddings.astype(jnp.float32)
     diff = x[None, :, :] - x[:, None, :]
     square = jnp.sum(jnp.square(diff), axis=-1, keepdims=True)

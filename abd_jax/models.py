@@ -1,4 +1,5 @@
-"""Flax linen models: CIFAR ResNets (6n+2), ImageNet ResNet-18, and their BatchNorm.
+"""Flax linen models: CIFAR ResNets (6n+2, and cl-lite's variant), ImageNet ResNet-18, and
+their BatchNorm.
 
 Every classifier maps images `[B, H, W, C]` (normalised float) to `(logits [B, num_classes],
 features [B, D])`, `features` being the penultimate (globally pooled) activations.
@@ -6,10 +7,12 @@ features [B, D])`, `features` being the penultimate (globally pooled) activation
 BatchNorm running statistics live in the `batch_stats` collection. When the caller makes the
 `bn_inputs` collection mutable, every BatchNorm layer also sows the mean and biased variance
 over (N, H, W) of its *input* for the current batch under the same module path, which is what
-the stat-alignment loss of model inversion compares with `batch_stats` (SPEC section 3).
+the stat-alignment loss of model inversion compares with `batch_stats` (docs/algorithm.md §3).
 """
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -22,6 +25,8 @@ BN_INPUTS = "bn_inputs"
 
 # PyTorch kaiming_normal_(mode="fan_in", nonlinearity="relu"): N(0, 2 / fan_in), untruncated.
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# kaiming_normal_(mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out), fan_out = k * k * out.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's default Linear/Conv weight init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -81,41 +86,61 @@ class BatchNorm(nn.BatchNorm):
 
 
 class BasicBlock(nn.Module):
-    """Residual basic block (two 3x3 convs). When the shape changes the shortcut is "A"
-    (CIFAR ResNets: stride-2 subsampling plus zero-padded channels) or "B" (ResNet-18: 1x1
-    conv + BN projection)."""
+    """Residual basic block (two 3x3 convs), ReLU(y + shortcut) (no ReLU without
+    `relu_after_add`). When the shape changes the shortcut is "A" (CIFAR ResNets: stride-2
+    subsampling plus zero channels on both sides), "A_after" (the zero channels after the
+    input's, as cl-lite) or "B" (ResNet-18: 1x1 conv + BN projection). `zero_residual`:
+    the last BN starts at gamma 0 (the block starts as its shortcut)."""
 
     filters: int
     strides: int
     norm: Callable[..., Any]
     shortcut: str = "A"
+    relu_after_add: bool = True
+    zero_residual: bool = False
+    conv_init: Callable = kaiming_normal
     dtype: Any = jnp.float32
     conv_fn: Optional[Callable] = None  # see CifarResNet
 
     @nn.compact
     def __call__(self, x):
         conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=k // 2, use_bias=False,
-                                             kernel_init=kaiming_normal, dtype=self.dtype,
+                                             kernel_init=self.conv_init, dtype=self.dtype,
                                              conv_general_dilated=self.conv_fn, name=name)
         y = nn.relu(self.norm(name="bn1")(conv(self.filters, 3, self.strides, "conv1")(x)))
-        y = self.norm(name="bn2")(conv(self.filters, 3, 1, "conv2")(y))
+        gamma = nn.initializers.zeros if self.zero_residual else nn.initializers.ones
+        y = self.norm(name="bn2", scale_init=gamma)(conv(self.filters, 3, 1, "conv2")(y))
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.filters:
-            if self.shortcut == "A":
+            if self.shortcut in ("A", "A_after"):
                 extra = self.filters - x.shape[-1]
+                before = 0 if self.shortcut == "A_after" else extra // 2
                 shortcut = jnp.pad(x[:, ::self.strides, ::self.strides, :],
-                                   ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+                                   ((0, 0), (0, 0), (0, 0), (before, extra - before)))
             else:
                 shortcut = self.norm(name="proj_bn")(
                     conv(self.filters, 1, self.strides, "proj_conv")(x))
-        return nn.relu(y + shortcut)
+        y = y + shortcut
+        return nn.relu(y) if self.relu_after_add else y
+
+
+def _pool_and_classify(x, num_classes: int, head_bias: bool):
+    """(logits `[B, num_classes]`, features `[B, D]`) of the last feature map `[B, H, W, D]`:
+    global average pooling, then the head "head" (Kaiming-normal kernel, PyTorch's default
+    bias unless `head_bias` is False). Called inside the network's compact `__call__`."""
+    features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    logits = nn.Dense(num_classes, use_bias=head_bias, kernel_init=kaiming_normal,
+                      bias_init=torch_default_bias(features.shape[-1]), name="head")(features)
+    return logits, features
 
 
 class CifarResNet(nn.Module):
-    """ResNet of depth 6n+2 for 32x32 inputs (He et al. 2016): 3 stages of n blocks,
-    `width`, 2*width, 4*width channels; 64-d features for width 16.
+    """ResNet of depth 6n+2 for 32x32 inputs (He et al. 2016): a 3x3 conv-BN-ReLU stem, then
+    3 stages of n blocks, `width`, 2*width, 4*width channels; 64-d features for width 16.
 
     conv_fn: the `lax.conv_general_dilated` every Conv uses (None: XLA's; see `abd_jax.conv`).
+    relu_after_add, zero_residual, shortcut: every block's (`BasicBlock`); conv_init: every
+    convolution's kernel init; head_bias: whether the head has a bias.
     """
 
     depth: int = 32
@@ -123,6 +148,11 @@ class CifarResNet(nn.Module):
     width: int = 16
     dtype: Any = jnp.float32
     conv_fn: Optional[Callable] = None
+    relu_after_add: bool = True
+    zero_residual: bool = False
+    conv_init: Callable = kaiming_normal
+    shortcut: str = "A"
+    head_bias: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -130,21 +160,28 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, ...), "
                              f"got {self.depth}")
         n = (self.depth - 2) // 6
-        norm = lambda name: BatchNorm(use_running_average=not train, dtype=self.dtype, name=name)
-        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, kernel_init=kaiming_normal,
+        norm = lambda name, **kw: BatchNorm(use_running_average=not train, dtype=self.dtype,
+                                            name=name, **kw)
+        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, kernel_init=self.conv_init,
                     dtype=self.dtype, conv_general_dilated=self.conv_fn,
                     name="stem_conv")(x.astype(self.dtype))
         x = nn.relu(norm("stem_bn")(x))
         for stage in range(3):
             for block in range(n):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(self.width * 2**stage, strides, norm=norm, shortcut="A",
+                x = BasicBlock(self.width * 2**stage, strides, norm=norm, shortcut=self.shortcut,
+                               relu_after_add=self.relu_after_add,
+                               zero_residual=self.zero_residual, conv_init=self.conv_init,
                                dtype=self.dtype, conv_fn=self.conv_fn,
                                name=f"stage{stage + 1}_block{block}")(x)
-        features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-        logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
-                          bias_init=torch_default_bias(features.shape[-1]), name="head")(features)
-        return logits, features
+        return _pool_and_classify(x, self.num_classes, self.head_bias)
+
+
+# cl-lite's `resnet_cifar.CifarResNet` (R-DFCIL's CIFAR backbone): no ReLU after any block's
+# addition (the pooled features are pre-activation), each block's last BN at gamma 0, every
+# convolution Kaiming-normal in fan-out mode, the shortcut's zero channels after the input's.
+CifarResNetClLite = functools.partial(CifarResNet, relu_after_add=False, zero_residual=True,
+                                      conv_init=kaiming_normal_fan_out, shortcut="A_after")
 
 
 class ResNet18(nn.Module):
@@ -154,10 +191,12 @@ class ResNet18(nn.Module):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     dtype: Any = jnp.float32
     conv_fn: Optional[Callable] = None  # see CifarResNet
+    head_bias: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = lambda name: BatchNorm(use_running_average=not train, dtype=self.dtype, name=name)
+        norm = lambda name, **kw: BatchNorm(use_running_average=not train, dtype=self.dtype,
+                                            name=name, **kw)
         x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=kaiming_normal,
                     dtype=self.dtype, conv_general_dilated=self.conv_fn,
                     name="stem_conv")(x.astype(self.dtype))
@@ -168,35 +207,36 @@ class ResNet18(nn.Module):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = BasicBlock(64 * 2**stage, strides, norm=norm, shortcut="B", dtype=self.dtype,
                                conv_fn=self.conv_fn, name=f"stage{stage + 1}_block{block}")(x)
-        features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-        logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
-                          bias_init=torch_default_bias(features.shape[-1]), name="head")(features)
-        return logits, features
+        return _pool_and_classify(x, self.num_classes, self.head_bias)
 
 
 def create_classifier(name: str, num_classes: int, dtype: str = "float32",
-                      conv_impl: str = "auto") -> nn.Module:
-    """`name`: "resnet<6n+2>" (CIFAR family, e.g. resnet32) or "resnet18" (ImageNet).
+                      conv_impl: str = "auto", head_bias: bool = True) -> nn.Module:
+    """`name`: "resnet18" (ImageNet), "resnet<6n+2>" (CIFAR family, e.g. resnet32) or
+    "resnet<6n+2>_cl_lite" (`CifarResNetClLite`, e.g. resnet32_cl_lite: R-DFCIL's).
 
     conv_impl: "xla", "im2col" or "auto" (im2col on CPU), see `abd_jax.conv.conv_for_backend`.
+    head_bias: whether the head has a bias.
     """
-    jdtype = jnp.dtype(dtype)
-    conv_fn = conv_lib.conv_for_backend(conv_impl)
+    kwargs = dict(num_classes=num_classes, dtype=jnp.dtype(dtype),
+                  conv_fn=conv_lib.conv_for_backend(conv_impl), head_bias=head_bias)
     if name == "resnet18":
-        return ResNet18(num_classes=num_classes, dtype=jdtype, conv_fn=conv_fn)
-    if name.startswith("resnet") and name[6:].isdigit():
-        depth = int(name[6:])
+        return ResNet18(**kwargs)
+    cifar = re.fullmatch(r"resnet(\d+)(_cl_lite)?", name)
+    if cifar:
+        depth = int(cifar.group(1))
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, ...), "
                              f"got {name!r}")
-        return CifarResNet(depth=depth, num_classes=num_classes, dtype=jdtype,
-                           conv_fn=conv_fn)
-    raise ValueError(f"unknown model {name!r}: use 'resnet18' (ImageNet) or 'resnet<6n+2>' "
-                     "(CIFAR: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56)")
+        return (CifarResNetClLite if cifar.group(2) else CifarResNet)(depth=depth, **kwargs)
+    raise ValueError(f"unknown model {name!r}: use 'resnet18' (ImageNet), 'resnet<6n+2>' "
+                     "(CIFAR: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56) or "
+                     "'resnet<6n+2>_cl_lite' (cl-lite's CIFAR ResNet, e.g. resnet32_cl_lite)")
 
 
 class Generator(nn.Module):
-    """DFAD generator (SPEC section 2): z [B, z_dim] -> images [B, S, S, C], already normalised.
+    """DFAD generator (docs/algorithm.md §2): z [B, z_dim] -> images [B, S, S, C], already
+    normalised.
 
     Linear -> 128 x (S/2^k)^2 -> BN -> k x (nearest upsample x2 -> conv3x3 -> BN -> LeakyReLU)
     -> conv3x3 C -> tanh -> BN without scale/offset. Inner BNs use `inner_bn_eps` (0.8 in the
@@ -252,7 +292,8 @@ GENERATOR_PRESETS = {
 
 def create_generator(image_size: int, channels: int, z_dim: int = 1000,
                      inner_bn_eps: float = 0.8, dtype: str = "float32") -> Generator:
-    """The SPEC generator for 32x32 (CIFAR), 64x64 (Tiny-ImageNet) or 224x224 (ImageNet);
+    """The generator (docs/algorithm.md §2) for 32x32 (CIFAR), 64x64 (Tiny-ImageNet) or 224x224
+    (ImageNet);
     other sizes (e.g. 8x8 digits) use the 32x32 layout with as many x2 stages as fit (<= 2).
     dtype: compute dtype, "float32" or "bfloat16"."""
     if dtype not in ("float32", "bfloat16"):

@@ -49,7 +49,7 @@ class Schedule:
 
 
 def run_schedule(config) -> Schedule:
-    """The per-task schedule of the run's config (SPEC section 1)."""
+    """The per-task schedule of the run's config (docs/algorithm.md §1)."""
     return Schedule(config.epochs, config.lr, tuple(config.lr_milestones))
 
 
@@ -85,7 +85,8 @@ class RunPlan:
                repeat: int) -> "RunPlan":
         """The plan of `config`'s repeat `repeat` for a dataset's original labels."""
         seed = config.seed + repeat
-        order = data_lib.class_order(num_dataset_classes, config.class_order, seed, repeat)
+        order = data_lib.class_order(num_dataset_classes, config.class_order, seed, repeat,
+                                     config.dataset)
         used = config.num_classes or num_dataset_classes
         init_key, run_key, method_key = rng.split(rng.key(seed), 3)
         return cls(repeat=repeat, seed=seed, order=order,

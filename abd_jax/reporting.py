@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 
 from abd_jax.files import write_file
-from abd_jax.metrics import json_safe
+from abd_jax.metrics import DISTINCT, json_safe
 
 
 def _memory_line(memory: dict) -> str:
@@ -54,6 +54,10 @@ def _summary_markdown(results: dict, config_dict: dict, title: str) -> str:
     lines.append(f"- peak memory: {'n/a' if peak is None else f'{peak / 2**20:.1f} MiB'}")
     if "memory" in agg:
         lines.append(_memory_line(agg["memory"]))
+    if DISTINCT in agg:
+        counts = ", ".join(f"{m:.0f}" if not s else f"{m:.1f} ± {s:.1f}"
+                           for m, s in zip(agg[DISTINCT]["mean"], agg[DISTINCT]["std"]))
+        lines.append(f"- distinct images in the memory after each task: {counts}")
 
     lines += ["", "## Per-task results", "",
               "| tasks learned | A_i global (%) | A_i local (%) | wall time (s) |",

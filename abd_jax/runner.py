@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from abd_jax import ahead as ahead_lib
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
-from abd_jax import driver, evaluation, hosts, input_pipeline, logs, metrics, models, plan
+from abd_jax import driver, evaluation, hosts, input_pipeline, logs, metrics, plan
 from abd_jax import reporting, rng, train
 from abd_jax.methods import lifecycle
 from abd_jax.sampling import DeviceData
@@ -50,8 +50,7 @@ class RepeatRunner:
         self.spec = spec = data_lib.classes_in_use(splits.spec, config.num_classes)
         self.plan = plan.RunPlan.create(config, splits.spec.num_classes, splits.train_labels,
                                         splits.test_labels, repeat)
-        self.model = models.create_classifier(config.model, spec.num_classes, config.dtype,
-                                              config.conv_impl)
+        self.model = method.classifier(spec.num_classes)
         self.replicated = NamedSharding(mesh, P())
         self.mean, self.std = method.input_stats(spec)
         self.step_config = train.StepConfig(

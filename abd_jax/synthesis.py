@@ -1,4 +1,4 @@
-"""Model-inversion synthesis (SPEC section 3) and synthetic replay (section 4).
+"""Model-inversion synthesis (docs/algorithm.md §3) and synthetic replay (section 4).
 
 After each task the frozen teacher is inverted: a generator G is trained so that its images
 x = G(z) are confidently classified (content), cover the seen classes (diversity), reproduce
@@ -30,7 +30,7 @@ from abd_jax import hosts, losses, models, train
 
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
-    """Generator training hyper-parameters (SPEC section 3 defaults)."""
+    """Generator training hyper-parameters (docs/algorithm.md §3 defaults)."""
 
     iterations: int = 10_000
     batch_size: int = 128

@@ -121,7 +121,8 @@ def create_train_state(session, model: nn.Module, rng, image_shape, tx) -> Train
 
 
 def reset_optimizer(session, state: TrainState) -> TrainState:
-    """Same weights, step 0, fresh optimiser state (SPEC: reset at the start of every task)."""
+    """Same weights, step 0, fresh optimiser state (docs/algorithm.md §1: reset at the start of
+    every task)."""
     step, opt_state = session.jitted(_fresh_optimizer, state.tx)(state.params)
     return state.replace(step=step, opt_state=opt_state)
 

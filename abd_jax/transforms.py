@@ -1,5 +1,5 @@
-"""Host-side image transforms for variable-size datasets (ImageNet; SPEC section 1): numpy and
-PIL only, no JAX. Training: random-resized crop to the model input; test: resize the shorter
+"""Host-side image transforms for variable-size datasets (ImageNet; docs/algorithm.md §1):
+numpy and PIL only, no JAX. Training: random-resized crop to the model input; test: resize the shorter
 side, then centre crop. Flips, colour jitter and normalisation stay in the on-device
 augmentation (`data.augment_batch`).
 

@@ -1,4 +1,4 @@
-"""CIFAR-100 class-incremental learning with the paper's settings (SPEC sections 1-2, 6).
+"""CIFAR-100 class-incremental learning with the paper's settings (docs/algorithm.md §1-2, 6).
 
     python -m abd_jax.main --config=configs/cifar100.py --workdir=runs/c100 \
         --config.num_tasks=5 --config.method=lwf
@@ -23,7 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
         dict(brightness=63 / 255, contrast=0.8, flip=True, crop_padding=4))
     # Protocol.
     c.num_tasks = 10           # 5 / 10 / 20 tasks of 20 / 10 / 5 classes
-    c.class_order = "shuffle"  # "shuffle" (by seed), "identity", or "3,17,42,..." explicit
+    c.class_order = "release"  # the release's order for repeat r: Python's random.shuffle with
+    #                            seed + r (ImageNet: numpy's seed 1993, every repeat); "1993"
+    #                            (iCaRL / PODNet / PyCIL), "shuffle" (numpy's, by seed),
+    #                            "identity", or "3,17,42,..." explicit
     c.num_classes = 0          # use only the first N classes of the class order (0 = all)
     c.seed = 0                 # repeat r uses seed + r (its own class order)
     c.repeats = 1
@@ -34,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     #                            dgr | rdfcil
     c.upper_bound_results = ""  # results.json of an upper_bound run, for Omega
     # Model.
-    c.model = "resnet32"
+    c.model = "resnet32"       # resnet<6n+2>, resnet<6n+2>_cl_lite (R-DFCIL's), resnet18
     c.dtype = "float32"        # compute dtype ("bfloat16" on GPU/TPU for speed)
     c.conv_impl = "auto"       # "xla", "im2col" (kernel gradient as matrix products), or
     #                            "auto": im2col on CPU (~17% faster steps there), xla elsewhere
@@ -47,18 +50,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.momentum = 0.9
     c.weight_decay = 2e-4
     # Losses (one subtree per method family).
-    c.kd_temperature = 2.0     # T of every logit KD (SPEC section 6)
+    c.kd_temperature = 2.0     # T of every logit KD (docs/algorithm.md §6)
     c.lwf = ml_collections.ConfigDict(dict(mu=1.0))            # lwf, lwf_coreset
     c.lwf_synthetic = ml_collections.ConfigDict(dict(mu=0.1))
     c.deepinversion = ml_collections.ConfigDict(dict(mu=1.0))
-    # ABD learner (SPEC section 5); the switches are the Table 3 ablations.
+    # ABD learner (docs/algorithm.md §5); the switches are the Table 3 ablations.
     c.abd = ml_collections.ConfigDict(dict(
         mu=0.1, task_balancing=True, local_ce=True, kd_on_real=True, kd_on_synthetic=True,
-        ft_ce=True))
-    # Coreset baselines (SPEC section 6b, as the release runs them; docs/methods.md lists
+        ft_ce=True,
+        ft_second_bn_update=False))  # True: BN running statistics move twice per step, as
+    #                                  in the release (its FT-CE features come from a second,
+    #                                  no-grad train-mode forward); False: one forward (paper)
+    # Coreset baselines (docs/algorithm.md §6b, as the release runs them; docs/methods.md lists
     # every choice): a class-balanced memory of real training images.
     c.coreset = ml_collections.ConfigDict(dict(
-        memory=2000))            # images kept (naive_rehearsal, lwf_coreset, e2e, bic)
+        memory=2000,             # images kept (naive_rehearsal, lwf_coreset, e2e, bic)
+        distinct_memory=False))  # naive_rehearsal, lwf_coreset: False redraws each class's
+    #                              memory from the task's 1:1 resampled training set (release:
+    #                              old classes keep duplicates); True keeps distinct images
     c.e2e = ml_collections.ConfigDict(dict(
         kd_weighting="mean",     # each past task's KD x |task| / K_old (release); "sum" (paper)
         selection="closest_to_mean",  # memory by distance to the class mean (release);
@@ -66,30 +75,38 @@ def get_config() -> ml_collections.ConfigDict:
         balanced_trains="head",  # balanced fine-tuning trains the head (release) or "all"
         balanced_epochs=0,       # 0 = the task's epochs and lr schedule (release); N = N
         #                          epochs at a constant rate (the paper: 30, all layers)
-        balanced_lr_scale=0.01))  # at lr * 0.01
+        balanced_lr_scale=0.01,  # at lr * 0.01
+        balanced_bn="train",     # the head-only stage's backbone BatchNorm: "train" (release:
+        #                          batch statistics, running statistics move) or "eval"
+        new_class_kd="release"))  # the stage's new-class KD target: "release" (the previous
+    #                              model's first logits, as its update_model_b) or "before"
+    #                              (the model before the stage, the E2E paper)
     c.bic = ml_collections.ConfigDict(dict(
         val_fraction=0.1,        # held out: int(val_fraction * memory / K_old) per class
         selection="herding_raw",  # herding on raw features (release); "herding" (paper)
         stage2_epochs=0,         # 0 = the task's epochs and lr schedule (release)
         stage2_lr_scale=0.01,    # stage 2: SGD on (alpha, beta) at lr * 0.01
+        stage2_bn="train",       # stage 2's backbone BatchNorm: "train" (release) or "eval"
         correct_at_test=False))  # False: evaluate the bare model, as the release (and the
     #                              paper's BiC row); True: with the corrections (BiC paper)
-    # DGR (SPEC section 6b): the release's variational autoencoder, trained on each task's
+    # DGR (docs/algorithm.md §6b): the release's variational autoencoder, trained on each task's
     # batches with the solver's SGD and schedule.
     c.dgr = ml_collections.ConfigDict(dict(
         z_dim=1024,              # the release's CIFAR latent size
         mu=1.0,                  # KD on the replayed images (release); 0 = the DGR paper's
         weight_decay=0.0,        # the release's DGR script (solver and autoencoder)
         normalize_inputs=False))  # False: images in [0, 1], as the release's DGR
-    # R-DFCIL (Gao et al. 2022; docs/methods.md): its loss scales, and the head fine-tuning
+    # R-DFCIL (Gao et al. 2022; docs/methods.md): its loss scales, its head, the head fine-tuning
     # that ends every task after the first (the release: the last 40 of 200 epochs at 0.005).
     # configs/cifar100_rdfcil.py has the rest of its paper's setting.
     c.rdfcil = ml_collections.ConfigDict(dict(
         lambda_ce=0.5, lambda_hkd=0.15, lambda_rkd=0.5,
         finetune_epochs=40,      # 0 = no fine-tuning
-        finetune_lr_scale=0.05))  # at lr * 0.05
-    # Model inversion (SPEC section 3), shared by abd, deepinversion, lwf_synthetic and rdfcil
-    # (which inverts a new generator after every task).
+        finetune_lr_scale=0.05,  # at lr * 0.05
+        head="per_task"))        # the release's: a bias-free Linear per task, N(0, 0.001^2);
+    #                              "shared": the model's own head (Kaiming, with a bias)
+    # Model inversion (docs/algorithm.md §3), shared by abd, deepinversion, lwf_synthetic and
+    # rdfcil (which inverts a new generator after every task).
     c.synthesis = ml_collections.ConfigDict(dict(
         iterations=10_000, batch_size=0,  # 0 = the learner's batch_size
         lr=1e-3, z_dim=1000, content_temperature=1e3, w_content=1.0, w_diversity=1.0,

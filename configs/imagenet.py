@@ -1,4 +1,4 @@
-"""ImageNet (ILSVRC-2012), 10 tasks of 100 classes (SPEC sections 1-3): ResNet-18 at 224x224,
+"""ImageNet (ILSVRC-2012), 10 tasks of 100 classes (docs/algorithm.md §1-3): ResNet-18 at 224x224,
 batch 256, weight decay 1e-4, 100 epochs with lr x0.1 after 30, 60, 80, 90; class order from
 the fixed seed 1993; random-resized crop (host) + flip (device) for training, resize 256 +
 centre crop 224 for testing; 50,000 generator iterations per task. Prepare the data offline:
@@ -19,7 +19,8 @@ def get_config():
     c.augment.flip = True
     c.augment.crop_padding = 0
     c.num_tasks = 10
-    c.seed = 1993              # SPEC section 1: ImageNet's fixed class-order seed
+    # class_order "release" (from cifar100.py) is, for ImageNet, numpy's seed-1993 order in
+    # every repeat (the release's trainer.py); repeat r trains with seed r, as the release.
     c.model = "resnet18"
     c.batch_size = 256
     c.weight_decay = 1e-4

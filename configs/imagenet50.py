@@ -1,4 +1,4 @@
-"""ImageNet-50 (SPEC section 1, the authors' later variant): the first 50 classes of the
+"""ImageNet-50 (docs/algorithm.md §1, the authors' later variant): the first 50 classes of the
 seed-1993 class order in 5 tasks of 10, with configs/imagenet.py's ResNet-18 schedule."""
 from configs import imagenet
 

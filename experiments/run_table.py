@@ -69,7 +69,7 @@ TABLES = {
 # Published final accuracies A_N (mean, std over 3 class orders) by dataset, row and task
 # count, with their source; a table on that dataset shows them beside the measured ones.
 SOURCES = {
-    "ABD": "Smith et al., ICCV 2021, Tables 1, 2 and A (SPEC.md section 8): ABD's protocol "
+    "ABD": "Smith et al., ICCV 2021, Tables 1, 2 and A (docs/algorithm.md §8): ABD's protocol "
            "(ResNet-32, 250 epochs, lr 0.1 x0.1 at 100/150/200, weight decay 2e-4, "
            "10,000 generator steps after each task), the release's seeded class orders",
 }

@@ -94,7 +94,8 @@ def sweep(config, workdir: pathlib.Path, points: list[dict], folds: int,
     images, labels = data_lib.load_split(spec, "train", data_dir, config.download)
     tasks = config.num_tasks // 2
     per_task = spec.num_classes // config.num_tasks
-    order = data_lib.class_order(spec.num_classes, config.class_order, config.seed)
+    order = data_lib.class_order(spec.num_classes, config.class_order, config.seed,
+                                 dataset=config.dataset)
     splits = cv_splits(spec, images, labels, order[:tasks * per_task], folds, config.seed)
     report = {"folds": folds, "tasks": tasks, "classes": [int(c) for c in order[:tasks * per_task]],
               "points": []}

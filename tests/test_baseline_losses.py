@@ -1,4 +1,4 @@
-"""The Table-2 baselines and DGR as the release runs them (SPEC section 6b): each method's
+"""The Table-2 baselines and DGR as the release runs them (docs/algorithm.md §6b): each method's
 complete training loss, as the method calls it, against float64 numpy written out here from
 the procedure; BiC's evaluation logits; E2E's and BiC's frozen-backbone stages train only
 what they should.
@@ -87,9 +87,11 @@ def setup(session):
                 dgr_method=dgr_method, session=session)
 
 
-def _ctx(s, method_state, labels, params=None, batch_stats=None):
+def _ctx(s, method_state, labels, params=None, batch_stats="student"):
+    """The step's context; `batch_stats`: the student's, or given (None: a frozen-backbone
+    stage in eval mode, whose trained state carries no running statistics)."""
     params = s["student"]["params"] if params is None else params
-    batch_stats = s["student"]["batch_stats"] if batch_stats is None else batch_stats
+    batch_stats = s["student"]["batch_stats"] if batch_stats == "student" else batch_stats
 
     def forward(inputs):
         (logits, feats), upd = s["net"].apply({"params": params, "batch_stats": batch_stats},
@@ -120,9 +122,11 @@ def runs(setup):
     student = Teacher(s["student"]["params"], s["student"]["batch_stats"])
     memory = jnp.full((8,), -1, jnp.int32)
     alpha, beta = jnp.asarray(ALPHA, jnp.float32), jnp.asarray(BETA, jnp.float32)
-    bic_state = bic.BiCState(teacher=s["teacher"], memory=memory, alpha=alpha, beta=beta,
-                             correction=None)
-    teacher_memory = coreset.TeacherMemoryState(teacher=s["teacher"], memory=memory)
+    distinct = jnp.zeros((NUM_TASKS,), jnp.int32)
+    bic_state = bic.BiCState(teacher=s["teacher"], memory=memory, distinct=distinct,
+                             alpha=alpha, beta=beta, correction=None)
+    teacher_memory = coreset.TeacherMemoryState(teacher=s["teacher"], memory=memory,
+                                                distinct=distinct)
     balanced = e2e.BalancedInputs(teacher=s["teacher"], before=s["before"])
     balanced_head = e2e.BalancedInputs(teacher=s["teacher"], before=student)
     stage2 = bic.CorrectionInputs(model=student, alpha=alpha, beta=beta,
@@ -134,6 +138,8 @@ def runs(setup):
     later = lambda name, **kw: _method(name, **kw).loss_fn(TASK)
     e2e_head, e2e_sum = _method("e2e"), _method("e2e", **{"e2e.kd_weighting": "sum"})
     e2e_all = _method("e2e", **{"e2e.balanced_trains": "all"})
+    e2e_eval = _method("e2e", **{"e2e.balanced_bn": "eval"})
+    e2e_before = _method("e2e", **{"e2e.new_class_kd": "before"})
     bic_method, m_dgr = _method("bic"), s["dgr_method"]
 
     @jax.jit
@@ -142,7 +148,8 @@ def runs(setup):
         mixed = lambda state: _ctx(s, state, Y_MIXED)
         # the head-only stage trains a head (here one moved away from the model's) on the
         # frozen model before the stage (here: the student)
-        head_ctx = lambda inputs: _ctx(s, inputs, Y_MIXED, params=_moved(s))
+        head_ctx = lambda inputs, **kw: _ctx(s, inputs, Y_MIXED, params=_moved(s), **kw)
+        moved = {**s["student"]["params"], "head": _moved(s)}
         ctx_dgr = _ctx(s, dgr_state, Y_NEW)
         x_replay = dgr.decode_replay(s["vae"], s["vae_params"][4], ctx_dgr.rng, B, 0.0, 1.0)[0]
         x_vae = jnp.concatenate([s["x"], x_replay])  # DGR's inputs are [0, 1]: not normalised
@@ -152,6 +159,9 @@ def runs(setup):
                                       ).replace(num_old=jnp.int32(num_old))
         return dict(
             x=s["x"], head=_moved(s), z_train=mixed(None).forward(s["x"])[0],
+            z_train_moved=s["net"].apply({"params": moved,
+                                          "batch_stats": s["student"]["batch_stats"]},
+                                         s["x"], train=True, mutable=["batch_stats"])[0][0],
             z_eval=apply(student, s["x"])[0], f_eval=apply(student, s["x"])[1],
             t=apply(s["teacher"], s["x"])[0], before=apply(s["before"], s["x"])[0],
             x_replay=x_replay, t_replay=apply(s["teacher"], x_replay)[0],
@@ -163,11 +173,17 @@ def runs(setup):
             e2e=_drop_bs(e2e_head.loss_fn(TASK)(mixed(teacher_memory))),
             e2e_sum=_drop_bs(e2e_sum.loss_fn(TASK)(mixed(teacher_memory))),
             e2e_balanced=_drop_bs(e2e_head.balanced_loss(head_ctx(balanced_head))),
-            e2e_balanced_sum=_drop_bs(e2e_sum.balanced_loss(head_ctx(balanced_head))),
+            e2e_balanced_eval=_drop_bs(e2e_eval.balanced_loss(
+                head_ctx(balanced_head, batch_stats=None))),
+            e2e_balanced_before=_drop_bs(e2e_before.balanced_loss(
+                head_ctx(balanced_head, batch_stats=None))),
+            e2e_balanced_sum=_drop_bs(e2e_sum.balanced_loss(
+                head_ctx(balanced_head, batch_stats=None))),
             e2e_balanced_all=_drop_bs(e2e_all.balanced_loss(mixed(balanced))),
             bic=_drop_bs(bic_method.loss_fn(TASK)(mixed(bic_state))),
-            bic_stage2=_drop_bs(bic_method.correction_loss(
-                _ctx(s, stage2, Y_MIXED, params=ab, batch_stats=s["student"]["batch_stats"]))),
+            bic_stage2=_drop_bs(bic_method.correction_loss(_ctx(s, stage2, Y_MIXED, params=ab))),
+            bic_stage2_eval=_drop_bs(bic_method.correction_loss(
+                _ctx(s, stage2, Y_MIXED, params=ab, batch_stats=None))),
             dgr=_drop_bs(m_dgr.loss_fn(TASK)(ctx_dgr)),
             autoencoder=_drop_bs(m_dgr.autoencoder_loss(ae_ctx(K_OLD))),
             autoencoder_first=_drop_bs(m_dgr.autoencoder_loss(ae_ctx(0))))
@@ -183,7 +199,8 @@ def _check(got, want):
 
 # ------------------------------------------------------------------------------- the tests
 def test_base_and_naive_rehearsal_are_ce_over_the_seen_classes(runs):
-    """Base; Naive Rehearsal is Base on the task's images + memory samples (SPEC 6b)."""
+    """Base; Naive Rehearsal is Base on the task's images + memory samples (docs/algorithm.md
+    §6b)."""
     want = np.mean(ce64(runs["z_train"][:, :K_NEW], Y_MIXED))
     for name in ("base", "naive_rehearsal"):
         loss, metrics = runs[name]
@@ -218,28 +235,37 @@ def test_e2e_weights_each_past_task_by_its_share_of_the_old_classes(runs):
 
 def test_e2e_balanced_stage_on_the_frozen_backbone(runs):
     """E2E's balanced fine-tuning: CE + w (KD_0 + KD_1 against the previous task's model) + w
-    KD over the new classes [K_old, K_new) against the model before the stage, w = |task| /
-    K_new; the head only: logits f W + b of the frozen model's eval-mode features f with the
-    trained head (W, b). "sum": w = 1."""
-    head = runs["head"]
-    z = runs["f_eval"] @ head["kernel"] + head["bias"]
-    t = runs["t"]
-    ce = np.mean(ce64(z[:, :K_NEW], Y_MIXED))
-    kd_old = sum(_task_kd(z, t, (0, 1)))
-    kd_new = _kd(z[:, K_OLD:K_NEW], runs["z_eval"][:, K_OLD:K_NEW])  # the frozen model's
+    KD over the new classes [K_old, K_new), w = |task| / K_new. The head only: logits of the
+    frozen model with the trained head (W, b), its BatchNorm in train mode (the release's
+    `model.train()`, default) or on its running statistics (`balanced_bn=eval`: f W + b of
+    the eval-mode features f). The new-class KD's target: the previous model's first
+    |task| logits, as the release's `update_model_b` reads them (default), or the model
+    before the stage (`new_class_kd=before`). "sum": w = 1."""
+    head, t = runs["head"], runs["t"]
+    z_eval = runs["f_eval"] @ head["kernel"] + head["bias"]
     w = S / K_NEW
+
+    def want(z, target):
+        ce = np.mean(ce64(z[:, :K_NEW], Y_MIXED))
+        return ce, sum(_task_kd(z, t, (0, 1))), _kd(z[:, K_OLD:K_NEW], target)
+
+    ce, kd_old, kd_new = want(runs["z_train_moved"], t[:, :K_NEW - K_OLD])  # the release
     loss, metrics = runs["e2e_balanced"]
     _check(metrics["ce"], ce)
     _check(metrics["kd"], w * kd_old)
     _check(metrics["kd_new_classes"], w * kd_new)
     _check(loss, ce + w * (kd_old + kd_new))
-    loss, _ = runs["e2e_balanced_sum"]
-    _check(loss, ce + kd_old + kd_new)
+    ce, kd_old, kd_new = want(z_eval, t[:, :K_NEW - K_OLD])
+    _check(runs["e2e_balanced_eval"][0], ce + w * (kd_old + kd_new))
+    ce, kd_old, kd_new = want(z_eval, runs["z_eval"][:, K_OLD:K_NEW])  # the frozen model's
+    _check(runs["e2e_balanced_before"][0], ce + w * (kd_old + kd_new))
+    ce, kd_old, kd_new = want(z_eval, t[:, :K_NEW - K_OLD])
+    _check(runs["e2e_balanced_sum"][0], ce + kd_old + kd_new)
     # balanced_trains="all": the whole network in train mode, against a separate "before"
-    z, before = runs["z_train"], runs["before"]
+    z = runs["z_train"]
     loss, _ = runs["e2e_balanced_all"]
     _check(loss, np.mean(ce64(z[:, :K_NEW], Y_MIXED)) + w * (
-        sum(_task_kd(z, t, (0, 1))) + _kd(z[:, K_OLD:K_NEW], before[:, K_OLD:K_NEW])))
+        sum(_task_kd(z, t, (0, 1))) + _kd(z[:, K_OLD:K_NEW], t[:, :K_NEW - K_OLD])))
 
 
 def test_e2e_balanced_stage_trains_the_head_only(setup):
@@ -270,14 +296,17 @@ def test_bic_stage1_mixes_ce_and_kd_by_the_old_class_share(runs):
 
 
 def test_bic_stage2_fits_the_new_tasks_correction_on_the_frozen_model(runs):
-    """Stage 2: CE over [0, K_new) of the eval-mode logits after every task's correction, the
-    new task's (alpha, beta) = the trained parameters (0.5, 1.25)."""
+    """Stage 2: CE over [0, K_new) of the frozen model's logits after every task's
+    correction, the new task's (alpha, beta) = the trained parameters (0.5, 1.25); the model's
+    BatchNorm in train mode (the release's `model.train()`, default) or eval mode
+    (`stage2_bn=eval`)."""
     alpha, beta = ALPHA.copy(), BETA.copy()
     alpha[TASK.index], beta[TASK.index] = 0.5, 1.25
-    z = _correct(runs["z_eval"], alpha, beta, K_NEW)
-    loss, metrics = runs["bic_stage2"]
-    _check(loss, np.mean(ce64(z[:, :K_NEW], Y_MIXED)))
-    _check(metrics["ce"], loss)
+    for run, logits in (("bic_stage2", "z_train"), ("bic_stage2_eval", "z_eval")):
+        z = _correct(runs[logits], alpha, beta, K_NEW)
+        loss, metrics = runs[run]
+        _check(loss, np.mean(ce64(z[:, :K_NEW], Y_MIXED)))
+        _check(metrics["ce"], loss)
 
 
 def test_bic_stage2_gradient_reaches_alpha_and_beta_only(setup):
@@ -297,7 +326,8 @@ def test_bic_evaluation_logits(runs):
     """The release evaluates the bare model; correct_at_test applies every task's correction,
     the current task's included."""
     z = runs["z_eval"].astype(np.float32)
-    state = bic.BiCState(teacher=None, memory=None, alpha=jnp.asarray(ALPHA, jnp.float32),
+    state = bic.BiCState(teacher=None, memory=None, distinct=None,
+                         alpha=jnp.asarray(ALPHA, jnp.float32),
                          beta=jnp.asarray(BETA, jnp.float32), correction=None)
     np.testing.assert_array_equal(_method("bic").eval_logits(state, z, TASK), z)
     corrected = _method("bic", **{"bic.correct_at_test": True}).eval_logits(state, z, TASK)

@@ -1,7 +1,8 @@
-"""Coreset baselines as the release runs them (SPEC section 6b): the memory and its
+"""Coreset baselines as the release runs them (docs/algorithm.md §6b): the memory and its
 selections, the 1:1 replay of the random-memory methods, E2E's balanced stage, BiC's held-out
 split and bias correction, memory accounting, and resume through every end-of-task stage
 (DGR's too)."""
+import dataclasses
 import json
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from abd_jax import experiment, losses, methods, models, runner, train
+from abd_jax import rng as rng_lib
 from abd_jax.methods import coreset
 from configs import digits
 from helpers import three_task_config, tiny_config
@@ -150,6 +152,56 @@ def test_memory_is_class_balanced_deterministic_and_shrinks(selection, session):
         assert not np.array_equal(other, m1)  # another seed, another selection
 
 
+def test_release_redraw_keeps_duplicates_and_counts_by_hand():
+    """The release's `update_coreset` on a pool with repeats: 18 slots over 4 classes are
+    4 each, the 2 left over go to the newest classes with more than 4 candidates."""
+    labels = np.repeat(np.arange(4), 10).astype(np.int32)  # images 0-9 class 0, 10-19 class 1
+    pool = np.array([5, 5, 5, 7, 11, 11, *range(20, 30), *range(30, 40)])
+    memory = coreset.release_redraw(pool, labels, num_seen=4, size=18,
+                                    key=np.array([0, 3], np.uint32))
+    stored = memory[memory >= 0]
+    # class 3 and class 2 take 5 (the remainder), class 1 its 2 candidates, class 0 all 4
+    assert np.bincount(labels[stored]).tolist() == [4, 2, 5, 5]
+    assert sorted(stored[labels[stored] == 0]) == [5, 5, 5, 7]
+    assert sorted(stored[labels[stored] == 1]) == [11, 11]
+    assert len(memory) == 18 and (memory[16:] == -1).all()
+    # distinct images: 2 (class 0) + 1 (class 1) + 5 + 5
+    assert coreset.distinct_count(memory) == 13
+    np.testing.assert_array_equal(  # seeded: the same draw again
+        memory, coreset.release_redraw(pool, labels, 4, 18, np.array([0, 3], np.uint32)))
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_random_memory_is_redrawn_from_the_resampled_task_as_the_release(distinct, session):
+    """By default an old class's new memory is drawn without replacement from its copies in
+    the task's 1:1 resample (duplicates kept); `coreset.distinct_memory` keeps its first
+    exemplars. Each task's distinct count is recorded for the results."""
+    config, method = _method(method="naive_rehearsal", num_tasks=2,
+                             **{"coreset.memory": 8, "coreset.distinct_memory": distinct})
+    rt = fake_runtime(session, config)
+    labels, learner = rt.plan.train_labels, _learner(session)
+    state = method.init_state(rt, learner)
+    _, state = end_task(method, rt, learner, state, _task(0))
+    first = np.asarray(state.memory)
+    assert np.asarray(state.distinct).tolist() == [8, 0]
+    pool = method.train_index(rt, state, _task(1))
+    _, state = end_task(method, rt, learner, state, _task(1))
+    memory = np.asarray(state.memory)
+    assert np.bincount(labels[memory]).tolist() == [2, 2, 2, 2]
+    assert int(state.distinct[1]) == len(set(memory.tolist()))
+    if distinct:
+        for c in (0, 1):
+            np.testing.assert_array_equal(memory[labels[memory] == c],
+                                          first[labels[first] == c][:2])
+        return
+    for c in (0, 1):  # drawn from the resampled copies, never more often than they occur
+        chosen, copies = memory[labels[memory] == c], pool[labels[pool] == c]
+        for i in set(chosen.tolist()):
+            assert (chosen == i).sum() <= (copies == i).sum()
+    np.testing.assert_array_equal(memory, coreset.release_redraw(
+        pool, labels, 4, 8, rng_lib.fold_in(rt.method_key, 1)))
+
+
 @pytest.mark.parametrize("name", ["naive_rehearsal", "lwf_coreset"])
 def test_random_memory_methods_draw_as_many_memory_samples_as_the_task_has(name, session):
     """The release's append_coreset: the task's images plus len(task) memory samples drawn
@@ -195,6 +247,80 @@ def test_e2e_balanced_stage_follows_the_release(session):
     end_task(methods.get_method(config), rt, learner, state, _task(1))
     assert rt.services.loops[0]["schedule"].epochs == 30
     assert rt.services.loops[0]["schedule"].milestones == ()
+
+
+def _run_stage(stage, learner, state, rt, data, steps: int, batch_size: int):
+    """A balancing stage as the task loop runs it (begin, `steps` real SGD steps on its
+    batches, end); returns (learner, state, the batches' example indices)."""
+    from jax.sharding import Mesh
+
+    from abd_jax import data as data_lib
+    from abd_jax import sampling
+    learner, state = stage.begin(rt, learner, state, _task(1))
+    index = stage.index(rt, state, _task(1))
+    padded = np.zeros(64, np.int32)
+    padded[:len(index)] = index
+    info = sampling.TaskInfo(
+        index=padded, count=np.int32(len(index)), num_old=np.int32(2), num_seen=np.int32(4),
+        steps_per_epoch=np.int32(len(index) // batch_size), total_steps=np.int32(steps),
+        key=np.array([7, 1], np.uint32), base_lr=np.float32(0.001),
+        lr_milestones=sampling.lr_milestones((), 3))
+    cfg = train.StepConfig(batch_size, 0.1, data_lib.AugmentConfig(0.0, 0.0, False, 0),
+                           (0.0,), (1.0,))
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    step = jax.jit(train.make_train_step(rt.model, stage.loss_fn, cfg, mesh))
+    trained, inputs = stage.get(learner, state), stage.inputs(learner, state)
+    for _ in range(steps):
+        trained, _ = step(trained, inputs, data, info)
+    learner, state = stage.put(learner, state, trained)
+    batches = [np.asarray(sampling.batch_indices(info, k, batch_size)) for k in range(steps)]
+    return (*stage.end(rt, learner, state, _task(1)), batches)
+
+
+@pytest.mark.parametrize("method,setting", [("e2e", "e2e.balanced_bn"),
+                                            ("bic", "bic.stage2_bn")])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_balancing_stages_move_the_backbone_statistics_as_the_release(method, setting, mode,
+                                                                      session):
+    """E2E's head-only stage and BiC's stage 2 train a head or two scalars, but the release
+    calls `model.train()` on every batch: BatchNorm normalises with the batch's statistics
+    and the frozen backbone's running statistics move. After the stage the learner's running
+    mean and variance equal those computed by hand from its batches (momentum 0.1, biased
+    variance); in eval mode they stay."""
+    from abd_jax import sampling
+    from helpers import TinyNet
+    batch = 4
+    config, method_ = _method(method=method, num_tasks=2, num_classes=4, batch_size=batch,
+                              **{"coreset.memory": 8, "bic.val_fraction": 1.0, setting: mode})
+    model = TinyNet(num_classes=4)
+    tx = session.shared(train.learner_optimizer, 0.1, 0.9, 0.0)
+    learner = train.create_train_state(session, model, jax.random.PRNGKey(0), (2, 2, 1), tx)
+    rt = dataclasses.replace(fake_runtime(session, config), model=model)
+    images = np.random.RandomState(3).randint(0, 256, (40, 2, 2, 1)).astype(np.uint8)
+    data = sampling.DeviceData(jnp.asarray(images), jnp.asarray(rt.plan.train_labels))
+    state = method_.init_state(rt, learner)
+    learner, state = end_task(method_, rt, learner, state, _task(0))
+    stages = method_.end_task(_task(1))
+    for stage in stages:
+        if isinstance(stage, methods.Update):
+            learner, state = stage.fn(rt, learner, state, _task(1))
+            continue
+        before = jax.tree.map(np.asarray, learner.batch_stats["bn"])
+        learner, state, batches = _run_stage(stage, learner, state, rt, data, 3, batch)
+        break
+    after = jax.tree.map(np.asarray, learner.batch_stats["bn"])
+    if mode == "eval":
+        jax.tree.map(np.testing.assert_array_equal, after, before)
+        return
+    body = jax.tree.map(np.asarray, learner.params["body"])
+    mean, var = before["mean"].astype(np.float64), before["var"].astype(np.float64)
+    for chosen in batches:
+        h = images[chosen].reshape(batch, -1) / 255.0 @ body["kernel"] + body["bias"]
+        mean = 0.9 * mean + 0.1 * h.mean(axis=0)
+        var = 0.9 * var + 0.1 * h.var(axis=0)
+    np.testing.assert_allclose(after["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after["var"], var, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(after["mean"], before["mean"])
 
 
 def test_taskwise_kd_sums_one_weighted_kd_per_past_task():
@@ -266,12 +392,37 @@ def test_bic_stage2_follows_the_release_and_skips_a_split_under_one_batch(sessio
 def test_coreset_methods_run_and_account_for_their_memory(digits_data_dir, reference_run,
                                                           method):
     results, workdir = reference_run(three_task_config(digits_data_dir, method))
-    memory = results["repeats"][0]["memory"]
+    memory = dict(results["repeats"][0]["memory"])
+    distinct = memory.pop("distinct_stored_images")
     assert memory["stored_images"] == 60 and memory["stored_image_bytes"] == 60 * 64
     assert memory["bytes"] == 4 * memory["classifier_parameters"] + 60 * 64
     assert memory["values"] == memory["classifier_parameters"] + 60 * 64  # the release's count
-    assert "memory kept between tasks" in (workdir / "summary.md").read_text()
+    summary = (workdir / "summary.md").read_text()
+    assert "memory kept between tasks" in summary
+    assert "distinct images in the memory after each task: 60, " in summary
     assert results["aggregate"]["memory"] == memory
+    assert results["aggregate"]["distinct_stored_images"]["mean"] == distinct
+    assert len(distinct) == 3 and distinct[0] == 60  # task 1: drawn from its own images
+    if method in ("e2e", "bic"):  # exemplars chosen once per class: always distinct
+        assert distinct == [60, 60, 60]
+    else:  # old classes redrawn from their resampled copies lose distinct images
+        assert distinct[2] < 60
+
+
+def test_bic_trains_its_first_task_as_naive_rehearsal(digits_data_dir, reference_run):
+    """The release trains BiC's first task as Naive Rehearsal's (no memory yet, nothing held
+    out): at the same seed, the same batches and losses, the same accuracy after task 1."""
+    runs = {m: reference_run(three_task_config(digits_data_dir, m))
+            for m in ("bic", "naive_rehearsal")}
+
+    def first_task(results, workdir):
+        lines = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+        losses_ = [(x["step"], x["loss"]) for x in lines
+                   if x.get("task") == 1 and "phase" not in x and "loss" in x]
+        return results["repeats"][0]["R_global"][0], losses_
+
+    bic, rehearsal = first_task(*runs["bic"]), first_task(*runs["naive_rehearsal"])
+    assert len(bic[1]) > 1 and bic == rehearsal
 
 
 def test_e2e_balanced_finetuning_steps_at_its_own_learning_rate(digits_data_dir,
@@ -301,7 +452,7 @@ def test_interrupt_in_a_host_stage_reruns_it_identically(digits_data_dir, refere
     rerun does that stage again from the checkpoint taken when training ended."""
     config = three_task_config(digits_data_dir, "naive_rehearsal")
     reference, _ = reference_run(config)
-    real, calls = coreset.Coreset.updated, {"n": 0}
+    real, calls = coreset.release_redraw, {"n": 0}
 
     def crashing(*args, **kwargs):
         calls["n"] += 1
@@ -309,10 +460,10 @@ def test_interrupt_in_a_host_stage_reruns_it_identically(digits_data_dir, refere
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(coreset.Coreset, "updated", crashing)
+    monkeypatch.setattr(coreset, "release_redraw", crashing)
     with pytest.raises(KeyboardInterrupt):
         experiment.run(config, tmp_path, session=session)
-    monkeypatch.setattr(coreset.Coreset, "updated", real)
+    monkeypatch.setattr(coreset, "release_redraw", real)
     resumed = experiment.run(config, tmp_path, session=session)
     assert [r["R_global"] for r in resumed["repeats"]] == [
         r["R_global"] for r in reference["repeats"]]

@@ -31,12 +31,56 @@ def test_class_order_shuffle_and_identity():
     np.testing.assert_array_equal(data.class_order(5, "identity", seed=3), np.arange(5))
 
 
+# R-DFCIL's release lists its CIFAR-100 orders (config/cifar100.yaml, "used by ABD and our
+# R-DFCIL"): ABD's release's orders of repeats 0, 1 and 2.
+RDFCIL_CLASS_ORDERS = (
+    (23, 8, 11, 7, 48, 13, 1, 91, 94, 54, 16, 63, 52, 41, 80, 2, 47, 87, 78, 66, 19, 6, 24, 10,
+     59, 30, 22, 29, 83, 37, 93, 81, 43, 99, 86, 28, 34, 88, 44, 14, 84, 70, 4, 20, 15, 21, 31,
+     76, 57, 67, 73, 50, 69, 25, 98, 46, 96, 0, 72, 35, 58, 92, 3, 95, 56, 90, 26, 40, 55, 89,
+     75, 71, 60, 42, 9, 82, 39, 18, 77, 68, 32, 79, 12, 85, 36, 17, 64, 27, 74, 45, 61, 38, 51,
+     62, 65, 33, 5, 53, 97, 49),
+    (53, 37, 65, 51, 4, 20, 38, 9, 10, 81, 44, 36, 84, 50, 96, 90, 66, 16, 80, 33, 24, 52, 91,
+     99, 64, 5, 58, 76, 39, 79, 23, 94, 30, 73, 25, 47, 31, 45, 19, 87, 42, 68, 95, 21, 7, 67,
+     46, 82, 11, 6, 41, 86, 88, 70, 18, 78, 71, 59, 43, 61, 22, 14, 35, 93, 56, 28, 98, 54, 27,
+     89, 1, 69, 74, 2, 85, 40, 13, 75, 29, 34, 92, 0, 77, 55, 49, 3, 62, 12, 26, 48, 83, 60, 57,
+     63, 15, 32, 8, 97, 72, 17),
+    (0, 76, 61, 63, 1, 71, 2, 6, 16, 19, 13, 24, 49, 12, 75, 9, 83, 72, 5, 41, 99, 45, 89, 53,
+     79, 18, 52, 92, 14, 42, 68, 44, 38, 84, 36, 17, 31, 15, 70, 88, 25, 97, 51, 73, 66, 37, 78,
+     33, 80, 26, 82, 28, 60, 35, 43, 57, 23, 58, 91, 8, 62, 93, 98, 86, 29, 30, 22, 95, 67, 54,
+     48, 40, 59, 96, 3, 87, 34, 64, 56, 69, 47, 65, 50, 81, 55, 20, 74, 4, 90, 27, 77, 32, 39,
+     85, 94, 21, 46, 10, 11, 7),
+)
+
+
+def test_release_class_orders():
+    """The release's orders (trainer.py): Python's random.shuffle with the repeat's seed for
+    CIFAR and Tiny-ImageNet, numpy's seed 1993 for ImageNet in every repeat. "1993" is the
+    iCaRL / PODNet / PyCIL order (CIFAR-100's begins 68, 56, 78, 8, as iCaRL's)."""
+    first = lambda *args, **kw: data.class_order(*args, **kw)[:8].tolist()
+    assert first(100, "release", seed=0) == [23, 8, 11, 7, 48, 13, 1, 91]
+    assert first(100, "release", seed=1) == [53, 37, 65, 51, 4, 20, 38, 9]
+    assert first(100, "release", seed=2) == [0, 76, 61, 63, 1, 71, 2, 6]
+    assert first(200, "release", seed=0) == [131, 181, 22, 172, 144, 92, 97, 187]
+    assert first(10, "release", seed=0) == [7, 8, 1, 5, 3, 4, 2, 0]
+    imagenet = [54, 7, 894, 512, 126, 337, 988, 11]
+    for seed in (0, 1):
+        assert first(1000, "release", seed=seed, dataset="imagenet2012") == imagenet
+        assert first(1000, "1993", seed=seed) == imagenet
+        assert first(100, "1993", seed=seed) == [68, 56, 78, 8, 23, 84, 90, 65]
+    for seed, order in enumerate(RDFCIL_CLASS_ORDERS):
+        np.testing.assert_array_equal(data.class_order(100, "release", seed=seed), order)
+    order = data.class_order(100, "release", seed=0)
+    assert order.dtype == np.int32 and sorted(order) == list(range(100))
+    # numpy's shuffle is another order
+    assert not np.array_equal(order, data.class_order(100, "shuffle", seed=0))
+
+
 def test_class_order_explicit():
     np.testing.assert_array_equal(data.class_order(4, [2, 0, 3, 1]), [2, 0, 3, 1])
     for bad in ([0, 1, 2], [0, 1, 1, 2], [0, 1, 2, 4]):
         with pytest.raises(ValueError, match=r"permutation of range\(4\)"):
             data.class_order(4, bad)
-    with pytest.raises(ValueError, match="shuffle"):
+    with pytest.raises(ValueError, match="release, 1993, shuffle, identity"):
         data.class_order(4, "random")
 
 
@@ -98,6 +142,36 @@ def test_augment_each_stage_changes_images():
                 data.AugmentConfig(0, 0, True, 0), data.AugmentConfig(0, 0, False, 4)):
         out = data.augment_batch(jax.random.key(0), images, aug, MEAN, STD)
         assert not np.allclose(out, data.normalize(images, MEAN, STD)), aug
+
+
+def test_augment_pins_each_operation_by_hand():
+    """Each image's draws applied by hand: the release's ColorJitter (brightness x * b,
+    contrast c x + (1 - c) mean gray, each clipped, in a random order), flip, and a crop of the
+    image padded with black (0 before normalising, as torchvision pads the PIL image)."""
+    images = _images(b=64, size=6)
+    aug = data.AugmentConfig(brightness=0.9, contrast=0.9, flip=True, crop_padding=2)
+    key = jax.random.key(5)
+    out = np.asarray(data.augment_batch(key, images, aug, MEAN, STD)) * STD + MEAN
+    keys = jax.random.split(key, len(images))
+    orders = set()
+    for i, x in enumerate(images.astype(np.float64) / 255):
+        d = {k: np.asarray(v) for k, v in data.augment_draws(keys[i], aug).items()}
+        bright = lambda v: np.clip(v * d["brightness"], 0, 1)
+        gray = lambda v: (v @ np.array([0.299, 0.587, 0.114])).mean()
+        contrast = lambda v: np.clip(d["contrast"] * v + (1 - d["contrast"]) * gray(v), 0, 1)
+        x = bright(contrast(x)) if d["contrast_first"] else contrast(bright(x))
+        orders.add(bool(d["contrast_first"]))
+        x = x[:, ::-1] if d["flip"] else x
+        padded = np.zeros((10, 10, 3))
+        padded[2:8, 2:8] = x
+        want = padded[d["top"]:d["top"] + 6, d["left"]:d["left"] + 6]
+        np.testing.assert_allclose(out[i], want, atol=2e-5)
+    assert orders == {True, False}
+    # a white image shows the black padding wherever the crop is off-centre
+    white = np.full((16, 8, 8, 3), 255, np.uint8)
+    crop = data.AugmentConfig(0, 0, False, 4)
+    pixels = np.asarray(data.augment_batch(key, white, crop, MEAN, STD)) * STD + MEAN
+    assert set(np.round(pixels, 4).ravel()) == {0.0, 1.0}
 
 
 def test_get_spec():

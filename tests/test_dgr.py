@@ -1,6 +1,6 @@
-"""DGR (SPEC section 6b): the release's autoencoder, its loss, replay labelled by the previous
-classifier, the autoencoder's pass over the solver's own batches, memory, and resume through
-the autoencoder stage."""
+"""DGR (docs/algorithm.md §6b): the release's autoencoder, its loss, replay labelled by the
+previous classifier, the autoencoder's pass over the solver's own batches, memory, and resume
+through the autoencoder stage."""
 import json
 
 import jax

@@ -1,7 +1,7 @@
-"""Loss values pinned to SPEC.md's equations.
+"""Loss values pinned to docs/algorithm.md's equations (§N: its section N).
 
 Expected numbers are worked out by hand (stated in the comments) or with plain float64 numpy
-arithmetic written out here from the SPEC formula; no test compares a loss with another copy
+arithmetic written out here from the formula; no test compares a loss with another copy
 of the implementation. Sections: hand values with their gradients; randomized properties and
 gradient masks; ABD's Table-3 switches and the method losses (ABD, DeepInversion, LwF,
 LwF + synthetic data, LwF.MC) on a tiny real classifier and generator.
@@ -60,7 +60,7 @@ def _np_ce(z, y):
 
 
 def _np_kd(s, t, temp):
-    """SPEC 6: mean_i -sum_k softmax(t_i/T)_k log_softmax(s_i/T)_k, no T^2."""
+    """§6: mean_i -sum_k softmax(t_i/T)_k log_softmax(s_i/T)_k, no T^2."""
     return np.mean(-np.sum(_np_softmax(np.asarray(t, np.float64) / temp)
                            * _np_log_softmax(np.asarray(s, np.float64) / temp), axis=-1))
 
@@ -83,7 +83,7 @@ def _f32(*arrays):
 
 
 def test_bn_stat_kl_hand_values():
-    """SPEC 3: KL(N(mu_r, v_r) || N(mu_b, v_b)) = log(sd_b/sd_r) - (1 - (v_r + dmu^2)/v_b)/2."""
+    """§3: KL(N(mu_r, v_r) || N(mu_b, v_b)) = log(sd_b/sd_r) - (1 - (v_r + dmu^2)/v_b)/2."""
     one, four, zero = jnp.ones(1), 4.0 * jnp.ones(1), jnp.zeros(1)
     kl = losses.bn_stat_kl
     out = jax.jit(lambda: dict(
@@ -107,7 +107,7 @@ def test_bn_stat_kl_hand_values():
 
 
 def test_bn_alignment_is_the_plain_layer_mean_of_hand_kls():
-    """SPEC 3: L_stat = (1/L) sum_l KL_l; layers of 1 and 3 channels are not channel-pooled."""
+    """§3: L_stat = (1/L) sum_l KL_l; layers of 1 and 3 channels are not channel-pooled."""
     layer1 = (jnp.zeros(1), jnp.ones(1), jnp.zeros(1), 4.0 * jnp.ones(1))      # 1.5 - ln 2
     layer2 = (jnp.zeros(3), jnp.ones(3), jnp.array([1.0, 1.0, 0.0]), jnp.ones(3))  # 1/3
     got = jax.jit(losses.bn_alignment_loss)([layer1, layer2])
@@ -121,7 +121,7 @@ def _hand_blur_1d(sigma=1.0):
 
 
 def test_blur_kernel_hand_values():
-    """SPEC 3: k = g g^T / (sum g)^2 with g_i = exp(-((i - 2) / (2 sigma))^2), sigma = 1."""
+    """§3: k = g g^T / (sum g)^2 with g_i = exp(-((i - 2) / (2 sigma))^2), sigma = 1."""
     # g = [e^-1, e^-1/4, 1, e^-1/4, e^-1] = [0.3678794, 0.7788008, 1, ...], sum s = 3.2933604
     kernel, kernel2 = jax.jit(lambda: (losses._blur_kernel(), losses._blur_kernel(2.0)))()
     chex.assert_shape(kernel, (5, 5))
@@ -139,7 +139,7 @@ def test_blur_kernel_hand_values():
 
 
 def test_smoothness_of_a_centred_delta_hand_value():
-    """SPEC 3: mean((x - blur x)^2). A unit delta in the middle of a 9x9 image blurs into the
+    """§3: mean((x - blur x)^2). A unit delta in the middle of a 9x9 image blurs into the
     kernel itself, so the loss is ((1 - k_22)^2 + sum_{(i,j) != (2,2)} k_ij^2) / 81."""
     x = jnp.zeros((1, 9, 9, 1)).at[0, 4, 4, 0].set(1.0)
     s = 1.0 + 2 * math.exp(-0.25) + 2 * math.exp(-1.0)
@@ -169,7 +169,7 @@ def test_smoothness_uses_reflect_padding():
 
 
 def test_diversity_hand_value():
-    """SPEC 3: L_div = 1 + sum_k p_bar_k log p_bar_k / log K, p_bar the batch-mean softmax."""
+    """§3: L_div = 1 + sum_k p_bar_k log p_bar_k / log K, p_bar the batch-mean softmax."""
     # rows softmax to [.7, .1, .1, .1] and [.1, .1, .1, .7]: p_bar = [.4, .1, .1, .4];
     # 1 + (0.8 ln .4 + 0.2 ln .1) / ln 4 = 1 - 1.1935496 / 1.3862944 = 0.1390360
     p = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]])
@@ -187,7 +187,7 @@ def test_diversity_hand_value():
 
 
 def test_soft_kd_hand_values():
-    """SPEC 6: mean_i -sum_k p_ik log_softmax(s_i / T)_k, T divides the student logits."""
+    """§6: mean_i -sum_k p_ik log_softmax(s_i / T)_k, T divides the student logits."""
     # T = 2. Row 1: s/T = [0, ln 3] -> q = [1/4, 3/4], p = [1/2, 1/2]:
     #   -(ln(1/4) + ln(3/4)) / 2 = 0.8369882. Row 2: s = 0, p = [1, 0]: ln 2. Mean 0.7650677.
     s = jnp.array([[0.0, 2 * LN3], [0.0, 0.0]])
@@ -204,7 +204,7 @@ def test_soft_kd_hand_values():
 
 
 def test_kd_hand_value_has_no_t_squared():
-    """SPEC 6: KD(s, t, T) = mean_i -sum_k softmax(t/T)_k log_softmax(s/T)_k, not times T^2."""
+    """§6: KD(s, t, T) = mean_i -sum_k softmax(t/T)_k log_softmax(s/T)_k, not times T^2."""
     s, t = jnp.array([[0.0, 2 * LN3]]), jnp.array([[2 * LN3, 0.0]])
     (val, (gs, gt)), (at_t, g_at_t) = jax.jit(lambda: (
         jax.value_and_grad(losses.kd_loss, argnums=(0, 1))(s, t, 2.0),
@@ -220,7 +220,7 @@ def test_kd_hand_value_has_no_t_squared():
 
 
 def test_content_loss_hand_value():
-    """SPEC 3: L_content = CE(z / T, argmax z), T = 1e3."""
+    """§3: L_content = CE(z / T, argmax z), T = 1e3."""
     # z/T = [3, 0, 0] (label 0): ln(1 + 2 e^-3) = 0.0949230
     # z/T = [0, 1, 2] (label 2): ln(1 + e^-1 + e^-2) = 0.4076060; mean 0.2512645
     z = jnp.array([[3000.0, 0.0, 0.0], [0.0, 1000.0, 2000.0]])
@@ -234,7 +234,7 @@ def test_content_loss_hand_value():
 
 
 def test_feature_kd_hand_value_and_gradients():
-    """SPEC 5: L_kd = mean_i sum_k ((f_i - f_T_i) W_prev)_k^2 / K_old, W_prev and f_T frozen."""
+    """§5: L_kd = mean_i sum_k ((f_i - f_T_i) W_prev)_k^2 / K_old, W_prev and f_T frozen."""
     # D = 3, K_old = 2. f - f_T = [[1, 0, 0], [0, 2, 0]], W = [[1, 2], [3, 4], [5, 6]]:
     # projections [1, 2] and [6, 8], squared sums 5 and 100, mean 52.5, / K_old -> 26.25
     f_t = jnp.array([[0.5, -1.0, 3.0], [2.0, 0.0, -2.0]])
@@ -255,7 +255,7 @@ def test_feature_kd_hand_value_and_gradients():
 
 
 def test_task_balancing_weights_hand_values():
-    """SPEC 5: r = K_old / K_new; w = r for y < K_old, 1 - r otherwise."""
+    """§5: r = K_old / K_new; w = r for y < K_old, 1 - r otherwise."""
     tb = losses.task_balancing_weights
     w, w_traced, w_first = jax.jit(lambda: (
         tb(jnp.array([0, 1, 2, 5]), 2, 6),                   # r = 1/3
@@ -269,7 +269,7 @@ def test_task_balancing_weights_hand_values():
 
 
 def test_local_ce_hand_value_and_gradient():
-    """SPEC 5: mean_i w_i CE(z_i[K_old:K_new], y_i - K_old); old columns get zero gradient."""
+    """§5: mean_i w_i CE(z_i[K_old:K_new], y_i - K_old); old columns get zero gradient."""
     z = jnp.array([[5.0, -3.0, 0.0, LN3], [9.0, 9.0, 0.0, 0.0]])
     y, w = jnp.array([3, 2]), jnp.array([0.5, 2.0])
     (val, grad), global_ce = jax.jit(lambda: (
@@ -286,7 +286,7 @@ def test_local_ce_hand_value_and_gradient():
 
 
 def test_head_finetune_ce_hand_value_and_gradients():
-    """SPEC 5: FT-CE = mean_i w_i CE(W sg(f_i) + b over [0, K_new), y_i): head-only gradient."""
+    """§5: FT-CE = mean_i w_i CE(W sg(f_i) + b over [0, K_new), y_i): head-only gradient."""
     # f = I, W = [[ln 3, 0, 7], [0, ln 3, 7]], b = 0, K_new = 2 (column 2 invalid).
     # Row 1: [ln 3, 0] -> [3/4, 1/4], y = 0: -ln(3/4). Row 2: [0, ln 3] -> [1/4, 3/4], y = 0:
     # ln 4. Weights [1/3, 2/3]: (ln(4/3) / 3 + 2 ln 4 / 3) / 2 = 0.5100451
@@ -308,7 +308,7 @@ def test_head_finetune_ce_hand_value_and_gradients():
 
 
 def test_lwf_mc_hand_value_and_gradients():
-    """SPEC 6: sum_k BCE(sigmoid(z_k), target_k) / B over [0, K_new); target = sigmoid(t)
+    """§6: sum_k BCE(sigmoid(z_k), target_k) / B over [0, K_new); target = sigmoid(t)
     over [0, K_old), one-hot(y) over [K_old, K_new)."""
     z = jnp.array([[1.0, -1.0, 2.0, 5.0]])
     teacher = jnp.array([[LN3, 4.0, -4.0, 0.0]])
@@ -332,7 +332,7 @@ def test_lwf_mc_hand_value_and_gradients():
 
 
 def test_padded_soft_kd_hand_value():
-    """SPEC 6 (DeepInversion): target [softmax(t[:K_old]/T), 0, ..., 0] against
+    """§6 (DeepInversion): target [softmax(t[:K_old]/T), 0, ..., 0] against
     log_softmax(s[:K_new]/T)."""
     s = jnp.array([[0.0, 0.0, 0.0, 8.0]])
     t = jnp.array([[2 * LN3, 0.0, 5.0, 5.0]])
@@ -347,7 +347,7 @@ def test_padded_soft_kd_hand_value():
 
 
 def test_valid_ce_hand_value_and_mask():
-    """SPEC 5/6: CE over the valid logits [0, K_new); invalid columns never enter."""
+    """§5/6: CE over the valid logits [0, K_new); invalid columns never enter."""
     # z[:2] = [ln 3, 0], y = 0: -ln(3/4) = 0.2876821 (column 2 = 10 would dominate otherwise)
     z = jnp.array([[LN3, 0.0, 10.0]])
     fn = lambda a: losses.valid_ce_loss(a, jnp.array([0]), 2)
@@ -372,7 +372,7 @@ def _random_case(seed):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_masked_losses_random_values_and_gradient_masks(seed):
-    """Every masked loss on random full-width logits equals its SPEC formula on the sliced
+    """Every masked loss on random full-width logits equals its formula on the sliced
     columns, and columns outside the loss's range get exactly zero gradient."""
     rs, b, k, k_old, k_new, z_np, t_np = _random_case(seed)
     z, t = _f32(z_np, t_np)
@@ -402,7 +402,7 @@ def test_masked_losses_random_values_and_gradient_masks(seed):
     # K_old and K_new are traced, as in the training step (one compilation for every task)
     out = jax.jit(lambda a, ko, kn: {n: jax.value_and_grad(c[0])(a, ko, kn)
                                      for n, c in cases.items()})(z, k_old, k_new)
-    # the SPEC formulas on the sliced columns, float64
+    # the formula of docs/algorithm.mds on the sliced columns, float64
     target = np.concatenate([_np_softmax(t_np[:, :k_old] / temp),
                              np.zeros((b, k_new - k_old))], axis=1)
     mc_target = np.eye(k_new)[np.asarray(y_all)]
@@ -633,8 +633,34 @@ def runs(setup):
     return r
 
 
+def test_abd_moves_batchnorm_statistics_twice_as_the_release(setup):
+    """The release computes FT-CE's features by a second no-grad forward of the same 2B
+    images in train mode, so every BatchNorm's running statistics move twice per step:
+    with `ft_second_bn_update` the step's statistics equal two train-mode forwards'; by
+    default (one forward, as the paper's Eq. 14) and without FT-CE, one's."""
+    s = setup
+
+    @jax.jit
+    def run():
+        ctx = _ctx(s)
+        images = replay(ctx, s["gen"], Z_DIM).images
+        once = ctx.forward(images)[2]
+        (_, _), twice = s["net"].apply({"params": s["student"]["params"], "batch_stats": once},
+                                       images, train=True, mutable=["batch_stats"])
+        stats = lambda **sw: abd.abd_loss(ctx, s["gen"], Z_DIM, abd.AbdOptions(**sw))[1]
+        return (once, twice["batch_stats"], stats(ft_second_bn_update=True), stats(),
+                stats(ft_ce=False, ft_second_bn_update=True))
+
+    once, twice, release, default, no_ft = run()
+    assert not np.allclose(jax.tree.leaves(once)[0], jax.tree.leaves(twice)[0])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 release, twice)
+    jax.tree.map(np.testing.assert_array_equal, default, once)
+    jax.tree.map(np.testing.assert_array_equal, no_ft, once)
+
+
 def _hand_abd_terms(r, balance=True, local=True, kd_rows=slice(None)):
-    """SPEC 5, written out: w, local CE (real) or valid CE (2B), FT-CE (2B), feature KD."""
+    """§5, written out: w, local CE (real) or valid CE (2B), FT-CE (2B), feature KD."""
     y = r["y"]
     ratio = K_OLD / K_NEW
     w = np.where(y < K_OLD, ratio, 1 - ratio) if balance else np.ones(len(y))
@@ -654,7 +680,7 @@ SAME = dict(rtol=1e-6, atol=0)            # a term a switch must leave alone
 
 
 def test_replayed_labels_are_the_teachers_old_class_argmax(runs):
-    """SPEC 4: y_syn = argmax teacher(x_syn)[:, :K_old]; the real labels come first."""
+    """§4: y_syn = argmax teacher(x_syn)[:, :K_old]; the real labels come first."""
     np.testing.assert_array_equal(runs["y"][:B], runs["y_real"])
     np.testing.assert_array_equal(runs["y"][B:], np.argmax(runs["tz"][B:, :K_OLD], axis=1))
     # both kinds of label occur, so the task-balancing weights take both values
@@ -662,7 +688,7 @@ def test_replayed_labels_are_the_teachers_old_class_argmax(runs):
 
 
 def test_abd_loss_terms_match_hand_computation(runs):
-    """SPEC 5: L = L_localCE + L_ftCE + mu L_kd, each term from the read-back outputs."""
+    """§5: L = L_localCE + L_ftCE + mu L_kd, each term from the read-back outputs."""
     loss, m = runs["abd"]["on"]
     assert set(m) == {"ce", "ft_ce", "feature_kd"}
     ce, ft, kd = _hand_abd_terms(runs)
@@ -674,7 +700,7 @@ def test_abd_loss_terms_match_hand_computation(runs):
 
 @pytest.mark.parametrize("switch", [v for v in ABD_VARIANTS if v != "on"])
 def test_each_table3_switch_changes_only_its_term(runs, switch):
-    """Paper Table 3 / SPEC 5: each AbdOptions switch changes exactly the term it names."""
+    """Paper Table 3 / §5: each AbdOptions switch changes exactly the term it names."""
     r = runs
     on = r["abd"]["on"][1]
     loss, off = r["abd"][switch]
@@ -754,7 +780,7 @@ def test_abd_gradient_masks_on_the_head(setup):
 
 @pytest.mark.parametrize("mu", [1.0, 0.5])
 def test_deepinversion_loss_matches_hand_computation(runs, mu):
-    """SPEC 6: CE(real, [0, K_new)) + mu KD(real, [0, K_old)) + mu padded KD(synthetic)."""
+    """§6: CE(real, [0, K_new)) + mu KD(real, [0, K_old)) + mu padded KD(synthetic)."""
     r, temp = runs, 2.0
     loss, m = r["deepinversion"][str(mu)]
     z, tz, y = r["z"], r["tz"], r["y"]
@@ -770,7 +796,7 @@ def test_deepinversion_loss_matches_hand_computation(runs, mu):
 
 
 def test_lwf_synthetic_loss_matches_hand_computation(runs):
-    """SPEC 6: CE on real over [0, K_new) + mu KD(z[:, :K_old], teacher) over all 2B, mu 0.1."""
+    """§6: CE on real over [0, K_new) + mu KD(z[:, :K_old], teacher) over all 2B, mu 0.1."""
     r = runs
     loss, m = r["lwf_synthetic"]
     ce = np.mean(_np_ce(r["z"][:B, :K_NEW], r["y"][:B]))
@@ -781,7 +807,7 @@ def test_lwf_synthetic_loss_matches_hand_computation(runs):
 
 
 def test_lwf_loss_matches_hand_computation(runs):
-    """SPEC 6: CE(z[:, :K_new], y) + mu KD(z[:, :K_old], teacher(x)[:, :K_old]), mu = 1."""
+    """§6: CE(z[:, :K_new], y) + mu KD(z[:, :K_old], teacher(x)[:, :K_old]), mu = 1."""
     z, tz, y = runs["z_real"], runs["tz_real"], runs["y_real"]
     loss, m = runs["lwf"]
     ce, kd = np.mean(_np_ce(z[:, :K_NEW], y)), _np_kd(z[:, :K_OLD], tz[:, :K_OLD], 2.0)
@@ -791,7 +817,7 @@ def test_lwf_loss_matches_hand_computation(runs):
 
 
 def test_lwf_mc_method_loss_matches_hand_computation(runs):
-    """SPEC 6: sum of BCE(sigmoid(z[:, :K_new]), [sigmoid(t[:, :K_old]), onehot]) / B."""
+    """§6: sum of BCE(sigmoid(z[:, :K_new]), [sigmoid(t[:, :K_old]), onehot]) / B."""
     z, tz, y = runs["z_real"], runs["tz_real"], runs["y_real"]
     target = np.eye(K_NEW)[y]
     target[:, :K_OLD] = _np_sigmoid(tz[:, :K_OLD])

@@ -1,4 +1,4 @@
-"""Properties of the loss functions (SPEC sections 3, 5, 6)."""
+"""Properties of the loss functions (docs/algorithm.md §3, 5, 6)."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -105,7 +105,7 @@ class LossesTest(chex.TestCase, parameterized.TestCase):
 
 
 def test_lwf_mc_without_a_teacher_is_bce_on_one_hot_targets():
-    """LwF.MC's task 1 (SPEC section 6, as the release): sum of BCEs against one-hot labels
+    """LwF.MC's task 1 (docs/algorithm.md §6, as the release): sum of BCEs against one-hot labels
     over the valid columns / B, not softmax CE."""
     logits = jax.random.normal(jax.random.PRNGKey(0), (4, 6)) * 3
     labels = jnp.array([0, 2, 1, 3])

@@ -38,6 +38,117 @@ def test_resnet32_size():
 def test_bad_depth_names_the_valid_ones():
     with pytest.raises(ValueError, match="6n\\+2"):
         models.create_classifier("resnet33", 10)
+    with pytest.raises(ValueError, match="6n\\+2"):
+        models.create_classifier("resnet33_cl_lite", 10)
+    with pytest.raises(ValueError, match="unknown model 'resnet32_cllite'.*resnet<6n\\+2>_cl_lite"):
+        models.create_classifier("resnet32_cllite", 10)
+
+
+def test_cl_lite_resnet32_has_cl_lites_parameter_count():
+    """cl-lite's resnet32 with R-DFCIL's 10 bias-free task heads of 10 classes:
+    stem 3*3*3*16 + 2*16 = 464; stage 1: 5 x (2 * 9*16*16 + 2 * 2*16) = 23,360;
+    stage 2: (9*16*32 + 9*32*32 + 2 * 2*32) + 4 x (2 * 9*32*32 + 2 * 2*32) = 88,192;
+    stage 3 (with cl-lite's `stage_4` block): (9*32*64 + 9*64*64 + 2 * 2*64)
+    + 4 x (2 * 9*64*64 + 2 * 2*64) = 351,488; heads 10 x 64*10 = 6,400. That is 469,904,
+    cl-lite's count for the same network (BatchNorm running statistics are buffers there,
+    batch_stats here: neither counts)."""
+    model = models.create_classifier("resnet32_cl_lite", 100, head_bias=False)
+    assert _num_params(model, (1, 32, 32, 3)) == 464 + 23_360 + 88_192 + 351_488 + 6_400
+    assert _num_params(model, (1, 32, 32, 3)) == 469_904
+
+
+def _conv64(x, kernel, stride):
+    """float64 3x3 convolution with zero padding 1 (PyTorch's); x `[B, H, W, C]`, kernel
+    `[3, 3, C, F]`."""
+    x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    size = (x.shape[1] - 3) // stride + 1
+    end = lambda i: i + stride * (size - 1) + 1
+    return sum(np.einsum("bhwc,cf->bhwf", x[:, i:end(i):stride, j:end(j):stride], kernel[i, j])
+               for i in range(3) for j in range(3))
+
+
+def _cl_lite_resnet8_reference(params, stats, x):
+    """cl-lite's `CifarResNet.forward` in eval mode, in float64 numpy, for depth 8 (one block
+    per stage): conv-BN-ReLU stem; per block conv_a-bn_a-ReLU-conv_b-bn_b, plus the shortcut
+    (at stride 2: `x[..., ::2, ::2]` then `cat((x, 0 * x))`), no ReLU after the addition;
+    average pooling; bias-free linear head. Returns (logits, features)."""
+    p = lambda tree: {k: np.asarray(v, np.float64) for k, v in tree.items()}
+
+    def bn(y, name, block=None):
+        g, s = (params, stats) if block is None else (params[block], stats[block])
+        g, s = p(g[name]), p(s[name])
+        return (y - s["mean"]) / np.sqrt(s["var"] + 1e-5) * g["scale"] + g["bias"]
+
+    x = np.asarray(x, np.float64)
+    x = np.maximum(bn(_conv64(x, p(params["stem_conv"])["kernel"], 1), "stem_bn"), 0)
+    for stage, stride in ((1, 1), (2, 2), (3, 2)):
+        block = f"stage{stage}_block0"
+        w = lambda name: p(params[block][name])["kernel"]
+        y = np.maximum(bn(_conv64(x, w("conv1"), stride), "bn1", block), 0)
+        y = bn(_conv64(y, w("conv2"), 1), "bn2", block)
+        if stride == 2:
+            x = np.concatenate([x[:, ::2, ::2], 0 * x[:, ::2, ::2]], axis=-1)
+        x = x + y
+    features = x.mean(axis=(1, 2))
+    return features @ p(params["head"])["kernel"], features
+
+
+def test_cl_lite_resnet_forward_matches_a_numpy_reference():
+    """resnet8_cl_lite on every parameter and running statistic drawn at random (gamma far
+    from 0): eval-mode logits and features equal cl-lite's forward written in numpy. The
+    features take negative values, which a ReLU after the last addition would rule out."""
+    model = models.create_classifier("resnet8_cl_lite", 5, head_bias=False)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    rng = np.random.default_rng(1)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "var" in name:
+            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+        scale = 1 / np.sqrt(np.prod(leaf.shape[:-1])) if "kernel" in name else 0.5
+        return (scale * rng.normal(size=leaf.shape)).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(draw, variables)
+    logits, features = jax.jit(model.apply)(variables, x)
+    want_logits, want_features = _cl_lite_resnet8_reference(variables["params"],
+                                                            variables["batch_stats"], x)
+    np.testing.assert_allclose(np.asarray(features), want_features, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-4, atol=1e-5)
+    assert (np.asarray(features) < 0).any()
+
+
+def test_cl_lite_resnet_initialisation():
+    """Each block's last BN starts at gamma 0 (the others at 1, betas 0), so at initialisation
+    every block passes its shortcut: the features are the stem's eval-mode output subsampled
+    twice (`::4`), pooled, with zeros in the 48 channels appended after. Convolutions are
+    Kaiming-normal in fan-out mode, N(0, 2 / (9 C_out)) (resnet8: fan-in, N(0, 2 / (9 C_in)))."""
+    model = models.create_classifier("resnet8_cl_lite", 10)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    params = variables["params"]
+    for stage in (1, 2, 3):
+        block = params[f"stage{stage}_block0"]
+        np.testing.assert_array_equal(block["bn2"]["scale"], 0.0)
+        np.testing.assert_array_equal(block["bn1"]["scale"], 1.0)
+        for bn in ("bn1", "bn2"):
+            np.testing.assert_array_equal(block[bn]["bias"], 0.0)
+    np.testing.assert_array_equal(params["stem_bn"]["scale"], 1.0)
+    _, features = jax.jit(model.apply)(variables, x)
+    stem = np.maximum(_conv64(x.astype(np.float64), np.asarray(params["stem_conv"]["kernel"],
+                                                                np.float64), 1), 0)
+    stem = stem / np.sqrt(1 + 1e-5)  # running mean 0, variance 1, gamma 1, beta 0
+    np.testing.assert_allclose(np.asarray(features)[:, :16], stem[:, ::4, ::4].mean(axis=(1, 2)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(features)[:, 16:], 0.0)
+    fan_in_params = jax.jit(models.create_classifier("resnet8", 10).init)(
+        jax.random.PRNGKey(0), x)["params"]
+    for name, c_in, c_out in (("stem_conv", 3, 16), ("stage3_block0", 32, 64)):
+        kernel = lambda p: np.asarray(p[name]["kernel"] if name == "stem_conv"
+                                      else p[name]["conv1"]["kernel"])
+        np.testing.assert_allclose(kernel(params).std(), np.sqrt(2 / (9 * c_out)), rtol=0.1)
+        np.testing.assert_allclose(kernel(fan_in_params).std(), np.sqrt(2 / (9 * c_in)),
+                                   rtol=0.1)
 
 
 @pytest.mark.parametrize("size,channels", [(32, 3), (64, 3), (224, 3), (8, 1)])
@@ -55,7 +166,7 @@ def test_the_32x32_generator_has_the_releases_parameter_count():
 
 def test_generator_and_head_are_initialised_as_pytorch_layers(session):
     """Generator Linear/Conv: PyTorch defaults U(+-1/sqrt(fan_in)) for weights and biases;
-    classifier head: Kaiming-normal weights (SPEC section 2), PyTorch's default bias."""
+    classifier head: Kaiming-normal weights (docs/algorithm.md §2), PyTorch's default bias."""
     g = models.create_generator(32, 3, 1000)
     params = models.init_variables(session, g, jax.random.PRNGKey(0), (2, 1000),
                                    train=False)["params"]

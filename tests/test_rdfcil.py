@@ -1,7 +1,7 @@
 """R-DFCIL (as its release runs it): the loss terms against hand and float64 numpy values, the
-complete main and head fine-tuning losses on a tiny classifier and generator, and a run's
-task-boundary behaviour (head-only fine-tuning on the task's counts, a fresh generator every
-task, new RKD projections every task).
+complete main and head fine-tuning losses on a tiny classifier and generator, the head
+setting, and a run's task-boundary behaviour (head-only fine-tuning on the task's counts, a
+fresh generator every task, new RKD projections and head columns every task).
 
 The tiny setting has 12 classes in 4 tasks of s = 3 and is at its third task (K_old = 6,
 K_new = 9), so alpha = log2(2.5) and beta = sqrt(2) both differ from 1 (a swapped or dropped
@@ -17,11 +17,13 @@ import numpy as np
 import optax
 import pytest
 
-from abd_jax import experiment, losses, train
+from abd_jax import config as config_lib
+from abd_jax import experiment, losses, methods, train
 from abd_jax.methods import rdfcil
 from abd_jax.methods.lifecycle import HeadStage
 from abd_jax.methods.synthetic_replay import replay
 from abd_jax.methods.teacher import Teacher, teacher_apply
+from configs import digits
 from helpers import TinyGenerator, TinyNet, ce64, three_task_config
 
 pytestmark = pytest.mark.xdist_group("rdfcil")
@@ -102,6 +104,44 @@ def test_rkd_angle_gradient_matches_finite_differences():
     chex.assert_tree_all_finite(jax.grad(losses.rkd_angle_loss)(repeated, teacher))
 
 
+@jax.custom_jvp
+def _torch_abs(x):
+    return jnp.abs(x)
+
+
+@_torch_abs.defjvp
+def _torch_abs_jvp(primals, tangents):
+    """PyTorch's |x|' = sgn(x), 0 at 0 (`jnp.abs`'s is 1 there)."""
+    (x,), (dx,) = primals, tangents
+    return jnp.abs(x), jnp.sign(x) * dx
+
+
+def _release_rkd(student, teacher):
+    """cl-lite's `RKDAngleLoss` after its projections: F.normalize(d) = d / max(||d||, 1e-12)
+    (its norm's gradient 0 at a zero vector, so d / 1e-12 there), bmm, L1 with sgn(0) = 0."""
+    def angles(x):
+        d = x[None] - x[:, None]
+        square = jnp.sum(d * d, axis=-1, keepdims=True)
+        norm = jnp.where(square > 0, jnp.sqrt(jnp.where(square > 0, square, 1.0)), 0.0)
+        unit = d / jnp.maximum(norm, 1e-12)
+        return jnp.einsum("abd,acd->abc", unit, unit)
+
+    return jnp.mean(_torch_abs(angles(student) - angles(teacher)))
+
+
+def test_rkd_angle_gradient_at_zero_differences_is_the_releases():
+    """At b = a and at rows repeated on both sides the release's clamped division has slope
+    1e12, which its L1's sgn(0) = 0 cancels: its float32 gradient is finite and equals the
+    zero gradient `_angles` gives there."""
+    student = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+    teacher = jax.random.normal(jax.random.PRNGKey(2), (6, 4))
+    student, teacher = student.at[3].set(student[1]), teacher.at[3].set(teacher[1])
+    ours = jax.grad(losses.rkd_angle_loss, argnums=(0, 1))(student, teacher)
+    release = jax.grad(_release_rkd, argnums=(0, 1))(student, teacher)
+    chex.assert_trees_all_close(ours, release, rtol=1e-5, atol=1e-8)
+    assert all(np.abs(np.asarray(g)).max() > 1e-3 for g in ours)
+
+
 def test_class_balance_weights_hand_values():
     """counts (10, 5, 0, 20 | 7 unseen): n = 35, 35 / (10, 5, 1, 20) = (3.5, 7, 35, 1.75),
     over the minimum 1.75: (2, 4, 20, 1); unseen columns weigh 1."""
@@ -114,6 +154,37 @@ def test_class_weighted_ce_hand_value():
     logits = jnp.array([[0.0, 0.0, -1e9], [0.0, 0.0, 0.0]])
     loss = losses.class_weighted_ce_loss(logits, jnp.array([0, 2]), jnp.array([3.0, 5.0, 1.0]))
     _check(loss, (3 * math.log(2) + math.log(3)) / 4)
+
+
+# ------------------------------------------------------------------------------- the head
+def _rdfcil_config(**rdfcil_settings):
+    config = digits.get_config()
+    config.method = "rdfcil"
+    config.rdfcil.update(rdfcil_settings)
+    return config
+
+
+def test_the_head_setting_is_checked_and_decides_the_heads_bias():
+    """per_task (the configs' default): no bias; shared: the model's head with its bias."""
+    for head, keys in (("per_task", {"kernel"}), ("shared", {"kernel", "bias"})):
+        model = methods.get_method(_rdfcil_config(head=head)).classifier(10)
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+        assert set(shapes["params"]["head"]) == keys
+    with pytest.raises(ValueError, match=r"^--config.rdfcil.head='bias_free': use one of "
+                                         r"per_task, shared$"):
+        methods.get_method(_rdfcil_config(head="bias_free"))
+
+
+def test_a_run_made_before_the_head_setting_resumes_only_with_the_shared_head(tmp_path):
+    """A config.json without `rdfcil.head` stands for "shared", the head those runs had."""
+    old = json.loads(_rdfcil_config().to_json())
+    del old["rdfcil"]["head"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="rdfcil.head: 'shared' -> 'per_task'"):
+        config_lib.check_or_write_fingerprint(
+            tmp_path, json.loads(_rdfcil_config().to_json()), write=False)
+    config_lib.check_or_write_fingerprint(
+        tmp_path, json.loads(_rdfcil_config(head="shared").to_json()), write=False)
 
 
 # --------------------------------------------------------- the complete losses on one step
@@ -263,10 +334,13 @@ def test_a_run_finetunes_the_head_on_its_counts_with_a_fresh_generator_per_task(
     """Three tasks: after tasks 2 and 3 the head alone is fine-tuned (the backbone and its
     statistics untouched) with class weights from the task's label counts (B real labels of
     new classes and B synthetic ones of past classes per step); after tasks 1 and 2 a new
-    generator takes exactly `iterations` steps; each later task draws new RKD projections."""
+    generator takes exactly `iterations` steps; each later task draws new RKD projections.
+    The per-task head has no bias; each task's start draws its columns N(0, 0.001^2) and
+    leaves the earlier ones as they were; the later ones are 0 and stay 0 (no gradient, no
+    weight decay) until their task."""
     config = three_task_config(digits_data_dir, "rdfcil")
     config.rdfcil.finetune_epochs = 1
-    seen = {"finetune": [], "generator_steps": [], "projections": []}
+    seen = {"finetune": [], "generator_steps": [], "projections": [], "heads": []}
     fetch = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))
     method_cls = rdfcil.RDFCIL
     real_inputs, real_end = method_cls.finetune_inputs, HeadStage.end
@@ -289,8 +363,10 @@ def test_a_run_finetunes_the_head_on_its_counts_with_a_fresh_generator_per_task(
         return real_samples(self, rt, learner, state, task)
 
     def begin(self, rt, learner, state, task):
+        before = fetch(learner.params["head"])
         learner, state = real_begin(self, rt, learner, state, task)
         seen["projections"].append(fetch(learner.params[rdfcil.PROJECTION]))
+        seen["heads"].append((task, before, fetch(learner.params["head"])))
         return learner, state
 
     monkeypatch.setattr(method_cls, "finetune_inputs", finetune_inputs)
@@ -313,6 +389,15 @@ def test_a_run_finetunes_the_head_on_its_counts_with_a_fresh_generator_per_task(
         assert counts[task.num_seen:].sum() == 0
         np.testing.assert_allclose(f["weights"], np.asarray(losses.class_balance_weights(
             jnp.asarray(counts), task.num_seen)))
+    for task, before, after in seen["heads"]:
+        assert set(after) == {"kernel"}
+        lo, hi, new = task.num_old, task.num_seen, after["kernel"][:, task.num_old:task.num_seen]
+        np.testing.assert_array_equal(after["kernel"][:, :lo], before["kernel"][:, :lo])
+        np.testing.assert_array_equal(after["kernel"][:, hi:], 0.0)
+        if not task.is_first:
+            np.testing.assert_array_equal(before["kernel"][:, lo:], 0.0)
+        assert abs(new.mean()) < 4 * rdfcil.HEAD_STD / np.sqrt(new.size)  # 64 x 2 draws
+        np.testing.assert_allclose(new.std(), rdfcil.HEAD_STD, rtol=0.25)
     first, second, third = seen["projections"]
     assert not np.allclose(first["student"]["kernel"], second["student"]["kernel"])
     assert not np.allclose(second["student"]["kernel"], third["student"]["kernel"])

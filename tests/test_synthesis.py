@@ -1,4 +1,4 @@
-"""Model inversion and the synthetic-replay learners (SPEC sections 3-6)."""
+"""Model inversion and the synthetic-replay learners (docs/algorithm.md §3-6)."""
 import dataclasses
 
 import chex

@@ -1,12 +1,13 @@
-"""ABD's learner loss (SPEC section 5) with the paper's Table 3 ablations as switches."""
+"""ABD's learner loss (docs/algorithm.md §5) with the paper's Table 3 ablations as switches."""
 from __future__ import annotations
 
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from abd_jax import losses
+from abd_jax import losses, models
 from abd_jax.methods.base import ce
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
 from abd_jax.session import bind
@@ -23,6 +24,17 @@ class AbdOptions:
     kd_on_real: bool = True       # feature KD over the real half
     kd_on_synthetic: bool = True  # feature KD over the synthetic half
     ft_ce: bool = True            # head-only fine-tuning CE
+    # True: as the release, whose FT-CE features come from a second, no-grad forward in train
+    # mode, every BatchNorm's running statistics move a second time on the same batch.
+    ft_second_bn_update: bool = False
+
+
+def repeat_running_average(old, new, momentum: float = models.BatchNorm.momentum):
+    """BatchNorm's running statistics after a second train-mode forward of the batch that
+    moved them from `old` to `new` (pytrees): new' = momentum new + (1 - momentum) batch,
+    with batch = (new - momentum old) / (1 - momentum), i.e. (1 + momentum) new - momentum
+    old."""
+    return jax.tree.map(lambda o, n: (1 + momentum) * n - momentum * o, old, new)
 
 
 def abd_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOptions):
@@ -50,6 +62,8 @@ def abd_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOption
         ft = losses.head_finetune_ce(features, head["kernel"], head["bias"], y, w, ctx.num_seen)
         metrics["ft_ce"] = ft
         loss = loss + ft
+        if opts.ft_second_bn_update:
+            new_bs = repeat_running_average(ctx.batch_stats, new_bs)
 
     rows = slice(0 if opts.kd_on_real else b, None if opts.kd_on_synthetic else b)
     if rows.start != rows.stop:

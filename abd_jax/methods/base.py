@@ -8,7 +8,7 @@ from abd_jax.train import LossContext
 
 
 def ce(ctx: LossContext):
-    """CE over the valid logits `[0, K_new)` on the real batch (SPEC section 6, Base)."""
+    """CE over the valid logits `[0, K_new)` on the real batch (docs/algorithm.md §6, Base)."""
     logits, _, new_bs = ctx.forward(ctx.images)
     loss = losses.valid_ce_loss(logits, ctx.labels, ctx.num_seen)
     return loss, new_bs, {"ce": loss}

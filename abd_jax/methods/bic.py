@@ -1,5 +1,5 @@
-"""Bias Correction (Wu et al. 2019) as the release runs it (SPEC section 6b): a herding memory,
-stage 1 with BiC's CE/KD mix on the task's data and the memory minus a held-out split, then
+"""Bias Correction (Wu et al. 2019) as the release runs it (docs/algorithm.md §6b): a herding
+memory, stage 1 with BiC's CE/KD mix on the task's data and the memory minus a held-out split, then
 stage 2 fits a two-parameter linear correction of the new classes' logits on that split.
 
 Each task keeps its own correction (alpha_t, beta_t); corrections of past tasks stay fixed and
@@ -13,16 +13,18 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import struct
 
 from abd_jax import hosts, losses, rng, train
 from abd_jax.methods.base import ce
-from abd_jax.methods.coreset import Coreset, TeacherRehearsal, memory_by_class
+from abd_jax.methods.coreset import Coreset, TeacherRehearsal, no_distinct
 from abd_jax.methods.lifecycle import (Runtime, SGDLoop, Update, classes_per_task,
                                        learner_optimizer)
-from abd_jax.methods.teacher import Teacher, teacher_apply, teacher_of
+from abd_jax.methods.teacher import (Teacher, check_bn_mode, teacher_apply, teacher_of,
+                                    train_mode_apply)
 from abd_jax.plan import Schedule, Task
 from abd_jax.session import bind
 from abd_jax.train import LossContext
@@ -30,11 +32,12 @@ from abd_jax.train import LossContext
 
 @struct.dataclass
 class BiCState:
-    """teacher and memory as in the other coreset methods; alpha, beta `[N]`: each task's
-    bias correction (1, 0 until fitted); correction: the (alpha, beta) stage 2 trains."""
+    """teacher, memory and distinct as in the other coreset methods; alpha, beta `[N]`: each
+    task's bias correction (1, 0 until fitted); correction: the (alpha, beta) stage 2 trains."""
 
     teacher: Teacher
     memory: jax.Array
+    distinct: jax.Array
     alpha: jax.Array
     beta: jax.Array
     correction: train.TrainState
@@ -65,23 +68,30 @@ def bic_loss(ctx: LossContext, classes_per_task: int, temperature: float):
 
 
 def correction_loss(ctx: LossContext, classes_per_task: int):
-    """Stage 2: `losses.bic_stage2_loss` of the frozen model's (eval-mode) logits, the new
-    task's (alpha, beta) being the trained parameters `ctx.params`."""
+    """Stage 2: `losses.bic_stage2_loss` of the frozen model's logits, the new task's
+    (alpha, beta) being the trained parameters `ctx.params`. The model's BatchNorm runs in
+    train mode when the trained state carries its running statistics (`bic.stage2_bn=train`,
+    the release), else in eval mode."""
     inputs: CorrectionInputs = ctx.method_state
-    logits = teacher_apply(ctx.model, inputs.model, ctx.images)[0]
+    if ctx.batch_stats is None:
+        logits, new_bs = teacher_apply(ctx.model, inputs.model, ctx.images)[0], None
+    else:
+        logits, _, new_bs = train_mode_apply(ctx.model, inputs.model.params, ctx.batch_stats,
+                                             ctx.images)
     alpha = inputs.alpha.at[inputs.task_index].set(ctx.params["alpha"])
     beta = inputs.beta.at[inputs.task_index].set(ctx.params["beta"])
     ce = losses.bic_stage2_loss(logits, ctx.labels, alpha, beta, classes_per_task,
                                 ctx.num_seen)
-    return ce, None, {"ce": ce}
+    return ce, new_bs, {"ce": ce}
 
 
 @dataclasses.dataclass(frozen=True)
 class CorrectionStage(SGDLoop):
     """Stage 2: (alpha_t, beta_t) from (1, 0), SGD (momentum, weight decay) at lr *
     `bic.stage2_lr_scale` for the task's epochs and schedule (`bic.stage2_epochs` > 0: that
-    many epochs at a constant rate) on augmented mini-batches of the held-out split. A split
-    smaller than one batch takes no step (the release drops incomplete batches)."""
+    many epochs at a constant rate) on augmented mini-batches of the held-out split, the
+    backbone's BatchNorm in `bic.stage2_bn` mode. A split smaller than one batch takes no
+    step (the release drops incomplete batches)."""
 
     def begin(self, rt, learner, state, task):
         fresh = jax.device_put({"alpha": np.float32(1.0), "beta": np.float32(0.0)})
@@ -105,7 +115,7 @@ class CorrectionStage(SGDLoop):
         alpha[task.index], beta[task.index] = a, b
         rt.services.log(task.index + 1, {"alpha": float(a), "beta": float(b)},
                         task=task.index + 1, phase="bias_correction")
-        return learner, state.replace(alpha=alpha, beta=beta)
+        return super().end(rt, learner, state.replace(alpha=alpha, beta=beta), task)
 
 
 class BiC(TeacherRehearsal):
@@ -115,6 +125,7 @@ class BiC(TeacherRehearsal):
     def __init__(self, config, spec):
         super().__init__(config, spec)
         self.coreset = Coreset(config.coreset.memory, config.bic.selection)
+        check_bn_mode(config.bic.stage2_bn, "bic.stage2_bn")
         self.classes_per_task = classes_per_task(config, spec)
         self.first_task_loss = ce
         self.distill_loss = bind(bic_loss, classes_per_task=self.classes_per_task,
@@ -123,10 +134,14 @@ class BiC(TeacherRehearsal):
 
     def init_state(self, rt, learner):
         n = rt.config.num_tasks
+        statistics = ({"batch_stats": jax.tree.map(jnp.copy, learner.batch_stats)}
+                      if self.config.bic.stage2_bn == "train" else {})
         correction = train.new_train_state(
-            rt.session, None, {"params": {"alpha": np.float32(1.0), "beta": np.float32(0.0)}},
+            rt.session, None,
+            {"params": {"alpha": np.float32(1.0), "beta": np.float32(0.0)}, **statistics},
             learner_optimizer(rt, self.weight_decay(rt.config)))
         return BiCState(teacher=teacher_of(learner), memory=self.coreset.empty(),
+                        distinct=no_distinct(rt),
                         alpha=np.ones((n,), np.float32), beta=np.zeros((n,), np.float32),
                         correction=correction)
 
@@ -139,18 +154,21 @@ class BiC(TeacherRehearsal):
         return int(int(self.config.bic.val_fraction * stored) / task.num_old)
 
     def split(self, rt: Runtime, state: BiCState, task: Task) -> tuple[np.ndarray, np.ndarray]:
-        """(training indices, held-out indices) of `task`: per old class its first
-        (highest-priority) `held_out_per_class` exemplars, per new class its first as many
-        training images (in stored order), as the release."""
-        labels_all = rt.plan.train_labels
-        memory = memory_by_class(hosts.fetch(state.memory), labels_all)
-        v = self.held_out_per_class(sum(len(e) for e in memory.values()), task)
-        index = rt.plan.task_indices(task.index)
-        labels = labels_all[index]
-        groups = [exemplars for _, exemplars in sorted(memory.items())]
-        groups += [index[labels == c] for c in range(task.num_old, task.num_seen)]
-        cat = lambda parts: (np.concatenate(parts) if parts else np.zeros(0)).astype(np.int32)
-        return cat([g[v:] for g in groups]), cat([g[:v] for g in groups])
+        """(training indices, held-out indices) of `task`, as the release's
+        `load_bic_dataset` and `append_coreset_ic`: per new class its first
+        `held_out_per_class` images (stored order), per old class its first
+        (highest-priority) exemplars are held out; training is the task's other images in
+        stored order, then the memory's other exemplars (the first task: the task's images as
+        Naive Rehearsal's, nothing held out)."""
+        labels = rt.plan.train_labels
+        memory = hosts.fetch(state.memory)
+        memory = memory[memory >= 0]
+        v = self.held_out_per_class(len(memory), task)
+        own = rt.plan.task_indices(task.index)
+        held_own, held_memory = first_per_class(labels[own], v), first_per_class(labels[memory], v)
+        cat = lambda *parts: np.concatenate(parts).astype(np.int32)
+        return (cat(own[~held_own], memory[~held_memory]),
+                cat(own[held_own], memory[held_memory]))
 
     def train_index(self, rt, state, task):
         return self.split(rt, state, task)[0]
@@ -183,6 +201,16 @@ class BiC(TeacherRehearsal):
         corrected = _corrected(logits, alpha, beta, classes_per_task=self.classes_per_task,
                                num_corrected=num_seen)
         return hosts.fetch(corrected)
+
+
+def first_per_class(labels: np.ndarray, count: int) -> np.ndarray:
+    """Boolean `[n]`: True at the first `count` positions of each class in `labels` `[n]`."""
+    taken: dict[int, int] = {}
+    out = np.zeros(len(labels), bool)
+    for i, c in enumerate(np.asarray(labels).tolist()):
+        taken[c] = taken.get(c, 0) + 1
+        out[i] = taken[c] <= count
+    return out
 
 
 _corrected = jax.jit(losses.bias_correction, static_argnames="classes_per_task")

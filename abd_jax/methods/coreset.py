@@ -1,14 +1,20 @@
-"""Coreset (rehearsal) baselines (SPEC section 6b): a class-balanced memory of real training
+"""Coreset (rehearsal) baselines (docs/algorithm.md §6b): a class-balanced memory of real training
 images, kept as indices into the training set and mixed into every later task's data.
 
 Naive Rehearsal is Base plus the memory; LwF + coreset is LwF plus the memory (random
 selection, seeded). As in the release, each task trains on its own images plus as many
-memory samples drawn with replacement (1:1). E2E and BiC (their own modules) append the whole
-memory, chosen from features (`SELECTIONS`).
+memory samples drawn with replacement (1:1), and after the task every class's memory is drawn
+again, without replacement, from that training set (`release_redraw`): an old class's
+exemplars are drawn from its resampled copies, so it keeps duplicates and loses distinct
+images task after task. `--config.coreset.distinct_memory=True` keeps distinct images instead
+(an old class keeps its first exemplars). E2E and BiC (their own modules) append the whole
+memory, chosen from features (`SELECTIONS`), and keep distinct images, as the release's
+`update_coreset_ic` / `update_coreset_ete` (each class's exemplars are chosen once and cut).
 
 The memory is `int32 [M]` (`-1` = empty): class by class in label order, each class's
 exemplars in priority order (herding's picking order, or a seeded shuffle), so shrinking a
-class to its new quota keeps its first exemplars.
+class to its new quota keeps its first exemplars. A redrawn memory may hold an index more
+than once.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import jax
 import numpy as np
 from flax import struct
 
-from abd_jax import hosts, rng
+from abd_jax import hosts, metrics, rng
 from abd_jax.methods.base import ce
 from abd_jax.methods.lwf import LwF
 from abd_jax.methods.lifecycle import Method, Runtime, Update
@@ -74,6 +80,36 @@ def ranked(features: np.ndarray, count: int, selection: str) -> np.ndarray:
     if selection == "closest_to_mean":
         return closest_to_mean_order(features, count)
     return herding_order(features, count, normalize=selection == "herding")
+
+
+def release_redraw(pool: np.ndarray, labels: np.ndarray, num_seen: int, size: int,
+                   key) -> np.ndarray:
+    """The release's `update_coreset`: the memory `int32 [M]` after a task, each class's
+    exemplars drawn without replacement from `pool` (the task's training examples: its own
+    images and the memory's draws, duplicates included), classes in label order. From the
+    newest class down, a class takes floor(M / K_new) of its candidates, one more while
+    M mod K_new slots are left and it has more candidates than floor(M / K_new), all of them
+    when it has fewer. `labels`: every training example's (remapped) label."""
+    pool = np.asarray(pool)
+    pool_labels = labels[pool]
+    quota, extra = divmod(size, num_seen)
+    kept = {}
+    for c in reversed(range(num_seen)):
+        members = np.flatnonzero(pool_labels == c)
+        take = min(len(members), quota)
+        if extra > 0 and len(members) > quota:
+            take, extra = quota + 1, extra - 1
+        kept[c] = pool[members[rng.permutation(rng.fold_in(key, c), len(members))[:take]]]
+    flat = np.concatenate([kept[c] for c in range(num_seen)])
+    out = np.full(size, -1, np.int32)
+    out[:len(flat)] = flat
+    return out
+
+
+def distinct_count(memory) -> int:
+    """The number of distinct training images a memory array holds."""
+    memory = np.asarray(memory)
+    return len(np.unique(memory[memory >= 0]))
 
 
 def memory_by_class(memory: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
@@ -150,17 +186,25 @@ class Coreset:
 
 @struct.dataclass
 class MemoryState:
-    """memory: `int32 [M]` training-example indices (-1 = empty), see the module docstring."""
+    """memory: `int32 [M]` training-example indices (-1 = empty), see the module docstring;
+    distinct: `int32 [N]` the distinct images it held after each task (0 = not yet)."""
 
     memory: jax.Array
+    distinct: jax.Array
 
 
 @struct.dataclass
 class TeacherMemoryState:
-    """The previous task's frozen model and the memory."""
+    """The previous task's frozen model, and the memory as in `MemoryState`."""
 
     teacher: Teacher
     memory: jax.Array
+    distinct: jax.Array
+
+
+def no_distinct(rt: Runtime) -> np.ndarray:
+    """`MemoryState.distinct` before the first task."""
+    return np.zeros((rt.config.num_tasks,), np.int32)
 
 
 class RehearsalMixin:
@@ -179,8 +223,17 @@ class RehearsalMixin:
         return self.coreset.updated(rt, learner, state.memory, task,
                                     rng.fold_in(rt.method_key, task.index))
 
+    def remember(self, rt, learner, state, task):
+        """`state` with the memory after `task` and its distinct count recorded."""
+        memory = self.new_memory(rt, learner, state, task)
+        distinct = hosts.fetch(state.distinct).copy()
+        distinct[task.index] = distinct_count(memory)
+        return state.replace(memory=memory, distinct=distinct)
+
     def memory_footprint(self, rt, state):
-        return {**super().memory_footprint(rt, state), **self.coreset.footprint(rt)}
+        distinct = hosts.fetch(state.distinct).tolist()
+        return {**super().memory_footprint(rt, state), **self.coreset.footprint(rt),
+                metrics.DISTINCT: distinct}
 
 
 class RandomReplayMixin(RehearsalMixin):
@@ -199,6 +252,15 @@ class RandomReplayMixin(RehearsalMixin):
                            len(stored))
         return np.concatenate([own, stored[draw]])
 
+    def new_memory(self, rt, learner, state, task):
+        """The release's redraw from the task's training set (`release_redraw`), or, with
+        `coreset.distinct_memory`, the new classes added to a memory of distinct images."""
+        if self.config.coreset.distinct_memory:
+            return super().new_memory(rt, learner, state, task)
+        return release_redraw(self.train_index(rt, state, task), rt.plan.train_labels,
+                              task.num_seen, self.coreset.size,
+                              rng.fold_in(rt.method_key, task.index))
+
 
 class NaiveRehearsal(RandomReplayMixin, Method):
     """Base (CE over the valid logits) on the task's data plus a random class-balanced
@@ -212,7 +274,7 @@ class NaiveRehearsal(RandomReplayMixin, Method):
         self.coreset = Coreset(config.coreset.memory, "random")
 
     def init_state(self, rt, learner):
-        return MemoryState(memory=self.coreset.empty())
+        return MemoryState(memory=self.coreset.empty(), distinct=no_distinct(rt))
 
     def loss_fn(self, task):
         return ce
@@ -221,7 +283,7 @@ class NaiveRehearsal(RandomReplayMixin, Method):
         return [Update("memory", self.update_memory)]
 
     def update_memory(self, rt, learner, state, task):
-        return learner, state.replace(memory=self.new_memory(rt, learner, state, task))
+        return learner, self.remember(rt, learner, state, task)
 
 
 class TeacherRehearsal(RehearsalMixin, TeacherMethod):
@@ -229,14 +291,15 @@ class TeacherRehearsal(RehearsalMixin, TeacherMethod):
     task end."""
 
     def init_state(self, rt, learner):
-        return TeacherMemoryState(teacher=teacher_of(learner), memory=self.coreset.empty())
+        return TeacherMemoryState(teacher=teacher_of(learner), memory=self.coreset.empty(),
+                                  distinct=no_distinct(rt))
 
     def end_task(self, task):
         return [Update("memory and teacher", self.update_memory_and_teacher)]
 
     def update_memory_and_teacher(self, rt, learner, state, task):
-        return learner, state.replace(teacher=teacher_of(learner),
-                                      memory=self.new_memory(rt, learner, state, task))
+        return learner, self.remember(rt, learner, state, task).replace(
+            teacher=teacher_of(learner))
 
 
 class LwFCoreset(RandomReplayMixin, TeacherRehearsal):

@@ -1,4 +1,5 @@
-"""DeepInversion for class-incremental learning (SPEC section 6): ABD's synthesis, logit KD."""
+"""DeepInversion for class-incremental learning (docs/algorithm.md §6): ABD's synthesis, logit
+KD."""
 from __future__ import annotations
 
 import flax.linen as nn

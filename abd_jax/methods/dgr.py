@@ -1,5 +1,5 @@
 """Deep Generative Replay (Shin et al. 2017), the paper's DGR row, as the release runs it
-(SPEC section 6b).
+(docs/algorithm.md §6b).
 
 During every task after the first, each step replays B images decoded by the previous task's
 variational autoencoder (`models.ConvVAE`, the release's), labelled by the previous solver

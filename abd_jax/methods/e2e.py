@@ -8,25 +8,28 @@ from flax import struct
 
 from abd_jax import losses, rng, train
 from abd_jax.methods.base import ce
-from abd_jax.methods.coreset import Coreset, TeacherRehearsal
+from abd_jax.methods.coreset import Coreset, TeacherRehearsal, no_distinct
 from abd_jax.methods.lifecycle import (HeadStage, SGDLoop, Update, classes_per_task,
                                        head_state)
-from abd_jax.methods.teacher import Teacher, freeze_teacher, teacher_apply, teacher_of
+from abd_jax.methods.teacher import (Teacher, check_bn_mode, freeze_teacher, teacher_apply,
+                                    teacher_of, train_mode_apply)
 from abd_jax.plan import Schedule
 from abd_jax.session import bind
 from abd_jax.train import LossContext
 
 WEIGHTINGS = ("mean", "sum")
 BALANCED_TRAINS = ("head", "all")
+NEW_CLASS_KD = ("release", "before")  # `losses.e2e_new_class_targets`
 
 
 @struct.dataclass
 class E2EState:
-    """teacher and memory as in the other coreset methods; before: the model as it was before
-    the balanced stage; head: the classifier head the stage trains (head-only)."""
+    """teacher, memory and distinct as in the other coreset methods; before: the model as it
+    was before the balanced stage; head: the classifier head the stage trains (head-only)."""
 
     teacher: Teacher
     memory: jax.Array
+    distinct: jax.Array
     before: Teacher
     head: train.TrainState
 
@@ -51,20 +54,27 @@ def e2e_loss(ctx: LossContext, classes_per_task: int, temperature: float, weight
 
 
 def balanced_loss(ctx: LossContext, classes_per_task: int, temperature: float, weighting: str,
-                  head_only: bool):
-    """`losses.e2e_balanced_loss` on a memory batch. head_only: `ctx.params` is the head, on
-    the frozen backbone's features (eval mode, the model before the stage): logits `f W + b`;
-    else the whole network trains in train mode."""
+                  head_only: bool, new_class_kd: str):
+    """`losses.e2e_balanced_loss` on a memory batch. head_only: `ctx.params` is the head on
+    the frozen backbone (the model before the stage), whose BatchNorm runs in train mode when
+    the trained state carries its running statistics (`e2e.balanced_bn=train`, the release),
+    else in eval mode: logits `f W + b`. Not head_only: the whole network trains in train
+    mode."""
     inputs: BalancedInputs = ctx.method_state
     before_logits, features = teacher_apply(ctx.model, inputs.before, ctx.images)
-    if head_only:
-        logits = features @ ctx.params["kernel"] + ctx.params["bias"]
-        new_bs = None
-    else:
+    if not head_only:
         logits, _, new_bs = ctx.forward(ctx.images)
+    elif ctx.batch_stats is None:
+        logits, new_bs = features @ ctx.params["kernel"] + ctx.params["bias"], None
+    else:
+        logits, _, new_bs = train_mode_apply(ctx.model, {**inputs.before.params,
+                                                         "head": ctx.params},
+                                             ctx.batch_stats, ctx.images)
     teacher_logits = teacher_apply(ctx.model, inputs.teacher, ctx.images)[0]
+    targets = losses.e2e_new_class_targets(teacher_logits, before_logits, ctx.num_old,
+                                           new_class_kd)
     loss, ce, kd_old, kd_new = losses.e2e_balanced_loss(
-        logits, teacher_logits, before_logits, ctx.labels, ctx.num_old, ctx.num_seen,
+        logits, teacher_logits, targets, ctx.labels, ctx.num_old, ctx.num_seen,
         classes_per_task, temperature, weighting)
     return loss, new_bs, {"ce": ce, "kd": kd_old, "kd_new_classes": kd_new}
 
@@ -73,7 +83,7 @@ class E2E(TeacherRehearsal):
     """After each task the new classes join the memory (`--config.e2e.selection`); from the
     second task on, the model is then fine-tuned on the class-balanced memory
     (`--config.e2e.*`: by default the head only, at lr / 100, with the task's epochs and
-    schedule, as the release)."""
+    schedule, the backbone's BatchNorm in train mode, as the release)."""
 
     name = "e2e"
     sections = ("coreset", "e2e")
@@ -86,6 +96,14 @@ class E2E(TeacherRehearsal):
         if e2e.balanced_trains not in BALANCED_TRAINS:
             raise ValueError(f"e2e.balanced_trains={e2e.balanced_trains!r}: use one of "
                              f"{BALANCED_TRAINS}")
+        check_bn_mode(e2e.balanced_bn, "e2e.balanced_bn")
+        if e2e.new_class_kd not in NEW_CLASS_KD:
+            raise ValueError(f"e2e.new_class_kd={e2e.new_class_kd!r}: use one of "
+                             f"{NEW_CLASS_KD}")
+        if e2e.balanced_trains == "all" and e2e.balanced_bn == "eval":
+            raise ValueError("e2e.balanced_bn=eval applies to the head-only stage: with "
+                             "e2e.balanced_trains=all the whole network trains in train mode; "
+                             "set --config.e2e.balanced_bn=train")
         self.coreset = Coreset(config.coreset.memory, e2e.selection)
         self.first_task_loss = ce
         s = classes_per_task(config, spec)
@@ -93,12 +111,15 @@ class E2E(TeacherRehearsal):
                                  weighting=e2e.kd_weighting)
         self.balanced_loss = bind(balanced_loss, classes_per_task=s,
                                   temperature=config.kd_temperature, weighting=e2e.kd_weighting,
-                                  head_only=e2e.balanced_trains == "head")
+                                  head_only=e2e.balanced_trains == "head",
+                                  new_class_kd=e2e.new_class_kd)
 
     def init_state(self, rt, learner) -> E2EState:
         return E2EState(teacher=teacher_of(learner), memory=self.coreset.empty(),
-                        before=teacher_of(learner),
-                        head=head_state(rt, learner, self.weight_decay(rt.config)))
+                        distinct=no_distinct(rt), before=teacher_of(learner),
+                        head=head_state(rt, learner, self.weight_decay(rt.config),
+                                        train_bn=self.config.e2e.balanced_trains == "head"
+                                        and self.config.e2e.balanced_bn == "train"))
 
     def end_task(self, task):
         if task.is_first:
@@ -118,8 +139,8 @@ class E2E(TeacherRehearsal):
 
     def update_memory(self, rt, learner, state, task):
         """The new classes join the memory; the model is kept as it is before the stage."""
-        return learner, state.replace(memory=self.new_memory(rt, learner, state, task),
-                                      before=teacher_of(learner))
+        return learner, self.remember(rt, learner, state, task).replace(
+            before=teacher_of(learner))
 
     def balanced_schedule(self, config) -> Schedule:
         e2e = config.e2e

@@ -118,7 +118,12 @@ class SGDLoop(Loop):
     """SGD steps on augmented training batches, as a task's training: of the learner
     (`slot` None) or of the TrainState in the method state's field `slot`, from a fresh
     optimiser. `index(rt, state, task)`, `inputs(learner, state)` (the loss's method state),
-    `schedule(config)` and `key(rt, task)` describe the stage."""
+    `schedule(config)` and `key(rt, task)` describe the stage.
+
+    A slot's TrainState that carries `batch_stats` runs the learner's frozen backbone in
+    train mode (the release's `model.train()` in its balancing stages): its running
+    statistics start as the learner's, move with every batch, and are the learner's after the
+    stage."""
 
     name: str
     loss_fn: Any
@@ -137,15 +142,27 @@ class SGDLoop(Loop):
             return trained, state
         return learner, state.replace(**{self.slot: trained})
 
+    def _moves_backbone_statistics(self, learner, state) -> bool:
+        return self.slot is not None and self.get(learner, state).batch_stats is not None
+
     def begin(self, rt, learner, state, task):
         del task
-        return self.put(learner, state, train.reset_optimizer(rt.session,
-                                                              self.get(learner, state)))
+        trained = train.reset_optimizer(rt.session, self.get(learner, state))
+        if self._moves_backbone_statistics(learner, state):
+            trained = trained.replace(batch_stats=jax.tree.map(jnp.copy, learner.batch_stats))
+        return self.put(learner, state, trained)
 
     def program(self, rt, learner, state, task, start):
         return rt.services.sgd_loop(self.name, self.loss_fn, self.inputs(learner, state),
                                     self.index(rt, state, task), self.schedule(rt.config),
                                     self.key(rt, task), task, start)
+
+    def end(self, rt, learner, state, task):
+        del rt, task
+        if self._moves_backbone_statistics(learner, state):
+            statistics = jax.tree.map(jnp.copy, self.get(learner, state).batch_stats)
+            learner = learner.replace(batch_stats=statistics)
+        return learner, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,16 +177,20 @@ class HeadStage(SGDLoop):
         return super().begin(rt, learner, state.replace(**{self.slot: head}), task)
 
     def end(self, rt, learner, state, task):
-        del rt, task
         head = jax.tree.map(jnp.copy, getattr(state, self.slot).params)
-        return learner.replace(params={**learner.params, "head": head}), state
+        learner = learner.replace(params={**learner.params, "head": head})
+        return super().end(rt, learner, state, task)
 
 
-def head_state(rt: Runtime, learner: train.TrainState, weight_decay: float) -> train.TrainState:
+def head_state(rt: Runtime, learner: train.TrainState, weight_decay: float,
+               train_bn: bool = False) -> train.TrainState:
     """A TrainState of the learner's head alone (a copy) under the learner's SGD, for a
-    `HeadStage`."""
-    head = jax.tree.map(jnp.copy, learner.params["head"])
-    return train.new_train_state(rt.session, None, {"params": head},
+    `HeadStage`; with `train_bn`, also the backbone's running statistics, which the stage
+    moves (see `SGDLoop`)."""
+    variables = jax.tree.map(jnp.copy, {"params": learner.params["head"],
+                                        **({"batch_stats": learner.batch_stats} if train_bn
+                                           else {})})
+    return train.new_train_state(rt.session, None, variables,
                                  learner_optimizer(rt, weight_decay))
 
 
@@ -201,11 +222,18 @@ class Method:
 
     name: str = ""
     sections: tuple = ()  # the config subtrees it reads (the others don't fingerprint its runs)
+    head_bias: bool = True  # whether its classifier's head has a bias
 
     def __init__(self, config, spec: data_lib.DatasetSpec):
         """Built by `methods.get_method` from the run's config and its data's spec (classes,
         image shape, mean/std)."""
         self.config = config
+
+    def classifier(self, num_classes: int) -> nn.Module:
+        """The classifier it trains: `--config.model` with `num_classes` outputs."""
+        c = self.config
+        return models.create_classifier(c.model, num_classes, c.dtype, c.conv_impl,
+                                        head_bias=self.head_bias)
 
     def input_stats(self, spec: data_lib.DatasetSpec) -> tuple[tuple, tuple]:
         """(mean, std) per channel that the classifier's inputs are normalised with."""
@@ -232,7 +260,8 @@ class Method:
         return max(len(rt.plan.task_indices(t)) for t in range(rt.plan.num_tasks))
 
     def begin_task(self, rt: Runtime, learner: train.TrainState, state, task: Task):
-        """`(learner, state)` at the start of `task` (SPEC: a fresh optimiser every task)."""
+        """`(learner, state)` at the start of `task` (docs/algorithm.md §1: a fresh optimiser
+        every task)."""
         del task
         return train.reset_optimizer(rt.session, learner), state
 

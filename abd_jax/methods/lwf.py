@@ -1,5 +1,5 @@
 """Learning without Forgetting (Li & Hoiem), LwF.MC (iCaRL's loss without exemplars) and
-LwF with ABD's synthetic replay (SPEC section 6)."""
+LwF with ABD's synthetic replay (docs/algorithm.md §6)."""
 from __future__ import annotations
 
 import flax.linen as nn

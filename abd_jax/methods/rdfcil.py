@@ -5,7 +5,8 @@ After each task a freshly initialised generator is inverted from the model (ABD'
 teacher's logits on synthetic images (HKD, L1) and the relations between real-image
 features (RKD by angles, through two learned projections); its last epochs then train the
 head alone on the frozen backbone, with class-balanced CE over real and synthetic images
-plus HKD. docs/methods.md lists where this follows the release and where it differs.
+plus HKD. The release's head grows a bias-free Linear per task (`--config.rdfcil.head`).
+docs/methods.md lists where this follows the release and where it differs.
 """
 from __future__ import annotations
 
@@ -28,17 +29,22 @@ from abd_jax.train import LossContext
 
 PROJECTION = "rkd_projection"  # the learner's params entry of the two RKD projections
 COUNTS = "class_counts"        # the learner's batch_stats entry counting the labels trained on
+HEADS = ("per_task", "shared")  # --config.rdfcil.head
+HEAD_STD = 0.001  # a new task's head: cl-lite's weights_init_classifier, N(0, 0.001^2)
 
 
 @dataclasses.dataclass(frozen=True)
 class RdfcilOptions:
-    """The loss scales and the head fine-tuning's length and rate (a fraction of `lr`)."""
+    """The loss scales, the head fine-tuning's length and rate (a fraction of `lr`) and the
+    head: "per_task" (the release's, and the configs') or "shared" (the classifier's own,
+    with a bias; the default, as runs made before the setting had it)."""
 
     lambda_ce: float = 0.5
     lambda_hkd: float = 0.15
     lambda_rkd: float = 0.5
     finetune_epochs: int = 40
     finetune_lr_scale: float = 0.05
+    head: str = "shared"
 
 
 @struct.dataclass
@@ -62,9 +68,25 @@ class FinetuneInputs:
     class_weights: jax.Array
 
 
-def _project(params: dict, x: jax.Array) -> jax.Array:
-    """x W + b, x `[N, D]`."""
-    return x.astype(jnp.float32) @ params["kernel"] + params["bias"]
+def _dense(params: dict, x: jax.Array) -> jax.Array:
+    """x W (+ b where the layer has a bias), x `[N, D]`."""
+    y = x.astype(jnp.float32) @ params["kernel"]
+    return y + params["bias"] if "bias" in params else y
+
+
+def _task_head(std: float):
+    """`(head, key, num_old, num_seen) -> head` at a task's start, for the per-task head: the
+    task's columns `[num_old, num_seen)` drawn N(0, std^2) from `key` (the release's new
+    bias-free Linear), the earlier ones kept, the later ones 0 (their Linear does not exist
+    yet: every loss masks them, so neither gradient nor weight decay moves them)."""
+    def draw(head, key, num_old, num_seen):
+        kernel = head["kernel"]
+        cols = jnp.arange(kernel.shape[-1])
+        fresh = std * jax.random.normal(key, kernel.shape, kernel.dtype)
+        return {**head, "kernel": jnp.where(cols < num_old, kernel,
+                                            jnp.where(cols < num_seen, fresh, 0.0))}
+
+    return draw
 
 
 def projection_params(key, dim: int) -> dict:
@@ -108,8 +130,8 @@ def rdfcil_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: Rdfcil
                                     ctx.num_old)
     hkd = losses.logit_l1_loss(syn_logits, rep.teacher_logits[b:], ctx.num_old)
     proj = ctx.params[PROJECTION]
-    rkd = losses.rkd_angle_loss(_project(proj["student"], features),
-                                _project(proj["teacher"], rep.teacher_features[:b]))
+    rkd = losses.rkd_angle_loss(_dense(proj["student"], features),
+                                _dense(proj["teacher"], rep.teacher_features[:b]))
     counts = ctx.batch_stats[COUNTS].at[rep.labels].add(1.0)
     loss = w_ce * local_ce + w_hkd * hkd + w_rkd * rkd
     return loss, {**new_bs, COUNTS: counts}, {"ce": local_ce, "hkd": hkd, "rkd": rkd}
@@ -119,12 +141,12 @@ def finetune_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: Rdfc
                   classes_per_task: int):
     """The head fine-tuning on the frozen backbone (eval mode), over `[x_real; x_syn]`:
     lambda_ce class-weighted CE over `[0, K_new)` + w_hkd HKD(syn). `ctx.params` is the
-    head."""
+    head (with or without a bias)."""
     inputs: FinetuneInputs = ctx.method_state
     rep = synthesis.replay_batch(ctx, inputs.teacher, generator, inputs.generator_variables,
                                  z_dim)
     features = teacher_apply(ctx.model, inputs.backbone, rep.images)[1]
-    logits = features.astype(jnp.float32) @ ctx.params["kernel"] + ctx.params["bias"]
+    logits = _dense(ctx.params, features)
     _, w_hkd, _ = losses.rdfcil_weights(opts.lambda_ce, opts.lambda_hkd, opts.lambda_rkd,
                                         classes_per_task, ctx.num_old)
     weighted_ce = losses.class_weighted_ce_loss(losses.mask_logits(logits, 0, ctx.num_seen),
@@ -138,7 +160,8 @@ def finetune_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: Rdfc
 class RDFCIL(SyntheticReplay):
     """Task 1 with plain CE; every later task with `rdfcil_loss`, then (`--config.rdfcil.
     finetune_epochs` > 0) the head fine-tuning at lr * `finetune_lr_scale`; after every task
-    but the last a new generator is inverted from the model."""
+    but the last a new generator is inverted from the model. With `--config.rdfcil.head=
+    per_task` the head has no bias and each task's columns start N(0, `HEAD_STD`^2)."""
 
     name = "rdfcil"
     sections = ("rdfcil", "synthesis")
@@ -149,6 +172,10 @@ class RDFCIL(SyntheticReplay):
         if self.options.finetune_epochs < 0:
             raise ValueError(f"rdfcil.finetune_epochs must be >= 0, got "
                              f"{self.options.finetune_epochs}")
+        if self.options.head not in HEADS:
+            raise ValueError(f"--config.rdfcil.head={self.options.head!r}: use one of "
+                             f"{', '.join(HEADS)}")
+        self.head_bias = self.options.head == "shared"
         s = classes_per_task(config, spec)
         kwargs = dict(generator=self.generator, z_dim=self.synthesis.z_dim, opts=self.options,
                       classes_per_task=s)
@@ -177,11 +204,17 @@ class RDFCIL(SyntheticReplay):
 
     def begin_task(self, rt, learner, state, task):
         """Every task counts its labels from zero; a task after the first learns new RKD
-        projections (the release creates them for each task)."""
+        projections (the release creates them for each task); the per-task head draws the
+        task's columns (`_task_head`)."""
         projection, counts, _ = self._extras(rt, learner.params["head"],
                                              rng.fold_in(rt.method_key, 60_000 + task.index))
         params = learner.params if task.is_first else {**learner.params,
                                                        PROJECTION: projection}
+        if self.options.head == "per_task":
+            args = jax.device_put((rng.fold_in(rt.method_key, 70_000 + task.index),
+                                   np.int32(task.num_old), np.int32(task.num_seen)))
+            params = {**params, "head": rt.session.jitted(_task_head, HEAD_STD)(
+                learner.params["head"], *args)}
         learner = learner.replace(params=params,
                                   batch_stats={**learner.batch_stats, COUNTS: counts})
         return super().begin_task(rt, learner, state, task)

@@ -1,5 +1,5 @@
 """The synthetic-replay family (ABD, DeepInversion, LwF + synthetic data): after each task the
-frozen model is inverted into a generator (SPEC section 3), which every later step samples
+frozen model is inverted into a generator (docs/algorithm.md §3), which every later step samples
 (section 4). Members differ only in their loss."""
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def synthesis_config(config) -> synthesis.SynthesisConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Inversion(Loop):
-    """The generator's training against the model just trained (SPEC section 3), after every
+    """The generator's training against the model just trained (docs/algorithm.md §3), after every
     task but the last. ABD's G keeps its weights and Adam state: after task t it has taken
     (t + 1) * iterations steps. With `fresh` (R-DFCIL) a newly initialised G takes
     `iterations` steps after every task."""

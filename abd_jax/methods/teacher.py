@@ -29,6 +29,27 @@ def teacher_apply(model, teacher: Teacher, images):
                        images, train=False)
 
 
+# How a stage that trains only a head or a correction runs the frozen backbone's BatchNorm:
+# "train" as the release (batch statistics normalise, the running statistics move), "eval".
+BN_MODES = ("train", "eval")
+
+
+def train_mode_apply(model, params, batch_stats, images):
+    """The release's `model.train()` forward of a model whose `params` a stage does not
+    train: every BatchNorm normalises with the batch's statistics and moves its running
+    statistics `batch_stats`. Returns (logits, features, new batch_stats)."""
+    (logits, features), updates = model.apply({"params": params, "batch_stats": batch_stats},
+                                              images, train=True, mutable=["batch_stats"])
+    return logits, features, updates["batch_stats"]
+
+
+def check_bn_mode(value: str, setting: str) -> str:
+    """`value` if it is a BatchNorm mode (`BN_MODES`), else a ValueError naming `setting`."""
+    if value not in BN_MODES:
+        raise ValueError(f"{setting}={value!r}: use one of {BN_MODES} (--config.{setting})")
+    return value
+
+
 @struct.dataclass
 class TeacherState:
     """The model frozen at the end of the previous task (before the first task ends: the
