@@ -1,15 +1,19 @@
-"""Time the jitted training steps on the available backend, and locate where a step's time goes.
+"""Time the jitted training steps, the whole task loop, or the streaming input path on the
+available backend, and locate where a step's time goes.
 
     python experiments/benchmark.py [--steps=200] [--repeats=5] [--dtypes=float32,bfloat16]
         [--conv_impls=xla,im2col] [--cases=ce,lwf,abd,deepinversion,generator]
         [--ladder=ce,abd] [--vmap_repeats=3] [--profile_dir=/tmp/prof] [--json_out=bench.json]
+    python experiments/benchmark.py --mode=run --workdir=/tmp/timing \
+        [--config=configs/cifar100.py] [--config.epochs=25 --config.synthesis.iterations=1000]
+    python experiments/benchmark.py --mode=stream --config=configs/cifar10.py \
+        --config.data_dir=<prepared> [--stream_workers=0,2] [--fake_imagenet=1500]
 
-Uses random CIFAR-shaped data (`--image_size` for other sizes; no dataset needed) and the
-real step functions of `abd_jax.train` / `abd_jax.synthesis`: on-device batch sampling and
-augmentation, the method's loss (synthetic replay with the teacher's forward), the optimiser
-update, data parallelism over all local devices.
-
-Three parts, each printing min / median / max ms per step over `--repeats` measurements:
+`--mode=steps` (the default) uses random CIFAR-shaped data (`--image_size` for other sizes; no
+dataset needed) and the real step functions of `abd_jax.train` / `abd_jax.synthesis`:
+on-device batch sampling and augmentation, the method's loss (synthetic replay with the
+teacher's forward), the optimiser update, data parallelism over all local devices. Three
+parts, each printing min / median / max ms per step over `--repeats` measurements:
 
 1. **Step table** (`--cases`, for every `--dtypes` x `--conv_impls`): the steps as training
    runs them (fused `lax.scan` chunks of `--steps_per_call` steps), images/s, and the
@@ -20,17 +24,37 @@ Three parts, each printing min / median / max ms per step over `--repeats` measu
    -> forward + backward (all gradients) -> + optimiser update -> + on-device batch sampling ->
    + augmentation (the complete step, one per call) -> + fused `lax.scan` chunking.
 3. **Profile** (`--profile_dir`): a `jax.profiler` trace of the fused step of each ladder case,
-   with the top kernels/ops by device time per step.
+   with the top kernels (GPU/TPU) or XLA ops (CPU) by device time per step.
 
 `--vmap_repeats=R` adds rows timing R repeats trained as one program (`jax.vmap` over stacked
 states) for the ce and abd cases among `--cases`: what training repeats side by side would cost
 (the runner trains repeats one after another).
+
+`--mode=run` times the whole task loop of `--config` (compilation, training, synthesis,
+evaluation, checkpoints) on random images shaped like its dataset (`--train_per_class`,
+`--test_per_class`; no dataset needed). Accuracies are meaningless; the printed wall times are
+not. The run writes the usual results files (with per-task wall times) to `--workdir`. SIGTERM
+or Ctrl-C stops it at the next jitted call with a checkpoint (exit 130); the same command
+resumes it, so a run longer than one sitting is timed as consecutive segments
+(`experiments/gpu_session.sh`).
+
+`--mode=stream` gives images/s of the streaming input path (`input_pipeline.StreamFeed`
+alone: grain reading `--config`'s prepared array_record files, decoding and the dataset's host
+transform, stacking and placing each batch on the mesh, `--config.stream_prefetch` batches
+ahead) for every `--stream_workers` count, min / median / max over `--repeats` of `--steps`
+batches of `--batch_size`. `--fake_imagenet=N` first writes ILSVRC2012 tars of N photo-sized
+JPEGs and prepares imagenet2012 from them (ImageNet-shaped data, random-resized crop to 224).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
+import gzip
+import io
 import json
 import os
+import tarfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,20 +64,26 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+from PIL import Image
 
 from abd_jax import data as data_lib
-from abd_jax import experiment, methods, models, sampling, synthesis, train
+from abd_jax import experiment, input_pipeline, logs, methods, models, sampling, synthesis, train
 from abd_jax.methods.teacher import Teacher
 from abd_jax.session import Session
 from configs import cifar100
 
-import profile_summary  # experiments/ (the script's folder is on sys.path)
-
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 100, "Timed steps per measurement.")
+flags.DEFINE_enum("mode", "steps", ["steps", "run", "stream"], "steps: the step table, ladder "
+                  "and profile; run: the whole task loop of --config on random data; stream: "
+                  "the streaming input path on --config's prepared dataset.")
+config_flags.DEFINE_config_file(
+    "config", str(Path(__file__).resolve().parents[1] / "configs" / "cifar100.py"),
+    "--mode=run and stream: the config file (with --config.* overrides).", lock_config=True)
+flags.DEFINE_integer("steps", 100, "Timed steps (--mode=stream: batches) per measurement.")
 flags.DEFINE_integer("steps_per_call", 0, "Steps per fused call (0 = auto: 1 on CPU, 50 else).")
 flags.DEFINE_integer("repeats", 3, "Measurements per row (min / median / max reported).")
-flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size (--mode=steps and stream).")
 flags.DEFINE_string("model", "resnet32", "Classifier.")
 flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes of the step table.")
 flags.DEFINE_list("conv_impls", ["auto"], "Convolution implementations (auto, xla, im2col).")
@@ -76,6 +106,15 @@ flags.DEFINE_string("profile_dir", "", "Write a profiler trace of each ladder ca
                     "print its top ops by device time.")
 flags.DEFINE_integer("top", 12, "Ops listed per profile.")
 flags.DEFINE_string("json_out", "", "Also write every measurement to this JSON file.")
+flags.DEFINE_string("workdir", "", "--mode=run: output folder (the same command resumes a "
+                    "stopped run there).")
+flags.DEFINE_integer("train_per_class", 500, "--mode=run: random training images per class.")
+flags.DEFINE_integer("test_per_class", 100, "--mode=run: random test images per class.")
+flags.DEFINE_list("stream_workers", ["0", "2"], "--mode=stream: grain worker process counts.")
+flags.DEFINE_integer("fake_imagenet", 0, "--mode=stream: if > 0, write ILSVRC2012 tars with "
+                     "this many training JPEGs (10 classes, 500x375) into "
+                     "<data_dir>/fake_ilsvrc, prepare imagenet2012 from them in "
+                     "<data_dir>/fake_imagenet and stream that.")
 flags.DEFINE_bool("put_state", True, "Place the initial state on the mesh (replicated) as "
                   "training does. False leaves it uncommitted: the first call's state then "
                   "differs from the committed state it returns, so the second call compiles "
@@ -308,6 +347,200 @@ def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
     return rungs
 
 
+# ----------------------------------------------------------------------------- profile
+
+
+def device_op_summary(trace_dir: str, steps: int, top: int) -> dict[str, list]:
+    """{line kind: [(op or kernel name, ms per step, % of that line's time)]} from the
+    perfetto trace that `jax.profiler.trace(create_perfetto_trace=True)` wrote under
+    `trace_dir`.
+
+    On GPU/TPU the device process (named like "/device:GPU:0") has one line per stream
+    ("kernels") and summary lines such as "XLA Ops" (HLO ops); each kind is summed on its own.
+    On CPU the XLA worker threads' events stand in ("host ops")."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                             recursive=True))
+    if not paths:
+        return {}
+    with gzip.open(paths[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device_pids = {pid for pid, name in procs.items() if "/device:" in name}
+
+    def line_kind(e) -> str:
+        thread = threads.get((e["pid"], e.get("tid")), "")
+        if e["pid"] in device_pids:
+            return "kernels" if "stream" in thread.lower() else thread
+        if device_pids or e["name"].startswith("$") or any(
+                w in thread for w in ("codegen", "Compiler", ".py", "python")):
+            return ""
+        return "host ops"
+
+    totals: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for e in events:
+        kind = line_kind(e) if e.get("ph") == "X" else ""
+        if kind:
+            totals[kind][e["name"]] += float(e.get("dur", 0.0))
+    out = {}
+    for kind, counter in totals.items():
+        whole = sum(counter.values()) or 1.0
+        out[kind] = [(name, us / 1e3 / steps, 100.0 * us / whole)
+                     for name, us in counter.most_common(top)]
+        out[kind].append((f"(all {kind})", whole / 1e3 / steps, 100.0))
+    return out
+
+
+def profile(fn, state, args, steps_per_call: int, trace_dir: str, calls: int,
+            top: int) -> dict:
+    """`device_op_summary` of `calls` calls of `fn(state, *args) -> (state, out)` (after one
+    untraced call, which may compile), traced into `trace_dir`."""
+    state, out = fn(state, *args)
+    jax.block_until_ready(out)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            state, out = fn(state, *args)
+        jax.block_until_ready((state, out))
+    return device_op_summary(trace_dir, calls * steps_per_call, top)
+
+
+# ----------------------------------------------------------------------------- --mode=run
+
+
+def random_splits(config, train_per_class: int, test_per_class: int) -> experiment.Splits:
+    """Random uint8 images and balanced labels shaped like `config`'s dataset."""
+    spec = data_lib.spec_of(config)
+    rng = np.random.RandomState(0)
+
+    def split(per_class):
+        labels = np.repeat(np.arange(spec.num_classes, dtype=np.int32), per_class)
+        images = rng.randint(0, 256, (len(labels), *spec.image_shape)).astype(np.uint8)
+        return images, labels
+
+    return experiment.Splits(spec, *split(train_per_class), *split(test_per_class))
+
+
+def full_run(session: Session) -> None:
+    """`experiment.run` of --config in --workdir on random data, timed; a stop (SIGTERM,
+    Ctrl-C) leaves a checkpoint and exits 130."""
+    if not FLAGS.workdir:
+        raise app.UsageError("--mode=run needs --workdir")
+    config = FLAGS.config
+    logs.quiet_library_logs()
+    tic = time.time()
+    session.stop.install()
+    splits = random_splits(config, FLAGS.train_per_class, FLAGS.test_per_class)
+    try:
+        results = experiment.run(config, FLAGS.workdir, splits, session)
+    except KeyboardInterrupt:
+        print(f"stopped after {time.time() - tic:.1f} s with a checkpoint; the same command "
+              "resumes it")
+        raise SystemExit(130)
+    total = time.time() - tic
+    rep = results["repeats"][0]
+    print(f"method {config.method}, {config.num_tasks} tasks, {config.epochs} epochs/task, "
+          f"{config.synthesis.iterations} generator iterations/task, batch {config.batch_size}")
+    print("wall seconds per task:", [round(s, 1) for s in rep["task_wall_seconds"]])
+    seconds = rep["train_seconds_per_batch"]  # None when every loop was one call
+    print("seconds per training batch:", "n/a" if seconds is None else f"{seconds:.5f}")
+    print(f"wall time of this process's run: {total:.1f} s; peak memory "
+          f"{rep['peak_memory_bytes'] / 2**20:.0f} MiB")
+
+
+# ----------------------------------------------------------------------------- --mode=stream
+
+
+def make_fake_imagenet(folder: Path, count: int) -> None:
+    """ILSVRC2012_img_{train,val}.tar in `folder`: `count` training JPEGs of 500x375 over
+    the first 10 classes of TFDS's labels.txt (smooth random images, photo-sized files),
+    and 10 validation JPEGs; written once."""
+    from abd_jax import datasets  # noqa: PLC0415 (TFDS only for this mode)
+    if (folder / "ILSVRC2012_img_val.tar").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    wnids = datasets.IMAGENET_LABELS_FILE.read_text().split()[:10]
+    val_wnids = datasets.IMAGENET_VAL_LABELS_FILE.read_text().split()
+    rng = np.random.default_rng(0)
+
+    def jpeg() -> bytes:
+        coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(coarse).resize((500, 375), Image.BICUBIC).save(buf, "JPEG",
+                                                                      quality=90)
+        return buf.getvalue()
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(folder / "ILSVRC2012_img_train.tar", "w") as train_tar:
+        for c, wnid in enumerate(wnids):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as class_tar:
+                for i in range(c, count, len(wnids)):
+                    add(class_tar, f"{wnid}_{i}.JPEG", jpeg())
+            add(train_tar, f"{wnid}.tar", inner.getvalue())
+    with tarfile.open(folder / "ILSVRC2012_img_val.tar.part", "w") as val_tar:
+        for wnid in wnids:
+            number = val_wnids.index(wnid) + 1
+            add(val_tar, f"ILSVRC2012_val_{number:08d}.JPEG", jpeg())
+    (folder / "ILSVRC2012_img_val.tar.part").rename(folder / "ILSVRC2012_img_val.tar")
+
+
+def time_feed(source, spec, labels, workers: int, prefetch: int,
+              session: Session) -> list[float]:
+    """images/s of each repeat: `--steps` batches through a fresh feed (after 2 warm-up)."""
+    n, b = len(labels), FLAGS.batch_size
+    info = sampling.TaskInfo(index=np.arange(n, dtype=np.int32), count=np.int32(n),
+                             num_old=np.int32(0), num_seen=np.int32(spec.num_classes),
+                             steps_per_epoch=np.int32(n // b),
+                             total_steps=np.int32(n // b * 1000),
+                             key=np.array([0, 0], np.uint32), base_lr=np.float32(0.1),
+                             lr_milestones=np.zeros(0, np.int32))
+    rates = []
+    for r in range(FLAGS.repeats):
+        feed = input_pipeline.StreamFeed(
+            source, spec, labels, info, r * (FLAGS.steps + 2), b, 1, experiment.make_mesh(),
+            workers, prefetch, input_pipeline.train_transform(spec), session)
+        for _ in range(2):
+            jax.block_until_ready(feed.next_call().images)
+        tic = time.perf_counter()
+        for _ in range(FLAGS.steps):
+            jax.block_until_ready(feed.next_call().images)
+        rates.append(FLAGS.steps * b / (time.perf_counter() - tic))
+    return rates
+
+
+def stream_report(session: Session) -> None:
+    """images/s of the streaming input path for each --stream_workers count."""
+    config = FLAGS.config
+    name = config.dataset
+    data_dir = str(data_lib.expand_path(config.data_dir)) if config.data_dir else None
+    if FLAGS.fake_imagenet:
+        from abd_jax import datasets  # noqa: PLC0415 (TFDS only for this mode)
+        base = Path(data_dir or "/tmp")
+        make_fake_imagenet(base / "fake_ilsvrc", FLAGS.fake_imagenet)
+        name, data_dir = "imagenet2012", str(base / "fake_imagenet")
+        datasets.download_and_prepare(name, data_dir, base / "fake_ilsvrc")
+    spec = data_lib.get_spec(name, data_dir, config.image_size)
+    source = data_lib.open_split(spec, "train", data_dir)
+    labels = input_pipeline.split_labels(data_lib.open_split(
+        spec, "train", data_dir, decoders=input_pipeline.labels_only()), session)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax "
+          f"{jax.__version__}, host CPUs: {os.cpu_count()}")
+    print(f"dataset {name}: {len(labels)} training images {spec.image_shape}, batch "
+          f"{FLAGS.batch_size}, {FLAGS.steps} batches x {FLAGS.repeats} repeats, prefetch "
+          f"{config.stream_prefetch}")
+    print(f"{'workers':>8s} {'min':>10s} {'median':>10s} {'max':>10s}  images/s")
+    for workers in (int(w) for w in FLAGS.stream_workers):
+        rates = time_feed(source, spec, labels, workers, config.stream_prefetch, session)
+        print(f"{workers:8d} {min(rates):10.0f} {np.median(rates):10.0f} {max(rates):10.0f}",
+              flush=True)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -323,7 +556,7 @@ HEADER = f"{'':52s} {'compile':>8s} {'min':>8s} {'median':>8s} {'max':>8s} {'ima
 def main(argv):
     del argv
     with Session() as session:
-        report(session)
+        {"steps": report, "run": full_run, "stream": stream_report}[FLAGS.mode](session)
 
 
 def report(session: Session) -> None:
@@ -357,7 +590,7 @@ def report(session: Session) -> None:
             if FLAGS.profile_dir:
                 trace_dir = os.path.join(FLAGS.profile_dir, f"{case}_{conv_impl}")
                 try:
-                    summary = profile_summary.profile(
+                    summary = profile(
                         _fused_learner(lr), lr.state, lr.args, _steps_per_call(), trace_dir,
                         max(1, FLAGS.steps // _steps_per_call()), FLAGS.top)
                 except Exception as err:  # noqa: BLE001 (a profiler failure ends no timing)

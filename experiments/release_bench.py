@@ -1,7 +1,8 @@
-"""Time the PyTorch release's own steps, to set them beside `benchmark.py`'s on one device in
-the same hour: ResNet-32 at batch 128 on random CIFAR-100-shaped data.
+"""The PyTorch release's own steps, timed: `experiments/gpu_session.sh`'s helper for its
+"release" part, which runs it between two runs of `benchmark.py` on one device and sets the
+figures side by side. ResNet-32 at batch 128 on random CIFAR-100-shaped data:
 
-    python experiments/release_bench.py --release_dir=<checkout of GT-RIPL/AlwaysBeDreaming-DFCIL>
+    PYTHONPATH=<the release: GT-RIPL/AlwaysBeDreaming-DFCIL> python3 experiments/release_bench.py
 
 - ce: `NormalNN.update_model` on task 1 (10 classes).
 - abd: one training step of `AlwaysBeDreaming` on task 2, as its `learn_batch` loop makes it:
@@ -9,27 +10,27 @@ the same hour: ResNet-32 at batch 128 on random CIFAR-100-shaped data.
   previous model's scores of the real batch, then `update_model` on the 256 images.
 - generator: one iteration of the release's inversion (`Teacher.get_images`, batch 128).
 
-The release is imported from --release_dir and run unchanged, with its CIFAR-100 ABD settings
-(`experiments/cifar100-tentask.sh`). torch is not a dependency of this project: install it
-beside the release. The release calls `.cuda()` itself; `--device=cpu` turns those calls into
-no-ops, to try this script on a machine without a GPU. Prints the median, min and max ms per
-step over --repeats measurements of --steps steps each (after --warmup steps), and writes them
-to --json_out.
+The release runs unchanged, with its CIFAR-100 ABD settings (`experiments/cifar100-tentask.sh`
+there); its top-level modules (`learners`, `models`, `utils`) are imported from PYTHONPATH.
+torch is not a dependency of this project: run this with an interpreter that has torch (the
+GPU session uses the machine's own python3, apart from the project's environment). The
+release calls `.cuda()` itself; `--device=cpu` turns those calls into no-ops, to try this on a
+machine without a GPU. Prints the median, min and max ms per step over --repeats measurements
+of --steps steps each (after --warmup steps), and writes them to --json_out.
 """
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
 import statistics
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("release_dir", None, "Checkout of GT-RIPL/AlwaysBeDreaming-DFCIL.")
 flags.DEFINE_enum("device", "cuda", ["cuda", "cpu"], "cpu: a try-out without a GPU.")
 flags.DEFINE_list("cases", ["ce", "abd", "generator"], "Steps to time.")
 flags.DEFINE_integer("batch_size", 128, "Real images per step (the release's BS).")
@@ -37,7 +38,6 @@ flags.DEFINE_integer("steps", 200, "Steps per measurement.")
 flags.DEFINE_integer("repeats", 5, "Measurements per case.")
 flags.DEFINE_integer("warmup", 10, "Steps before the measurements (cuDNN's autotuning).")
 flags.DEFINE_string("json_out", "", "Write the measurements here as JSON.")
-flags.mark_flags_as_required(["release_dir"])
 # The release's ABD step indexes a vector as long as its 2 x batch images by class id.
 flags.register_validator("batch_size", lambda n: n >= 10,
                          "the release's ABD step needs 2 x batch_size >= 20 (task 2's classes)")
@@ -141,7 +141,9 @@ def measure(torch, run) -> list[float]:
 
 def main(argv):
     del argv
-    sys.path.insert(0, FLAGS.release_dir)
+    if importlib.util.find_spec("learners") is None:
+        raise app.UsageError("the release's modules are not importable: run with "
+                             "PYTHONPATH=<checkout of GT-RIPL/AlwaysBeDreaming-DFCIL>")
     import torch
     if FLAGS.device == "cpu":
         _cpu_only(torch)

@@ -70,6 +70,7 @@ def abd_run(digits_data_dir, tmp_path_factory, session):
     return workdir
 
 
+@pytest.mark.slow
 def test_task_checkpoints_are_kept(abd_run):
     checkpointer = ckpt_lib.RunCheckpointer(abd_run / "checkpoints" / "repeat_0")
     positions = checkpointer.positions()
@@ -77,6 +78,7 @@ def test_task_checkpoints_are_kept(abd_run):
     assert {(1, 0), (2, 0)} <= set(positions)
 
 
+@pytest.mark.slow
 def test_analyze_writes_numbers_and_plots(abd_run, tmp_path):
     out = tmp_path / "out"
     subprocess.run([sys.executable, "-m", "abd_jax.analyze", f"--workdir={abd_run}",
@@ -95,6 +97,7 @@ def test_analyze_writes_numbers_and_plots(abd_run, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+@pytest.mark.slow
 def test_a_cell_run_in_processes_is_read_through_its_repeat_folder(abd_run, tmp_path):
     """A `run_table.py --parallel` cell keeps repeat r in `<cell>/repeat_<r>/`: given the cell,
     the diagnostics read that run; a repeat it lacks is one message naming both places."""
@@ -108,6 +111,7 @@ def test_a_cell_run_in_processes_is_read_through_its_repeat_folder(abd_run, tmp_
         analysis.feature_sets(cell, task=2, repeat=1)
 
 
+@pytest.mark.slow
 def test_missing_task_checkpoint_says_how_to_keep_them(abd_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(abd_run, copy)
@@ -116,6 +120,7 @@ def test_missing_task_checkpoint_says_how_to_keep_them(abd_run, tmp_path):
         analysis.feature_sets(copy, task=2)
 
 
+@pytest.mark.slow
 def test_a_method_without_a_generator_is_refused(abd_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(abd_run, copy)

@@ -39,6 +39,7 @@ def clean_run(digits_data_dir, tmp_path_factory, session):
     return config, workdir, experiment.run(config, workdir, session=session)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes(clean_run, tmp_path,
                                                                        damage, caplog, session):

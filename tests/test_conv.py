@@ -76,6 +76,7 @@ def test_backend_choice():
         conv.conv_for_backend("fft")
 
 
+@pytest.mark.slow
 def test_classifier_gradients_do_not_depend_on_the_convolution(session):
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
     y = jnp.array([0, 1, 2, 3])

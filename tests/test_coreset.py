@@ -388,6 +388,7 @@ def test_bic_stage2_follows_the_release_and_skips_a_split_under_one_batch(sessio
     assert float(after.beta[1]) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["naive_rehearsal", "lwf_coreset", "e2e", "bic"])
 def test_coreset_methods_run_and_account_for_their_memory(digits_data_dir, reference_run,
                                                           method):
@@ -409,6 +410,7 @@ def test_coreset_methods_run_and_account_for_their_memory(digits_data_dir, refer
         assert distinct[2] < 60
 
 
+@pytest.mark.slow
 def test_bic_trains_its_first_task_as_naive_rehearsal(digits_data_dir, reference_run):
     """The release trains BiC's first task as Naive Rehearsal's (no memory yet, nothing held
     out): at the same seed, the same batches and losses, the same accuracy after task 1."""
@@ -425,6 +427,7 @@ def test_bic_trains_its_first_task_as_naive_rehearsal(digits_data_dir, reference
     assert len(bic[1]) > 1 and bic == rehearsal
 
 
+@pytest.mark.slow
 def test_e2e_balanced_finetuning_steps_at_its_own_learning_rate(digits_data_dir,
                                                                  reference_run):
     """The stage runs at lr * balanced_lr_scale."""
@@ -438,6 +441,7 @@ def test_e2e_balanced_finetuning_steps_at_its_own_learning_rate(digits_data_dir,
         pytest.approx(config.lr * config.e2e.balanced_lr_scale)]
 
 
+@pytest.mark.slow
 def test_replay_methods_count_their_generator(digits_data_dir, tmp_path, session):
     results = experiment.run(tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=2),
                              tmp_path, session=session)
@@ -446,6 +450,7 @@ def test_replay_methods_count_their_generator(digits_data_dir, tmp_path, session
     assert "stored_images" not in memory
 
 
+@pytest.mark.slow
 def test_interrupt_in_a_host_stage_reruns_it_identically(digits_data_dir, reference_run,
                                                          tmp_path, monkeypatch, session):
     """A crash inside Naive Rehearsal's memory update after task 2 (an `Update` stage): the
@@ -469,6 +474,7 @@ def test_interrupt_in_a_host_stage_reruns_it_identically(digits_data_dir, refere
         r["R_global"] for r in reference["repeats"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,phase,stage,overrides", [
     ("e2e", "balanced_finetuning", 1, {"e2e.balanced_epochs": 3}),
     ("bic", "bias_correction", 0, {"bic.val_fraction": 0.6}),

@@ -228,6 +228,7 @@ def _archive_test_split(shared_data_dir):
     return records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), records[:, 0]
 
 
+@pytest.mark.slow
 def test_prepare_cifar10_offline(prepared_cifar10, shared_data_dir, session):
     data_dir, counts = prepared_cifar10
     assert counts == {"train": 50000, "test": 10000}

@@ -23,6 +23,7 @@ def _torch_param_count(c, side, z):
             + linear(z, volume) + conv(512, 256) + conv(256, 64) + conv(64, c))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,channels,z", [(32, 3, 1024), (8, 1, 32)])
 def test_autoencoder_matches_the_release_and_outputs_images_in_0_1(size, channels, z, session):
     vae = models.ConvVAE(image_size=size, channels=channels, z_dim=z)
@@ -54,6 +55,7 @@ def test_vae_loss_terms():
     np.testing.assert_allclose(masked, exact, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_replay_is_labelled_by_the_previous_classifier_among_past_classes(session):
     config = digits.get_config()
     config.method = "dgr"
@@ -80,6 +82,7 @@ def test_replay_is_labelled_by_the_previous_classifier_among_past_classes(sessio
     assert float(x.min()) >= 0 and float(x.max()) <= 1  # the release's DGR: [0, 1] inputs
 
 
+@pytest.mark.slow
 def test_dgr_trains_its_autoencoder_on_each_tasks_batches_but_the_last(digits_data_dir,
                                                                          reference_run):
     config = three_task_config(digits_data_dir, "dgr")
@@ -100,6 +103,7 @@ def test_dgr_trains_its_autoencoder_on_each_tasks_batches_but_the_last(digits_da
         assert [line["lr"] for line in steps] == [line["lr"] for line in solver]
 
 
+@pytest.mark.slow
 def test_the_autoencoder_pass_sees_the_solvers_batches(digits_data_dir, tmp_path, monkeypatch,
                                                        session):
     """The release updates the autoencoder in the solver's step; here a second pass over the

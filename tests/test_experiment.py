@@ -19,6 +19,7 @@ from helpers import tiny_config, xla_flags
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_seconds_per_batch_is_unknown_when_no_step_was_timed(digits_data_dir, tmp_path,
                                                               session):
     """Each loop in one call (log interval past its end): that call's time includes the
@@ -30,6 +31,7 @@ def test_seconds_per_batch_is_unknown_when_no_step_was_timed(digits_data_dir, tm
     assert results["aggregate"]["train_seconds_per_batch"]["mean"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["base", "lwf", "abd", "deepinversion"])
 def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, method, session):
     # ABD's whole loop (learner, generator, evaluation) data-parallel over the 4 simulated
@@ -68,6 +70,7 @@ def test_digits_runs_all_tasks_and_writes_results(digits_data_dir, tmp_path, met
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_repeats_and_omega(digits_data_dir, tmp_path, session):
     upper = experiment.run(tiny_config(digits_data_dir, method="upper_bound", epochs=1,
                                        num_tasks=2, repeats=2), tmp_path / "ub", session=session)
@@ -82,6 +85,7 @@ def test_repeats_and_omega(digits_data_dir, tmp_path, session):
     assert "Omega" in (tmp_path / "base" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_each_jitted_function_compiles_once_per_run(digits_data_dir, tmp_path):
     """A recompilation between tasks or chunks (a changed input type, shape or sharding)
     would cost seconds each time and pollute the timings; every task must reuse the
@@ -132,7 +136,7 @@ def _matrices(results):
     return [(r["R_global"], r["R_local"]) for r in results["repeats"]]
 
 
-@pytest.mark.parametrize("method", ["lwf", "abd"])
+@pytest.mark.parametrize("method", ["lwf", pytest.param("abd", marks=pytest.mark.slow)])
 def test_interrupt_and_resume_gives_identical_results(digits_data_dir, tmp_path, monkeypatch,
                                                       method, session):
     config = tiny_config(digits_data_dir, method=method, num_tasks=2, epochs=3,
@@ -158,6 +162,7 @@ def test_interrupt_and_resume_gives_identical_results(digits_data_dir, tmp_path,
     assert _matrices(resumed) == _matrices(reference)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_path):
     """SIGKILL (no chance to save) mid-run; the rerun resumes from the last periodic
     checkpoint and matches an uninterrupted run of the same command."""
@@ -194,6 +199,7 @@ def test_killed_process_resumes_from_periodic_checkpoint(digits_data_dir, tmp_pa
     assert _matrices(resumed) == _matrices(reference)
 
 
+@pytest.mark.slow
 def test_workdir_with_another_config_is_refused(digits_data_dir, tmp_path, session):
     experiment.run(tiny_config(digits_data_dir, epochs=1, num_tasks=2), tmp_path, session=session)
     with pytest.raises(ValueError, match="different configuration.*epochs"):
@@ -243,6 +249,7 @@ def test_task_accuracies_global_local_and_top5_by_hand():
     assert evaluation.task_accuracies(z, np.array([4, 5]), bounds7, 0)[0][2] == 50.0
 
 
+@pytest.mark.slow
 def test_a_run_on_the_first_classes_of_the_order(digits_data_dir, tmp_path, session):
     config = tiny_config(digits_data_dir, method="lwf", num_tasks=3, num_classes=6,
                          epochs=1)
@@ -261,6 +268,7 @@ def test_a_run_on_the_first_classes_of_the_order(digits_data_dir, tmp_path, sess
             config_lib.validate(config, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["abd", "bic", "dgr", "rdfcil"])
 def test_a_run_moves_data_between_host_and_device_only_explicitly(digits_data_dir, tmp_path,
                                                                   method, session):

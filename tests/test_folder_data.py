@@ -88,6 +88,7 @@ def test_a_prepared_tfds_dataset_is_usable_by_name(digits_data_dir):
     np.testing.assert_array_equal(labels, ref_labels)
 
 
+@pytest.mark.slow
 def test_a_two_task_run_on_a_folder(tmp_path, session):
     make_folder(tmp_path / "pets")
     config = tiny_config(str(tmp_path / "tfds"), dataset=f"folder:{tmp_path / 'pets'}",
@@ -214,6 +215,7 @@ def test_links_out_of_the_folder_are_refused(tmp_path):
     refused(root, tmp_path, root / "test" / "cat" / "9.png", "outside the dataset folder")
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_one_line_and_exits_1(tmp_path):
     root = small_folder(tmp_path / "pets")
     (root / "train" / "cat" / "1.png").write_bytes(b"\x89PNG\r\n")
@@ -265,6 +267,7 @@ def test_an_interrupted_preparation_leaves_nothing_and_a_rerun_reads_everything(
     assert [p.name for p in stats_file.parent.glob(".*")] == []
 
 
+@pytest.mark.slow
 def test_two_processes_preparing_one_folder_both_finish_with_one_dataset(tmp_path):
     """Two runs started on a folder that is not prepared yet: the second waits for the
     first's preparation and reads it, instead of racing it to the version folder."""

@@ -21,6 +21,8 @@ from abd_jax import checkpoint as ckpt_lib
 from abd_jax import hosts
 from helpers import xla_flags
 
+pytestmark = pytest.mark.slow  # the full tier: whole runs in processes of their own
+
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"method": "abd", "num_tasks": 2, "epochs": 1, "num_devices": 0,  # all devices
             "log_every_steps": 4, "checkpoint_every_steps": 10_000,  # (stops save anyway)

@@ -205,6 +205,7 @@ def test_imagenet_config_and_resnet18_at_224():
     assert np.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_a_streamed_two_task_run_on_the_fake_archive(prepared, tmp_path, session):
     """configs/imagenet.py end to end on the fake archive (a small net and schedule): the
     stream path crops the varying sizes on the host (random-resized for training, resize +
@@ -297,6 +298,7 @@ def test_imagenet100_without_the_archive_refuses_in_one_line(tmp_path, session):
         prepare_data.prepare("imagenet100", tmp_path / "tfds", tmp_path)
 
 
+@pytest.mark.slow
 def test_a_streamed_imagenet100_run_on_the_fake_archive(prepared, tmp_path, session):
     """configs/imagenet100.py end to end (a small net and schedule, identity order: class 0
     in task 1, class 57 in task 2)."""

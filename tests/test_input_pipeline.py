@@ -40,6 +40,7 @@ def _task(count=23, capacity=30, steps_per_epoch=5, total=13):
                              base_lr=np.float32(0.1), lr_milestones=np.zeros(0, np.int32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start,steps_per_call", [(0, 1), (7, 3)])
 def test_stream_feed_reads_the_batches_the_device_path_samples(start, steps_per_call,
                                                                session):
@@ -109,6 +110,7 @@ def _log(workdir):
     return [{k: v for k, v in line.items() if k != "images_per_second"} for line in lines]
 
 
+@pytest.mark.slow
 def test_stream_and_device_paths_give_the_same_run(digits_data_dir, tmp_path, session):
     """E2E: task training, a balanced fine-tuning stage, herding on predicted features and
     evaluation all read through the stream path, on 2 devices."""
@@ -159,6 +161,7 @@ def test_split_labels_are_read_once_per_version_of_the_split_files(digits_data_d
     assert third.reads == len(expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dgr", "rdfcil"])
 def test_stages_that_reread_the_tasks_batches_stream_them_too(digits_data_dir, tmp_path,
                                                               session, method):
@@ -172,6 +175,7 @@ def test_stages_that_reread_the_tasks_batches_stream_them_too(digits_data_dir, t
     assert streamed["repeats"][0]["R_global"] == device["repeats"][0]["R_global"]
 
 
+@pytest.mark.slow
 def test_cifar10_stream_resumes_mid_epoch_identically(prepared_cifar10, tmp_path,
                                                       monkeypatch, session):
     """Forced stream on real CIFAR-10 (its first 4 classes, 2 tasks): 5 steps per epoch,

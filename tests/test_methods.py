@@ -64,6 +64,7 @@ def _ctx(model, params, batch_stats, x, y, method_state=None):
                              rng=jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_lwf_mc_trains_its_first_task_with_bce(session):
     config = digits.get_config()
     config.method = "lwf_mc"
@@ -114,6 +115,7 @@ class CountingMethod(lifecycle.Method):
                                    state.head_sum + jnp.sum(learner.params["head"]["kernel"]))
 
 
+@pytest.mark.slow
 def test_a_new_method_plugs_in_and_its_state_is_checkpointed(digits_data_dir, tmp_path,
                                                              monkeypatch, session):
     monkeypatch.setitem(methods._CLASSES, "counting", CountingMethod)
@@ -135,6 +137,7 @@ def test_a_new_method_plugs_in_and_its_state_is_checkpointed(digits_data_dir, tm
     assert sum('"phase": "counting"' in line for line in lines) == 5
 
 
+@pytest.mark.slow
 def test_interrupted_synthesis_resumes_to_identical_results(digits_data_dir, tmp_path,
                                                             monkeypatch, session):
     """An exception (as a crash) inside the generator training after task 2, after its

@@ -118,6 +118,7 @@ def test_cl_lite_resnet_forward_matches_a_numpy_reference():
     assert (np.asarray(features) < 0).any()
 
 
+@pytest.mark.slow
 def test_cl_lite_resnet_initialisation():
     """Each block's last BN starts at gamma 0 (the others at 1, betas 0), so at initialisation
     every block passes its shortcut: the features are the stem's eval-mode output subsampled
@@ -164,6 +165,7 @@ def test_the_32x32_generator_has_the_releases_parameter_count():
     assert _num_params(g, (2, 1000)) == 8_423_939
 
 
+@pytest.mark.slow
 def test_generator_and_head_are_initialised_as_pytorch_layers(session):
     """Generator Linear/Conv: PyTorch defaults U(+-1/sqrt(fan_in)) for weights and biases;
     classifier head: Kaiming-normal weights (docs/algorithm.md §2), PyTorch's default bias."""

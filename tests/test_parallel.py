@@ -11,10 +11,14 @@ import time
 import types
 from pathlib import Path
 
+import pytest
+
 from abd_jax import experiment, parallel
 from abd_jax.preemption import StopRequests
 from configs import digits
 from helpers import xla_flags
+
+pytestmark = pytest.mark.slow  # the full tier: whole runs in processes of their own
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}

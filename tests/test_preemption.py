@@ -17,7 +17,7 @@ from abd_jax.session import Session
 from helpers import tiny_config, xla_flags
 
 # One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("preemption")
+pytestmark = [pytest.mark.xdist_group("preemption"), pytest.mark.slow]
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -329,6 +329,7 @@ def test_finetune_loss_matches_hand_computation(runs, setup):
 
 
 # ------------------------------------------------------------------------------------ a run
+@pytest.mark.slow
 def test_a_run_finetunes_the_head_on_its_counts_with_a_fresh_generator_per_task(
         digits_data_dir, tmp_path, monkeypatch, session):
     """Three tasks: after tasks 2 and 3 the head alone is fine-tuned (the backbone and its

@@ -18,6 +18,8 @@ from abd_jax import checkpoint as ckpt_lib
 from abd_jax import driver, errors, experiment, files, train
 from helpers import tiny_config, xla_flags
 
+pytestmark = pytest.mark.slow  # the full tier: whole runs in processes of their own
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -5,12 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import xla_flags
+
+pytestmark = pytest.mark.slow  # the full tier: the scripts in processes of their own
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
-# The benchmark runs a step or two of each program: LLVM -O0 compiles them sooner (the three
-# benchmark runs below: 45 -> 27 CPU-s, run one at a time).
+# The benchmark runs a step or two of each program (the GPU session's try-out, a few): LLVM -O0
+# compiles them sooner (the three step-table runs below: 45 -> 27 CPU-s, run one at a time).
 BENCHMARK_ENV = {**ENV, "XLA_FLAGS": xla_flags(llvm_opt_level=0)}
 
 
@@ -56,6 +60,47 @@ def test_benchmark_reports_a_recompilation_while_timed(tmp_path):
     assert "RECOMPILED while timed" in out, out
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["conv_impl"], r["recompiled"]) for r in rows] == [("xla", True)]
+
+
+def test_benchmark_stream_mode_times_each_worker_count(digits_data_dir):
+    out = _run(["experiments/benchmark.py", "--mode=stream", "--config=configs/digits.py",
+                f"--config.data_dir={digits_data_dir}", "--stream_workers=0", "--steps=2",
+                "--repeats=2", "--batch_size=32"])
+    assert "dataset digits: 1442 training images (8, 8, 1), batch 32" in out, out
+    assert out.splitlines()[-1].split()[0] == "0", out  # the row of 0 workers
+
+
+def test_gpu_session_tried_on_the_cpu_times_a_full_run_and_goes_on_where_it_stopped(tmp_path):
+    """`TINY=1`: the full-run part on a digits-shaped random run; the release part skipped
+    (no release); the next call skips the finished part."""
+    script = REPO / "experiments" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    env = {**BENCHMARK_ENV, "TINY": "1", "PARTS": "full_run,release", "PYTHON": sys.executable,
+           "STATE": str(tmp_path / "state"), "RELEASE": str(tmp_path / "no_release")}
+
+    def session(out):
+        proc = subprocess.run(["bash", script, "300", tmp_path / out], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return (tmp_path / out / "session.log").read_text()
+
+    log = session("out1")
+    assert "method abd, 2 tasks, 1 epochs/task, 4 generator iterations/task" in log, log
+    assert "segment 1: " in log and ", finished" in log, log
+    assert f"release: skipped, {tmp_path / 'no_release'} holds no release" in log, log
+    listed = subprocess.run(["tar", "-tf", tmp_path / "out1" / "results.tar"],
+                            capture_output=True, text=True).stdout.split()
+    assert {"results/full_run.done", "results/full_run_segments.txt",
+            "results/full_run_results.json", "results/release.log"} <= set(listed), listed
+    log = session("out2")
+    assert "full_run: done in an earlier call" in log and "segment 2" not in log, log
+
+
+def test_release_bench_asks_for_the_release_on_pythonpath():
+    proc = subprocess.run([sys.executable, "experiments/release_bench.py", "--device=cpu"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "PYTHONPATH=<checkout of GT-RIPL/AlwaysBeDreaming-DFCIL>" in proc.stderr, proc.stderr
 
 
 def test_run_table_writes_one_row_per_method_and_a_column_per_task_count(digits_data_dir,

@@ -52,6 +52,7 @@ def test_parse_grid_products_and_names_unknown_fields():
         sweep.parse_grid(["abd.nu=1"], config)
 
 
+@pytest.mark.slow
 def test_sweep_scores_each_point_on_held_out_training_folds(digits_data_dir, tmp_path,
                                                              monkeypatch, session):
     sweep = _sweep_module()

@@ -36,6 +36,7 @@ def _alignment(model, teacher, x):
     return losses.bn_alignment_loss(pairs)
 
 
+@pytest.mark.slow
 def test_resnet32_sows_the_input_stats_of_all_31_bn_layers(session):
     model = models.CifarResNet(depth=32, num_classes=10)
     variables = models.init_variables(session, model, jax.random.PRNGKey(0), (1, 32, 32, 3),
@@ -73,6 +74,7 @@ def _synthesis_setup(session, mesh_devices, iterations=2):
     return synth, synth.init(jax.random.PRNGKey(2)), teacher
 
 
+@pytest.mark.slow
 def test_generator_step_one_and_four_devices_agree(session):
     outs = []
     for n in (1, 4):
@@ -93,6 +95,7 @@ def test_generator_step_one_and_four_devices_agree(session):
     chex.assert_trees_all_close(s1.batch_stats, s4.batch_stats, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_generator_training_lowers_its_loss_and_logs_terms(session):
     """The generator's loop through the shared driver: logs every 20 iterations."""
     synth, gen_state, teacher = _synthesis_setup(session, 1, iterations=60)
@@ -141,6 +144,7 @@ def _learner_setup(session, method_name, mesh_devices, chunk=2, **overrides):
     return step, state, (method_state, sampling.DeviceData(images, labels), task), method, model
 
 
+@pytest.mark.slow
 def test_learner_step_one_and_four_devices_agree(session):
     """ABD's fused steps (synthetic replay sampled inside the step) on one device and
     data-parallel on four; the other losses differ only in terms of the same outputs."""
@@ -171,6 +175,7 @@ def test_abd_config_switches_reach_the_learners_loss(ablation):
         assert dict(loss.kwargs)["opts"] == expected
 
 
+@pytest.mark.slow
 def test_abd_without_ft_ce_trains_and_logs_no_ft_ce(session):
     step, state, args, _, _ = _learner_setup(session, "abd", 1, chunk=1, ft_ce=False)
     _, metrics = jax.jit(step)(state, *args)
@@ -242,6 +247,7 @@ def test_feature_kd_gives_the_head_no_gradient(session):
     assert any(np.abs(np.asarray(g)).sum() > 0 for g in backbone)
 
 
+@pytest.mark.slow
 def test_bfloat16_generator_keeps_float32_parameters_images_and_teacher(session):
     """generator_dtype=bfloat16 (the default under --config.dtype=bfloat16): G computes in
     bfloat16, its parameters, Adam state and images stay float32, the teacher's forward is
@@ -289,6 +295,7 @@ def test_bad_generator_dtype_names_the_setting():
         models.create_generator(8, 3, 16, dtype="float16")
 
 
+@pytest.mark.slow
 def test_bfloat16_classifier_is_inverted_in_float32(session):
     """With --config.dtype=bfloat16 the teacher's forward during synthesis (and so the
     stat-alignment KL) still runs in float32: same terms as a float32 classifier."""

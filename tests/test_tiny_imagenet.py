@@ -76,6 +76,7 @@ def test_a_wrong_archive_is_named(tmp_path):
         datasets.download_and_prepare("tiny_imagenet", tmp_path / "tfds2", tmp_path / "none")
 
 
+@pytest.mark.slow
 def test_a_two_task_run_on_tiny_imagenet(prepared, tmp_path, session):
     root, _ = prepared
     config = tiny_config(str(root / "tfds"), dataset="tiny_imagenet", num_tasks=2,

@@ -40,6 +40,7 @@ def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1, with_teacher=
     return fn, state, frozen, images, labels, task
 
 
+@pytest.mark.slow
 def test_one_and_four_devices_agree():
     """LwF's step (the CE of every method plus a frozen teacher's forward) on one device and
     data-parallel on four (with synthetic replay: tests/test_synthesis.py)."""
@@ -58,6 +59,7 @@ def test_one_and_four_devices_agree():
                            jax.tree.leaves(_setup()[1].params)[0]), "params did not change"
 
 
+@pytest.mark.slow
 class JitEquivalenceTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -69,6 +71,7 @@ class JitEquivalenceTest(chex.TestCase):
         chex.assert_trees_all_close(new_state.params, ref_state.params, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunk_stops_at_total_steps_and_schedule_decays():
     fn, state, frozen, images, labels, task = _setup(chunk=5)  # total_steps=3
     new_state, metrics = jax.jit(fn)(state, frozen, sampling.DeviceData(images, labels), task)
@@ -109,6 +112,7 @@ def test_unknown_method_names_the_choices():
         methods.get_method(ml_collections.ConfigDict({"method": "nope"}))
 
 
+@pytest.mark.slow
 def test_skipping_by_mask_equals_skipping_by_cond():
     """Both ways of skipping the steps past `total_steps` (3) in a 5-step chunk agree."""
     _, state, frozen, images, labels, task = _setup()
