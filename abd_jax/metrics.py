@@ -5,7 +5,8 @@ after learning task i (0-based here), so only the lower triangle ``j <= i`` is m
 entries not (yet) measured are NaN in arrays and ``None`` in JSON.
 
     A_i   = mean_{j<=i} R[i][j]
-    A_N   = A at the last task
+    A_N   = A at the last task                (last accuracy)
+    A_inc = (1/N) sum_i A_i, i = 1..N        (average incremental accuracy, task 1 included)
     Omega = (1/N) sum_i A_i / A_UB_i      (A_UB: the upper bound's A)
     F_N   = mean_{j<N-1} (max_{j<=l<N-1} R[l][j] - R[N-1][j])   (Chaudhry et al. 2018)
 
@@ -57,6 +58,12 @@ def average_accuracy(R) -> np.ndarray:
 def final_accuracy(R) -> float:
     """Final accuracy ``A_N`` (last entry of :func:`average_accuracy`)."""
     return float(average_accuracy(R)[-1])
+
+
+def average_incremental_accuracy(R) -> float:
+    """``A_inc = mean_i A_i`` over every task, the first included (iCaRL's "average
+    incremental accuracy"; the exemplar-free papers' headline)."""
+    return float(np.mean(average_accuracy(R)))
 
 
 def average_forgetting(R) -> float:
@@ -153,7 +160,7 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
 
     Returns ``{"num_tasks", "num_repeats", "repeats": [...], "aggregate": {...}, "A_mean": [N]}``
     where each repeat adds ``A_global``, ``A_local``, ``final_accuracy``,
-    ``final_local_accuracy``, ``forgetting`` (F_N of the global accuracies; None with one
+    ``final_local_accuracy``, ``average_incremental_accuracy``, ``forgetting`` (F_N of the global accuracies; None with one
     task) (and ``omega``), and ``aggregate`` holds mean/std over repeats.
     """
     if not run_results:
@@ -174,6 +181,7 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
             "R_global": Rg, "R_local": Rl,
             "A_global": a_g, "A_local": a_l,
             "final_accuracy": a_g[-1], "final_local_accuracy": a_l[-1],
+            "average_incremental_accuracy": float(np.mean(a_g)),
             "forgetting": average_forgetting(Rg),
             "train_seconds_per_batch": run["train_seconds_per_batch"],
             "task_wall_seconds": list(run["task_wall_seconds"]),
@@ -197,6 +205,8 @@ def build_results(run_results: list[dict], upper_bound: dict | None = None) -> d
     aggregate = {
         "final_accuracy": summarize_repeats([r["final_accuracy"] for r in repeats]),
         "final_local_accuracy": summarize_repeats([r["final_local_accuracy"] for r in repeats]),
+        "average_incremental_accuracy": summarize_repeats(
+            [r["average_incremental_accuracy"] for r in repeats]),
         "forgetting": summarize_repeats([r["forgetting"] for r in repeats]),
         "A_global": per_task_g,
         "A_local": _summarize_per_task(A_l),

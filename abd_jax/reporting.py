@@ -42,6 +42,9 @@ def _summary_markdown(results: dict, config_dict: dict, title: str) -> str:
     lines.append(f"- repeats: {results['num_repeats']} (seeds {[r['seed'] for r in reps]}; "
                  f"mean ± population std)")
     lines += ["", f"**Final accuracy A_N: {_pm(agg['final_accuracy'])} %**", ""]
+    if "average_incremental_accuracy" in agg:
+        lines.append(f"- average incremental accuracy A_inc (the mean of A_i over every task, "
+                     f"the first included): {_pm(agg['average_incremental_accuracy'])} %")
     if "omega" in agg:
         lines.append(f"- Omega: {_pm(agg['omega'], 4)}")
     lines.append(f"- final local (task-incremental) accuracy: {_pm(agg['final_local_accuracy'])} %")

@@ -287,9 +287,10 @@ class RepeatRunner:
                 logits, self.plan.test_labels[seen], self.plan.bounds, t)):
             self.acc.record(t, j, g, l, top5)
         row = self.acc.global_acc[t, :t + 1]
-        logging.info("after task %d: accuracy per task %s, A_%d = %.2f%%", t + 1,
-                     np.round(row, 2).tolist(), t + 1, float(np.mean(row)))
-        self.log(t + 1, {"A": float(np.mean(row))}, eval=1)
+        a_inc = metrics.average_incremental_accuracy(self.acc.global_acc[:t + 1, :t + 1])
+        logging.info("after task %d: accuracy per task %s, A_%d = %.2f%%, A_inc = %.2f%%",
+                     t + 1, np.round(row, 2).tolist(), t + 1, float(np.mean(row)), a_inc)
+        self.log(t + 1, {"A": float(np.mean(row)), "A_inc": a_inc}, eval=1)
 
     def _log_time_left(self, t: int) -> None:
         """A rough estimate: the mean wall time of this repeat's tasks so far."""

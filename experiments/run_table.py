@@ -9,7 +9,8 @@
 Each cell (row, task count) runs `abd_jax.experiment.run` in `<workdir>/<row>`, or
 `<workdir>/tasks_<n>/<row>` with `--tasks`, so an interrupted table resumes cell by cell;
 `upper_bound`, when listed, runs first for each task count and provides Omega for the others.
-The table, rows = methods, columns per task count: final accuracy A_N and average forgetting
+The table, rows = methods, columns per task count: final accuracy A_N, average incremental
+accuracy A_inc (the mean of A_i over every task, the first included) and average forgetting
 F (mean +- std over repeats), Omega when there is an upper bound, and on CIFAR-100 the
 published A_N (labelled with its source); then the memory a method keeps between tasks and
 seconds per batch (of the last task count). It is printed and written to
@@ -113,13 +114,14 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
     with_published = {n for n in task_counts for r in rows if n in published.get(r, {})}
     head = ["row"]
     for n in task_counts:
-        head += [f"A_N (%), {n} tasks", f"F (%), {n} tasks"]
+        head += [f"A_N (%), {n} tasks", f"A_inc (%), {n} tasks", f"F (%), {n} tasks"]
         head += [f"Omega, {n} tasks"] if with_omega else []
         head += [f"published A_N (%), {n} tasks"] if n in with_published else []
     head += ["memory (M values)", "s / batch"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    csv = ["row,num_tasks,A_N_mean,A_N_std,F_mean,F_std,omega_mean,omega_std,"
-           "published_A_N_mean,published_A_N_std,memory_values,seconds_per_batch,repeats"]
+    csv = ["row,num_tasks,A_N_mean,A_N_std,A_inc_mean,A_inc_std,F_mean,F_std,omega_mean,"
+           "omega_std,published_A_N_mean,published_A_N_std,memory_values,seconds_per_batch,"
+           "repeats"]
     sources = set()
     for row in rows:
         line, last = [row], None
@@ -129,17 +131,19 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
                 sources.add(figure[2])
             shown = f"{figure[0]:.1f} +- {figure[1]:.1f} [{figure[2]}]" if figure else ""
             if agg is None:
-                line += ["...", "..."] + (["..."] if with_omega else [])
+                line += ["...", "...", "..."] + (["..."] if with_omega else [])
                 line += [shown] if n in with_published else []
                 continue
             last = agg
             forgetting = agg.get("forgetting") or {}
-            line += [_pm(agg["final_accuracy"]), _pm(forgetting or None)]
+            a_inc = agg.get("average_incremental_accuracy") or {}  # (results older than it)
+            line += [_pm(agg["final_accuracy"]), _pm(a_inc or None), _pm(forgetting or None)]
             line += [_pm(agg.get("omega"))] if with_omega else []
             line += [shown] if n in with_published else []
             acc, omega = agg["final_accuracy"], agg.get("omega") or {}
             csv.append(",".join("" if v is None else str(v) for v in (
-                row, n, acc["mean"], acc["std"], forgetting.get("mean"), forgetting.get("std"),
+                row, n, acc["mean"], acc["std"], a_inc.get("mean"), a_inc.get("std"),
+                forgetting.get("mean"), forgetting.get("std"),
                 omega.get("mean"), omega.get("std"), figure[0] if figure else None,
                 figure[1] if figure else None, agg.get("memory", {}).get("values"),
                 agg["train_seconds_per_batch"]["mean"], acc["n"])))

@@ -160,6 +160,12 @@ def test_interrupt_and_resume_gives_identical_results(digits_data_dir, tmp_path,
     monkeypatch.setattr(runner.RepeatRunner, "log", real)
     resumed = experiment.run(config, tmp_path / "resumed", session=session)
     assert _matrices(resumed) == _matrices(reference)
+    # the log (and TensorBoard) has A_i and the running A_inc after each task, once
+    lines = [json.loads(s) for s in (tmp_path / "resumed" / "metrics.jsonl").read_text()
+             .splitlines()]
+    evals = [(x["A"], x["A_inc"]) for x in lines if x.get("eval")]
+    a = resumed["repeats"][0]["A_global"]
+    assert evals == [pytest.approx((a[0], a[0])), pytest.approx((a[1], (a[0] + a[1]) / 2))]
 
 
 @pytest.mark.slow

@@ -107,6 +107,9 @@ def test_build_results_values():
     agg = res["aggregate"]
     assert agg["final_accuracy"] == {"mean": 60.0, "std": 0.0, "n": 2}
     assert [r["forgetting"] for r in res["repeats"]] == [50.0, 30.0]
+    # A_inc: the mean of A_i over every task, the first included
+    assert [r["average_incremental_accuracy"] for r in res["repeats"]] == [75.0, 70.0]
+    assert agg["average_incremental_accuracy"] == {"mean": 72.5, "std": 2.5, "n": 2}
     assert agg["forgetting"] == {"mean": 40.0, "std": 10.0, "n": 2}
     assert agg["A_global"]["mean"] == [85.0, 60.0]
     assert agg["A_global"]["std"] == [5.0, 0.0]
@@ -143,6 +146,7 @@ def test_write_results(tmp_path):
     assert "# ABD test" in md and "cifar100" in md
     assert "A_N: 60.00 ± 0.00" in md
     assert "forgetting F_N: 40.00 ± 10.00" in md
+    assert "A_inc (the mean of A_i over every task, the first included): 72.50 ± 2.50" in md
     assert "Omega" in md and "MiB" in md
     assert "seed 1" in md and "| 2 | 50.00 | 70.00 |" in md  # last repeat's R_global
     png = (out / "accuracy.png").read_bytes()

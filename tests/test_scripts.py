@@ -110,8 +110,9 @@ def test_run_table_writes_one_row_per_method_and_a_column_per_task_count(digits_
                 "--config.synthesis.iterations=4", f"--config.data_dir={digits_data_dir}",
                 "--tasks=2,1"])
     table = (tmp_path / "table.md").read_text()
-    assert table.startswith("| row | A_N (%), 2 tasks | F (%), 2 tasks | A_N (%), 1 tasks | "
-                            "F (%), 1 tasks | memory (M values)")
+    assert table.startswith("| row | A_N (%), 2 tasks | A_inc (%), 2 tasks | F (%), 2 tasks | "
+                            "A_N (%), 1 tasks | A_inc (%), 1 tasks | F (%), 1 tasks | "
+                            "memory (M values)")
     assert "| base |" in table and "| abd_no_ft_ce |" in table and table in out
     assert "| bic |" in table and "..." not in table and "published" not in table  # (digits)
     png = (tmp_path / "comparison.png").read_bytes()
@@ -132,6 +133,7 @@ def _run_table_module():
 
 def test_table_layout_cells_forgetting_omega_published_and_pending():
     agg = lambda a, o=None: {"final_accuracy": {"mean": a, "std": 1.0, "n": 3},
+                             "average_incremental_accuracy": {"mean": a + 5, "std": 0.5},
                              "forgetting": {"mean": 80.0 - a, "std": 2.0, "n": 3},
                              "train_seconds_per_batch": {"mean": 0.5},
                              "memory": {"values": 2e6}, **({"omega": {"mean": o, "std": 0.01}}
@@ -142,19 +144,22 @@ def test_table_layout_cells_forgetting_omega_published_and_pending():
     md, csv = module.format_table(["upper_bound", "abd", "rdfcil"], [5, 10], cells,
                                   {"abd": {5: (43.9, 0.9, "ABD")}})
     lines = md.splitlines()
-    assert lines[0] == ("| row | A_N (%), 5 tasks | F (%), 5 tasks | Omega, 5 tasks | "
-                        "published A_N (%), 5 tasks | A_N (%), 10 tasks | F (%), 10 tasks | "
-                        "Omega, 10 tasks | memory (M values) | s / batch |")
-    assert lines[2] == ("| upper_bound | 70.00 +- 1.00 | 10.00 +- 2.00 | n/a |  | "
-                        "65.00 +- 1.00 | 15.00 +- 2.00 | n/a | 2.00 | 0.5000 |")
-    assert lines[3] == ("| abd | 40.00 +- 1.00 | 40.00 +- 2.00 | 0.62 +- 0.01 | "
-                        "43.9 +- 0.9 [ABD] | ... | ... | ... | 2.00 | 0.5000 |")
-    assert lines[4] == "| rdfcil | ... | ... | ... |  | ... | ... | ... | n/a | ... |"
+    assert lines[0] == ("| row | A_N (%), 5 tasks | A_inc (%), 5 tasks | F (%), 5 tasks | "
+                        "Omega, 5 tasks | published A_N (%), 5 tasks | A_N (%), 10 tasks | "
+                        "A_inc (%), 10 tasks | F (%), 10 tasks | Omega, 10 tasks | "
+                        "memory (M values) | s / batch |")
+    assert lines[2] == ("| upper_bound | 70.00 +- 1.00 | 75.00 +- 0.50 | 10.00 +- 2.00 | n/a |  | "
+                        "65.00 +- 1.00 | 70.00 +- 0.50 | 15.00 +- 2.00 | n/a | 2.00 | 0.5000 |")
+    assert lines[3] == ("| abd | 40.00 +- 1.00 | 45.00 +- 0.50 | 40.00 +- 2.00 | 0.62 +- 0.01 | "
+                        "43.9 +- 0.9 [ABD] | ... | ... | ... | ... | 2.00 | 0.5000 |")
+    assert lines[4] == ("| rdfcil | ... | ... | ... | ... |  | ... | ... | ... | ... | n/a "
+                        "| ... |")
     assert lines[6] == f"[ABD] {module.SOURCES['ABD']}."
     assert lines[7] == module.PUBLISHED_NOTE
-    assert csv.splitlines()[1:] == ["upper_bound,5,70.0,1.0,10.0,2.0,,,,,2000000.0,0.5,3",
-                                    "upper_bound,10,65.0,1.0,15.0,2.0,,,,,2000000.0,0.5,3",
-                                    "abd,5,40.0,1.0,40.0,2.0,0.62,0.01,43.9,0.9,2000000.0,0.5,3"]
+    assert csv.splitlines()[1:] == [
+        "upper_bound,5,70.0,1.0,75.0,0.5,10.0,2.0,,,,,2000000.0,0.5,3",
+        "upper_bound,10,65.0,1.0,70.0,0.5,15.0,2.0,,,,,2000000.0,0.5,3",
+        "abd,5,40.0,1.0,45.0,0.5,40.0,2.0,0.62,0.01,43.9,0.9,2000000.0,0.5,3"]
     md, _ = module.format_table(["abd"], [5], cells)  # no published figures: no column
     assert "published" not in md and "[ABD]" not in md
     untimed = {("abd", 5): {**agg(40.0), "train_seconds_per_batch": {"mean": None}}}
