@@ -43,8 +43,9 @@ CHANGEABLE = ("lr", "synthesis.lr", "lr_decay", "lr_milestones", "momentum", "we
 
 # Result fields added after runs were made, with the value that reproduces those runs.
 ADDED = {"image_size": 0, "num_classes": 0, "synthesis.generator_dtype": "float32",
-         "first_repeat": 0, "coreset.distinct_memory": True, "e2e.balanced_bn": "eval",
-         "bic.stage2_bn": "eval", "rdfcil.head": "shared"}
+         "first_repeat": 0, "first_task_classes": 0, "coreset.distinct_memory": True,
+         "e2e.balanced_bn": "eval", "e2e.new_class_kd": "before", "bic.stage2_bn": "eval",
+         "rdfcil.head": "shared", "head": "linear"}
 
 METHOD_SECTIONS = ("abd", "lwf", "lwf_synthetic", "deepinversion", "coreset", "e2e", "bic",
                    "dgr", "rdfcil", "synthesis")
@@ -102,8 +103,9 @@ def validate(config, num_devices: int,
         data_lib.class_order(spec.num_classes, config.class_order, config.seed + repeat, repeat,
                              config.dataset)
     spec = data_lib.classes_in_use(spec, config.num_classes)
-    data_lib.task_boundaries(spec.num_classes, config.num_tasks)
-    models.create_classifier(config.model, spec.num_classes, config.dtype, config.conv_impl)
+    data_lib.task_boundaries(spec.num_classes, config.num_tasks, config.first_task_classes)
+    models.create_classifier(config.model, spec.num_classes, config.dtype, config.conv_impl,
+                             head=config.head)
     if config.input_pipeline not in input_pipeline.PIPELINES:
         raise ValueError(f"input_pipeline={config.input_pipeline!r}: use one of "
                          f"{input_pipeline.PIPELINES} (--config.input_pipeline)")
@@ -119,7 +121,11 @@ def validate(config, num_devices: int,
         raise ValueError(f"lr must be > 0, got {config.lr}; set --config.lr")
     if list(config.lr_milestones) != sorted(config.lr_milestones):
         raise ValueError(f"lr_milestones must be increasing, got {config.lr_milestones}")
-    return methods_lib.get_method(config, spec)
+    method = methods_lib.get_method(config, spec)
+    if config.head not in method.heads:
+        raise ValueError(f"--config.head={config.head}: {config.method} supports "
+                         f"{', '.join(method.heads)}")
+    return method
 
 
 def describe(config) -> str:

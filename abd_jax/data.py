@@ -260,8 +260,25 @@ def remap_labels(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
     return inverse[labels]
 
 
-def task_boundaries(num_classes: int, num_tasks: int) -> list[tuple[int, int]]:
-    """[(start, end)] label range of each of `num_tasks` equal tasks."""
+def task_boundaries(num_classes: int, num_tasks: int,
+                    first_task_classes: int = 0) -> list[tuple[int, int]]:
+    """[(start, end)] label range of each of `num_tasks` tasks: equal tasks (cold start), or,
+    with `first_task_classes` B > 0, a first task of B classes and `num_tasks - 1` equal
+    steps over the rest (warm start: the field's "B50, 5 steps" is B = 50, num_tasks = 6)."""
+    if first_task_classes:
+        steps, rest = num_tasks - 1, num_classes - first_task_classes
+        if not 0 < first_task_classes < num_classes or steps < 1 or rest % steps:
+            valid = [d + 1 for d in range(1, rest + 1) if rest % d == 0] if rest > 0 else []
+            raise ValueError(
+                f"first_task_classes={first_task_classes}, num_tasks={num_tasks}: a first "
+                f"task of {first_task_classes} of {num_classes} classes leaves "
+                f"{max(rest, 0)} to split into {steps} equal steps; valid num_tasks (the "
+                f"first task included) for it: {valid} (or first_task_classes=0 for equal "
+                "tasks)")
+        size = rest // steps
+        return [(0, first_task_classes)] + [
+            (first_task_classes + t * size, first_task_classes + (t + 1) * size)
+            for t in range(steps)]
     if num_tasks < 1 or num_classes % num_tasks:
         valid = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
         raise ValueError(f"num_tasks={num_tasks} does not split {num_classes} classes into equal "
@@ -290,13 +307,26 @@ def select_classes(images: np.ndarray, labels: np.ndarray, lo: int, hi: int,
     return images[keep], labels[keep]
 
 
+AUGMENT_POLICIES = ("abd", "pycil")
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation; a stage is off when its parameter is 0 / False."""
+    """Training augmentation; a stage is off when its parameter is 0 / False. `policy`: "abd"
+    (ABD's release: ColorJitter(brightness, contrast), flip, crop) or "pycil" (the PyCIL
+    line's CIFAR recipe: crop, flip, ColorJitter(brightness), AutoAugment's CIFAR10Policy, on
+    uint8 levels as Pillow computes them; `contrast` is not part of it and is not read)."""
     brightness: float = 63 / 255
     contrast: float = 0.8
     flip: bool = True
     crop_padding: int = 4
+    policy: str = "abd"
+
+    def __post_init__(self):
+        if self.policy not in AUGMENT_POLICIES:
+            raise ValueError(f"augment.policy={self.policy!r}: expected one of "
+                             f"{AUGMENT_POLICIES} ('abd': ABD's recipe; 'pycil': crop + flip + "
+                             "ColorJitter(brightness) + AutoAugment CIFAR10Policy)")
 
 
 def _standardize(x: jax.Array, mean, std) -> jax.Array:

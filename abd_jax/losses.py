@@ -84,52 +84,56 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature) -
 
 
 def taskwise_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, num_old,
-                     classes_per_task: int, temperature, task_weight=1.0) -> jax.Array:
-    """E2E's distillation: sum over the past tasks j (columns `[j s, (j + 1) s)` inside
-    `[0, K_old)`, s = classes per task) of task_weight * KD(s_j, t_j, T). Full-width `[B, K]`
-    logits. task_weight = s / K_old is the release's (the mean over equal tasks), 1 the E2E
-    paper's sum."""
+                     bounds: tuple, temperature, task_weights=None) -> jax.Array:
+    """E2E's distillation: sum over the past tasks j (`bounds[j] = (lo, hi)` inside
+    `[0, K_old)`) of w_j KD(s[:, lo:hi], t[:, lo:hi], T). Full-width `[B, K]` logits;
+    `task_weights` `[N]` (`e2e_task_weights`) or None (1 each)."""
     total = jnp.zeros((), jnp.float32)
-    for j in range(student_logits.shape[-1] // classes_per_task):
-        lo, hi = j * classes_per_task, (j + 1) * classes_per_task
+    for j, (lo, hi) in enumerate(bounds):
         term = kd_loss(mask_logits(student_logits, lo, hi), mask_logits(teacher_logits, lo, hi),
                        temperature)
-        total = total + jnp.where(hi <= num_old, term, 0.0)
-    return total * task_weight
+        weight = 1.0 if task_weights is None else task_weights[j]
+        total = total + jnp.where(hi <= num_old, weight * term, 0.0)
+    return total
 
 
-def e2e_task_weight(weighting: str, classes_per_task: int, num_classes) -> jax.Array:
-    """The weight of each task's KD term in E2E: s / `num_classes` ("mean", the release's:
-    K_old while training a task, K_new in the balanced stage) or 1 ("sum", the paper's)."""
+def e2e_task_weights(weighting: str, bounds: tuple, num_classes) -> jax.Array:
+    """`[N]` weights of the tasks' KD terms in E2E: |task j| / `num_classes` ("mean", the
+    release's: K_old while training a task, K_new in the balanced stage) or 1 ("sum", the
+    paper's)."""
     if weighting not in ("mean", "sum"):
         raise ValueError(f"E2E kd_weighting {weighting!r}: use 'mean' or 'sum'")
+    sizes = jnp.asarray([hi - lo for lo, hi in bounds], jnp.float32)
     if weighting == "sum":
-        return jnp.float32(1.0)
-    return classes_per_task / jnp.asarray(num_classes, jnp.float32)
+        return jnp.ones_like(sizes)
+    return sizes / jnp.asarray(num_classes, jnp.float32)
 
 
 def e2e_loss(logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, num_old,
-             num_seen, classes_per_task: int, temperature, weighting: str):
-    """E2E while learning a task: CE over `[0, K_new)` + sum_j w KD_j over the past tasks,
-    w = `e2e_task_weight(weighting, s, K_old)`. Full-width logits. Returns (loss, ce, kd)."""
+             num_seen, bounds: tuple, temperature, weighting: str):
+    """E2E while learning a task: CE over `[0, K_new)` + sum_j w_j KD_j over the past tasks,
+    w = `e2e_task_weights(weighting, bounds, K_old)`. Full-width logits. Returns (loss, ce,
+    kd)."""
     ce = valid_ce_loss(logits, labels, num_seen)
-    kd = taskwise_kd_loss(logits, teacher_logits, num_old, classes_per_task, temperature,
-                          e2e_task_weight(weighting, classes_per_task, num_old))
+    kd = taskwise_kd_loss(logits, teacher_logits, num_old, bounds, temperature,
+                          e2e_task_weights(weighting, bounds, num_old))
     return ce + kd, ce, kd
 
 
 def e2e_balanced_loss(logits: jax.Array, teacher_logits: jax.Array, new_class_targets: jax.Array,
-                      labels: jax.Array, num_old, num_seen, classes_per_task: int, temperature,
+                      labels: jax.Array, num_old, num_seen, bounds: tuple, temperature,
                       weighting: str):
-    """E2E's balanced fine-tuning: CE over `[0, K_new)` + sum_{j < t} w KD_j(teacher) + w KD
-    of the new classes' logits `[K_old, K_new)` against `new_class_targets`' columns
-    `[K_old, K_new)` (`e2e_new_class_targets`), w = `e2e_task_weight(weighting, s, K_new)`.
-    Returns (loss, ce, kd_old, kd_new)."""
-    w = e2e_task_weight(weighting, classes_per_task, num_seen)
+    """E2E's balanced fine-tuning: CE over `[0, K_new)` + sum_{j < t} w_j KD_j(teacher) +
+    w_t KD of the new classes' logits `[K_old, K_new)` against `new_class_targets`' columns
+    `[K_old, K_new)` (`e2e_new_class_targets`); "mean": w_j = |task j| / K_new, w_t =
+    (K_new - K_old) / K_new; "sum": 1. Returns (loss, ce, kd_old, kd_new)."""
     ce = valid_ce_loss(logits, labels, num_seen)
-    kd_old = taskwise_kd_loss(logits, teacher_logits, num_old, classes_per_task, temperature, w)
-    kd_new = w * kd_loss(mask_logits(logits, num_old, num_seen),
-                         mask_logits(new_class_targets, num_old, num_seen), temperature)
+    kd_old = taskwise_kd_loss(logits, teacher_logits, num_old, bounds, temperature,
+                              e2e_task_weights(weighting, bounds, num_seen))
+    new = jnp.asarray(num_seen - num_old, jnp.float32)
+    w_new = 1.0 if weighting == "sum" else new / jnp.asarray(num_seen, jnp.float32)
+    kd_new = w_new * kd_loss(mask_logits(logits, num_old, num_seen),
+                             mask_logits(new_class_targets, num_old, num_seen), temperature)
     return ce + kd_old + kd_new, ce, kd_old, kd_new
 
 
@@ -147,12 +151,14 @@ def e2e_new_class_targets(teacher_logits: jax.Array, before_logits: jax.Array, n
     raise ValueError(f"E2E new-class KD target {source!r}: use 'release' or 'before'")
 
 
-def bias_correction(logits: jax.Array, alpha: jax.Array, beta: jax.Array,
-                    classes_per_task: int, num_corrected) -> jax.Array:
-    """BiC: logit k of task j = k // s becomes alpha_j z_k + beta_j for the columns
-    `[0, num_corrected)`; the others are unchanged. logits `[B, K]`, alpha/beta `[N]`."""
+def bias_correction(logits: jax.Array, alpha: jax.Array, beta: jax.Array, bounds: tuple,
+                    num_corrected) -> jax.Array:
+    """BiC: logit k of task j (`bounds[j] = (lo, hi)` holds k) becomes alpha_j z_k + beta_j
+    for the columns `[0, num_corrected)`; the others are unchanged. logits `[B, K]`,
+    alpha/beta `[N]`."""
     cols = jnp.arange(logits.shape[-1])
-    task_of = jnp.minimum(cols // classes_per_task, alpha.shape[0] - 1)
+    starts = jnp.asarray([lo for lo, _ in bounds])
+    task_of = jnp.clip(jnp.searchsorted(starts, cols, side="right") - 1, 0, alpha.shape[0] - 1)
     corrected = alpha[task_of] * logits + beta[task_of]
     return jnp.where(cols < num_corrected, corrected, logits)
 
@@ -169,10 +175,10 @@ def bic_stage1_loss(logits: jax.Array, teacher_logits: jax.Array, labels: jax.Ar
 
 
 def bic_stage2_loss(logits: jax.Array, labels: jax.Array, alpha: jax.Array, beta: jax.Array,
-                    classes_per_task: int, num_seen) -> jax.Array:
+                    bounds: tuple, num_seen) -> jax.Array:
     """BiC's second stage: CE over `[0, K_new)` of the frozen model's logits after every task's
     correction (`bias_correction` over `[0, K_new)`); only the new task's (alpha, beta) train."""
-    return valid_ce_loss(bias_correction(logits, alpha, beta, classes_per_task, num_seen),
+    return valid_ce_loss(bias_correction(logits, alpha, beta, bounds, num_seen),
                          labels, num_seen)
 
 
@@ -267,12 +273,13 @@ def vae_loss(recon: jax.Array, images: jax.Array, mean: jax.Array, logvar: jax.A
 # ----------------------------------------------------------------------------- R-DFCIL
 
 
-def rdfcil_weights(lambda_ce, lambda_hkd, lambda_rkd, classes_per_task: int, num_old):
+def rdfcil_weights(lambda_ce, lambda_hkd, lambda_rkd, num_old, num_seen):
     """R-DFCIL's weights of (local CE, HKD, RKD) while learning a task after the first:
     (lambda_ce (1 + 1 / alpha) / beta, lambda_hkd alpha beta, lambda_rkd alpha beta),
-    alpha = log2(s / 2 + 1), beta = sqrt(K_old / s), s the classes of the task."""
-    alpha = jnp.log2(classes_per_task / 2.0 + 1.0)
-    beta = jnp.sqrt(jnp.asarray(num_old, jnp.float32) / classes_per_task)
+    alpha = log2(s / 2 + 1), beta = sqrt(K_old / s), s = K_new - K_old the task's classes."""
+    s = jnp.asarray(num_seen - num_old, jnp.float32)
+    alpha = jnp.log2(s / 2.0 + 1.0)
+    beta = jnp.sqrt(jnp.asarray(num_old, jnp.float32) / s)
     return lambda_ce * (1.0 + 1.0 / alpha) / beta, lambda_hkd * alpha * beta, \
         lambda_rkd * alpha * beta
 

@@ -1,5 +1,5 @@
-"""Flax linen models: CIFAR ResNets (6n+2, and cl-lite's variant), ImageNet ResNet-18, and
-their BatchNorm.
+"""Flax linen models: CIFAR ResNets (6n+2, and cl-lite's variant), ResNet-18 (ImageNet stem,
+and the CIFAR stem of the exemplar-free methods), their BatchNorm and heads.
 
 Every classifier maps images `[B, H, W, C]` (normalised float) to `(logits [B, num_classes],
 features [B, D])`, `features` being the penultimate (globally pooled) activations.
@@ -124,11 +124,43 @@ class BasicBlock(nn.Module):
         return nn.relu(y) if self.relu_after_add else y
 
 
-def _pool_and_classify(x, num_classes: int, head_bias: bool):
+HEADS = ("linear", "cosine")  # a classifier's `head`
+
+
+def check_head(head: str) -> None:
+    """Raise ValueError naming the choices unless `head` is one of `HEADS`."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}: use one of {', '.join(HEADS)} "
+                         "(--config.head)")
+
+
+class CosineLinear(nn.Module):
+    """Cosine classifier with a learnable scale (PyCIL's and FeCAM's `CosineLinear`, sigma on):
+    features `[B, D]` -> logits `[B, K]` = sigma * <x / |x|, w_k / |w_k|>, with |v| floored at
+    1e-12 as `F.normalize`. Params: "kernel" `[D, K]`, U(+-1/sqrt(D)) as the official init, and
+    one scalar "sigma" for the whole head, initialised to 1 (the official `SplitCosineLinear`
+    of later tasks shares it too). No bias."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", torch_default_kernel, (x.shape[-1], self.num_classes))
+        sigma = self.param("sigma", nn.initializers.ones, ())
+        unit = lambda v, axis: v * jax.lax.rsqrt(
+            jnp.maximum(jnp.sum(jnp.square(v), axis=axis, keepdims=True), 1e-24))
+        return sigma * (unit(x, -1) @ unit(kernel, 0))
+
+
+def _pool_and_classify(x, num_classes: int, head_bias: bool, head: str):
     """(logits `[B, num_classes]`, features `[B, D]`) of the last feature map `[B, H, W, D]`:
-    global average pooling, then the head "head" (Kaiming-normal kernel, PyTorch's default
-    bias unless `head_bias` is False). Called inside the network's compact `__call__`."""
+    global average pooling, then the head "head": "linear" (Dense: Kaiming-normal kernel,
+    PyTorch's default bias unless `head_bias` is False) or "cosine" (`CosineLinear`). Called
+    inside the network's compact `__call__`."""
     features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    check_head(head)
+    if head == "cosine":
+        return CosineLinear(num_classes, name="head")(features), features
     logits = nn.Dense(num_classes, use_bias=head_bias, kernel_init=kaiming_normal,
                       bias_init=torch_default_bias(features.shape[-1]), name="head")(features)
     return logits, features
@@ -140,7 +172,8 @@ class CifarResNet(nn.Module):
 
     conv_fn: the `lax.conv_general_dilated` every Conv uses (None: XLA's; see `abd_jax.conv`).
     relu_after_add, zero_residual, shortcut: every block's (`BasicBlock`); conv_init: every
-    convolution's kernel init; head_bias: whether the head has a bias.
+    convolution's kernel init; head: "linear" or "cosine" (`_pool_and_classify`); head_bias:
+    whether a linear head has a bias.
     """
 
     depth: int = 32
@@ -153,6 +186,7 @@ class CifarResNet(nn.Module):
     conv_init: Callable = kaiming_normal
     shortcut: str = "A"
     head_bias: bool = True
+    head: str = "linear"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -174,7 +208,7 @@ class CifarResNet(nn.Module):
                                zero_residual=self.zero_residual, conv_init=self.conv_init,
                                dtype=self.dtype, conv_fn=self.conv_fn,
                                name=f"stage{stage + 1}_block{block}")(x)
-        return _pool_and_classify(x, self.num_classes, self.head_bias)
+        return _pool_and_classify(x, self.num_classes, self.head_bias, self.head)
 
 
 # cl-lite's `resnet_cifar.CifarResNet` (R-DFCIL's CIFAR backbone): no ReLU after any block's
@@ -185,43 +219,71 @@ CifarResNetClLite = functools.partial(CifarResNet, relu_after_add=False, zero_re
 
 
 class ResNet18(nn.Module):
-    """ImageNet ResNet-18: 7x7/2 stem, 3x3/2 max-pool, 4 stages of 2 blocks (64..512)."""
+    """ResNet-18: a conv-BN-ReLU stem, 4 stages of 2 basic blocks (64..512 channels, stride 2
+    from stage 2, 1x1 conv + BN projections where the shape changes), 512-d features.
+
+    stem: "imagenet" (7x7/2 conv, then a 3x3/2 max-pool) or "cifar" (3x3/1 conv, no pooling:
+    `ResNet18Cifar`). conv_init: every convolution's kernel init. conv_fn, head, head_bias: as
+    `CifarResNet`'s.
+    """
 
     num_classes: int = 1000
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     dtype: Any = jnp.float32
     conv_fn: Optional[Callable] = None  # see CifarResNet
     head_bias: bool = True
+    stem: str = "imagenet"
+    conv_init: Callable = kaiming_normal
+    head: str = "linear"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.stem not in ("imagenet", "cifar"):
+            raise ValueError(f"ResNet18 stem {self.stem!r}: use 'imagenet' or 'cifar'")
+        imagenet = self.stem == "imagenet"
         norm = lambda name, **kw: BatchNorm(use_running_average=not train, dtype=self.dtype,
                                             name=name, **kw)
-        x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=kaiming_normal,
-                    dtype=self.dtype, conv_general_dilated=self.conv_fn,
-                    name="stem_conv")(x.astype(self.dtype))
+        size, stride = (7, 2) if imagenet else (3, 1)
+        x = nn.Conv(64, (size, size), (stride, stride), padding=size // 2, use_bias=False,
+                    kernel_init=self.conv_init, dtype=self.dtype,
+                    conv_general_dilated=self.conv_fn, name="stem_conv")(x.astype(self.dtype))
         x = nn.relu(norm("stem_bn")(x))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        if imagenet:
+            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(64 * 2**stage, strides, norm=norm, shortcut="B", dtype=self.dtype,
-                               conv_fn=self.conv_fn, name=f"stage{stage + 1}_block{block}")(x)
-        return _pool_and_classify(x, self.num_classes, self.head_bias)
+                x = BasicBlock(64 * 2**stage, strides, norm=norm, shortcut="B",
+                               conv_init=self.conv_init, dtype=self.dtype, conv_fn=self.conv_fn,
+                               name=f"stage{stage + 1}_block{block}")(x)
+        return _pool_and_classify(x, self.num_classes, self.head_bias, self.head)
+
+
+# The CIFAR ResNet-18 of the exemplar-free methods (PyCIL's `convs/resnet.py` `resnet18` for a
+# "cifar" dataset, copied unchanged by FeCAM and ADC): 3x3/1 stem without max-pool, every
+# convolution Kaiming-normal in fan-out mode, every BN at gamma 1, beta 0 (no zero-init of
+# the last BN: `zero_init_residual` stays False), PyTorch's BN defaults.
+ResNet18Cifar = functools.partial(ResNet18, stem="cifar", conv_init=kaiming_normal_fan_out)
 
 
 def create_classifier(name: str, num_classes: int, dtype: str = "float32",
-                      conv_impl: str = "auto", head_bias: bool = True) -> nn.Module:
-    """`name`: "resnet18" (ImageNet), "resnet<6n+2>" (CIFAR family, e.g. resnet32) or
-    "resnet<6n+2>_cl_lite" (`CifarResNetClLite`, e.g. resnet32_cl_lite: R-DFCIL's).
+                      conv_impl: str = "auto", head_bias: bool = True,
+                      head: str = "linear") -> nn.Module:
+    """`name`: "resnet18" (ImageNet), "resnet18_cifar" (`ResNet18Cifar`: FeCAM's, ADC's),
+    "resnet<6n+2>" (CIFAR family, e.g. resnet32) or "resnet<6n+2>_cl_lite"
+    (`CifarResNetClLite`, e.g. resnet32_cl_lite: R-DFCIL's).
 
     conv_impl: "xla", "im2col" or "auto" (im2col on CPU), see `abd_jax.conv.conv_for_backend`.
-    head_bias: whether the head has a bias.
+    head: "linear" (Dense) or "cosine" (`CosineLinear`); head_bias: whether a linear head has
+    a bias (a cosine head has none).
     """
+    check_head(head)
     kwargs = dict(num_classes=num_classes, dtype=jnp.dtype(dtype),
-                  conv_fn=conv_lib.conv_for_backend(conv_impl), head_bias=head_bias)
+                  conv_fn=conv_lib.conv_for_backend(conv_impl), head_bias=head_bias, head=head)
     if name == "resnet18":
         return ResNet18(**kwargs)
+    if name == "resnet18_cifar":
+        return ResNet18Cifar(**kwargs)
     cifar = re.fullmatch(r"resnet(\d+)(_cl_lite)?", name)
     if cifar:
         depth = int(cifar.group(1))
@@ -229,9 +291,10 @@ def create_classifier(name: str, num_classes: int, dtype: str = "float32",
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, ...), "
                              f"got {name!r}")
         return (CifarResNetClLite if cifar.group(2) else CifarResNet)(depth=depth, **kwargs)
-    raise ValueError(f"unknown model {name!r}: use 'resnet18' (ImageNet), 'resnet<6n+2>' "
-                     "(CIFAR: resnet8, resnet14, resnet20, resnet32, resnet44, resnet56) or "
-                     "'resnet<6n+2>_cl_lite' (cl-lite's CIFAR ResNet, e.g. resnet32_cl_lite)")
+    raise ValueError(f"unknown model {name!r}: use 'resnet18' (ImageNet), 'resnet18_cifar' "
+                     "(ResNet-18 with a CIFAR stem), 'resnet<6n+2>' (CIFAR: resnet8, resnet14, "
+                     "resnet20, resnet32, resnet44, resnet56) or 'resnet<6n+2>_cl_lite' "
+                     "(cl-lite's CIFAR ResNet, e.g. resnet32_cl_lite)")
 
 
 class Generator(nn.Module):

@@ -90,7 +90,8 @@ class RunPlan:
         used = config.num_classes or num_dataset_classes
         init_key, run_key, method_key = rng.split(rng.key(seed), 3)
         return cls(repeat=repeat, seed=seed, order=order,
-                   bounds=tuple(data_lib.task_boundaries(used, config.num_tasks)),
+                   bounds=tuple(data_lib.task_boundaries(
+                       used, config.num_tasks, config.get("first_task_classes", 0))),
                    train_labels=data_lib.remap_labels(np.asarray(train_labels), order),
                    test_labels=data_lib.remap_labels(np.asarray(test_labels), order),
                    train_per_class=config.train_per_class, batch_size=config.batch_size,

@@ -22,7 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment = ml_collections.ConfigDict(
         dict(brightness=63 / 255, contrast=0.8, flip=True, crop_padding=4))
     # Protocol.
-    c.num_tasks = 10           # 5 / 10 / 20 tasks of 20 / 10 / 5 classes
+    c.num_tasks = 10           # 5 / 10 / 20 tasks of 20 / 10 / 5 classes (the first included)
+    c.first_task_classes = 0   # 0: equal tasks (cold start); B > 0: a first task of B classes,
+    #                            then num_tasks - 1 equal steps (warm start: the field's
+    #                            "B50, 5 steps" is first_task_classes=50, num_tasks=6)
     c.class_order = "release"  # the release's order for repeat r: Python's random.shuffle with
     #                            seed + r (ImageNet: numpy's seed 1993, every repeat); "1993"
     #                            (iCaRL / PODNet / PyCIL), "shuffle" (numpy's, by seed),
@@ -37,7 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     #                            dgr | rdfcil
     c.upper_bound_results = ""  # results.json of an upper_bound run, for Omega
     # Model.
-    c.model = "resnet32"       # resnet<6n+2>, resnet<6n+2>_cl_lite (R-DFCIL's), resnet18
+    c.model = "resnet32"       # resnet<6n+2>, resnet<6n+2>_cl_lite (R-DFCIL's), resnet18,
+    #                            resnet18_cifar (the exemplar-free papers': 3x3 stem, no pool)
+    c.head = "linear"          # the classifier's head: "linear" (Dense) or "cosine" (sigma times
+    #                            the cosine of features and class weights, a learnable sigma)
     c.dtype = "float32"        # compute dtype ("bfloat16" on GPU/TPU for speed)
     c.conv_impl = "auto"       # "xla", "im2col" (kernel gradient as matrix products), or
     #                            "auto": im2col on CPU (~17% faster steps there), xla elsewhere

@@ -103,25 +103,35 @@ def _pm(stat) -> str:
         f"{stat['mean']:.2f} +- {stat['std']:.2f}"
 
 
+def tasks_label(num_tasks: int, first_task_classes: int = 0) -> str:
+    """"10 tasks", or under warm start "6 tasks (B50 + 5)": a first task of B classes and the
+    steps after it, as the exemplar-free papers name their protocols."""
+    if not first_task_classes:
+        return f"{num_tasks} tasks"
+    return f"{num_tasks} tasks (B{first_task_classes} + {num_tasks - 1})"
+
+
 def format_table(rows: list[str], task_counts: list[int], cells: dict,
-                 published: dict | None = None) -> tuple[str, str]:
+                 published: dict | None = None, first_task_classes: int = 0) -> tuple[str, str]:
     """(Markdown, CSV) of `cells[(row, num_tasks)]` = a results.json `aggregate`; a missing
     cell (still to run) shows as `...`. Omega columns appear when any cell has Omega,
     published columns when `published` ({row: {num_tasks: (mean, std, source)}}) has a
-    figure for a listed row and task count, with the sources below the table."""
+    figure for a listed row and task count, with the sources below the table. Columns are
+    labelled both ways under warm start (`tasks_label`)."""
     published = published or {}
     with_omega = any(c.get("omega") for c in cells.values())
     with_published = {n for n in task_counts for r in rows if n in published.get(r, {})}
     head = ["row"]
     for n in task_counts:
-        head += [f"A_N (%), {n} tasks", f"A_inc (%), {n} tasks", f"F (%), {n} tasks"]
-        head += [f"Omega, {n} tasks"] if with_omega else []
-        head += [f"published A_N (%), {n} tasks"] if n in with_published else []
+        label = tasks_label(n, first_task_classes)
+        head += [f"A_N (%), {label}", f"A_inc (%), {label}", f"F (%), {label}"]
+        head += [f"Omega, {label}"] if with_omega else []
+        head += [f"published A_N (%), {label}"] if n in with_published else []
     head += ["memory (M values)", "s / batch"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    csv = ["row,num_tasks,A_N_mean,A_N_std,A_inc_mean,A_inc_std,F_mean,F_std,omega_mean,"
-           "omega_std,published_A_N_mean,published_A_N_std,memory_values,seconds_per_batch,"
-           "repeats"]
+    csv = ["row,num_tasks,first_task_classes,A_N_mean,A_N_std,A_inc_mean,A_inc_std,F_mean,"
+           "F_std,omega_mean,omega_std,published_A_N_mean,published_A_N_std,memory_values,"
+           "seconds_per_batch,repeats"]
     sources = set()
     for row in rows:
         line, last = [row], None
@@ -142,7 +152,8 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
             line += [shown] if n in with_published else []
             acc, omega = agg["final_accuracy"], agg.get("omega") or {}
             csv.append(",".join("" if v is None else str(v) for v in (
-                row, n, acc["mean"], acc["std"], a_inc.get("mean"), a_inc.get("std"),
+                row, n, first_task_classes, acc["mean"], acc["std"], a_inc.get("mean"),
+                a_inc.get("std"),
                 forgetting.get("mean"), forgetting.get("std"),
                 omega.get("mean"), omega.get("std"), figure[0] if figure else None,
                 figure[1] if figure else None, agg.get("memory", {}).get("values"),
@@ -161,7 +172,8 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
 
 def comparison_panels(rows: list[str], task_counts: list[int], cells: dict) -> dict:
     """{"<n> tasks": {row: (mean A_i, std A_i)}} of the cells done, for the comparison plot."""
-    return {f"{n} tasks": {row: (cells[(row, n)]["A_global"]["mean"],
+    first = FLAGS.config.first_task_classes
+    return {tasks_label(n, first): {row: (cells[(row, n)]["A_global"]["mean"],
                                  cells[(row, n)]["A_global"]["std"])
                            for row in rows if (row, n) in cells}
             for n in task_counts}
@@ -221,7 +233,10 @@ def cell_runs(rows: list[str], task_counts: list[int], workdir: pathlib.Path) ->
 def write_table(workdir: pathlib.Path, rows: list[str], task_counts: list[int],
                 cells: dict) -> str:
     """table.md, table.csv and comparison.png of the cells done; returns the Markdown."""
-    table, csv = format_table(rows, task_counts, cells, PUBLISHED.get(FLAGS.config.dataset))
+    first = FLAGS.config.first_task_classes
+    # the published figures are ABD's, under its equal-task protocol
+    published = None if first else PUBLISHED.get(FLAGS.config.dataset)
+    table, csv = format_table(rows, task_counts, cells, published, first)
     workdir.mkdir(parents=True, exist_ok=True)
     files.write_file(workdir / "table.md", table)
     files.write_file(workdir / "table.csv", csv)

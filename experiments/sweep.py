@@ -93,11 +93,12 @@ def sweep(config, workdir: pathlib.Path, points: list[dict], folds: int,
     data_dir = str(data_lib.expand_path(config.data_dir)) if config.data_dir else None
     images, labels = data_lib.load_split(spec, "train", data_dir, config.download)
     tasks = config.num_tasks // 2
-    per_task = spec.num_classes // config.num_tasks
+    used = data_lib.task_boundaries(spec.num_classes, config.num_tasks,
+                                    config.first_task_classes)[tasks - 1][1]
     order = data_lib.class_order(spec.num_classes, config.class_order, config.seed,
                                  dataset=config.dataset)
-    splits = cv_splits(spec, images, labels, order[:tasks * per_task], folds, config.seed)
-    report = {"folds": folds, "tasks": tasks, "classes": [int(c) for c in order[:tasks * per_task]],
+    splits = cv_splits(spec, images, labels, order[:used], folds, config.seed)
+    report = {"folds": folds, "tasks": tasks, "classes": [int(c) for c in order[:used]],
               "points": []}
     for point in points:
         fold_config = experiment.config_with(config, {**point, "num_tasks": tasks,

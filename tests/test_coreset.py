@@ -326,19 +326,36 @@ def test_balancing_stages_move_the_backbone_statistics_as_the_release(method, se
 def test_taskwise_kd_sums_one_weighted_kd_per_past_task():
     s = jax.random.normal(jax.random.PRNGKey(0), (4, 9))
     t = jax.random.normal(jax.random.PRNGKey(1), (4, 9))
+    bounds = ((0, 3), (3, 6), (6, 9))
     want = sum(losses.kd_loss(s[:, j:j + 3], t[:, j:j + 3], 2.0) for j in (0, 3))
-    np.testing.assert_allclose(losses.taskwise_kd_loss(s, t, 6, 3, 2.0), want, rtol=1e-5)
-    np.testing.assert_allclose(losses.taskwise_kd_loss(s, t, 6, 3, 2.0, 0.5), want / 2,
-                               rtol=1e-5)
+    np.testing.assert_allclose(losses.taskwise_kd_loss(s, t, 6, bounds, 2.0), want, rtol=1e-5)
+    weights = losses.e2e_task_weights("mean", bounds, 6)  # |task| / K_old, the release's
+    np.testing.assert_allclose(weights, [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(losses.taskwise_kd_loss(s, t, 6, bounds, 2.0, weights),
+                               want / 2, rtol=1e-5)
+    # warm start: a first task of 5 classes, then steps of 2; each task weighs its share
+    warm = ((0, 5), (5, 7), (7, 9))
+    kd = [losses.kd_loss(s[:, lo:hi], t[:, lo:hi], 2.0) for lo, hi in warm[:2]]
+    np.testing.assert_allclose(losses.e2e_task_weights("mean", warm, 7), [5 / 7, 2 / 7, 2 / 7])
+    np.testing.assert_allclose(
+        losses.taskwise_kd_loss(s, t, 7, warm, 2.0, losses.e2e_task_weights("mean", warm, 7)),
+        5 / 7 * kd[0] + 2 / 7 * kd[1], rtol=1e-5)
+    np.testing.assert_allclose(losses.e2e_task_weights("sum", warm, 7), [1, 1, 1])
 
 
 def test_bias_correction_touches_only_the_corrected_tasks_logits():
     z = jax.random.normal(jax.random.PRNGKey(0), (3, 8))
     alpha, beta = jnp.array([2.0, 0.5, 3.0, 4.0]), jnp.array([1.0, -1.0, 5.0, 6.0])
-    out = losses.bias_correction(z, alpha, beta, 2, 4)  # tasks 0 and 1 corrected
+    bounds = ((0, 2), (2, 4), (4, 6), (6, 8))
+    out = losses.bias_correction(z, alpha, beta, bounds, 4)  # tasks 0 and 1 corrected
     np.testing.assert_allclose(out[:, :2], 2.0 * z[:, :2] + 1.0, rtol=1e-6)
     np.testing.assert_allclose(out[:, 2:4], 0.5 * z[:, 2:4] - 1.0, rtol=1e-6)
     np.testing.assert_array_equal(out[:, 4:], z[:, 4:])
+    # warm start: task 0 owns columns 0-4, task 1 columns 5-6, task 2 column 7
+    warm = losses.bias_correction(z, alpha, beta, ((0, 5), (5, 7), (7, 8)), 8)
+    np.testing.assert_allclose(warm[:, :5], 2.0 * z[:, :5] + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(warm[:, 5:7], 0.5 * z[:, 5:7] - 1.0, rtol=1e-6)
+    np.testing.assert_allclose(warm[:, 7:], 3.0 * z[:, 7:] + 5.0, rtol=1e-6)
 
 
 def test_bic_holds_out_the_first_exemplars_and_images_of_each_class(session):

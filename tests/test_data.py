@@ -21,6 +21,16 @@ def test_task_boundaries():
         data.task_boundaries(10, 3)
     with pytest.raises(ValueError, match="valid task counts"):
         data.task_boundaries(10, 0)
+    # warm start: "B50, 5 steps" is first_task_classes=50, num_tasks=6
+    assert data.task_boundaries(100, 6, 50) == [(0, 50), (50, 60), (60, 70), (70, 80),
+                                                 (80, 90), (90, 100)]
+    assert data.task_boundaries(100, 21, 40)[:3] == [(0, 40), (40, 43), (43, 46)]
+    assert data.task_boundaries(200, 11, 100)[-1] == (190, 200)
+    with pytest.raises(ValueError, match=r"valid num_tasks .*: \[2, 3, 6, 11, 26, 51\]"):
+        data.task_boundaries(100, 5, 50)  # 50 classes do not split into 4 steps
+    for bad in ((100, 1, 50), (100, 6, 100), (100, 6, -5)):
+        with pytest.raises(ValueError, match="first_task_classes"):
+            data.task_boundaries(*bad)
 
 
 def test_class_order_shuffle_and_identity():

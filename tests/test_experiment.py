@@ -224,6 +224,9 @@ def test_nan_loss_stops_with_the_step(digits_data_dir, tmp_path, session):
     ({"model": "resnet7"}, "6n\\+2"),
     ({"batch_size": 30, "num_devices": 0}, "divisible by the 4 devices"),
     ({"class_order": "1,2"}, "permutation"),
+    ({"first_task_classes": 3, "num_tasks": 5}, r"valid num_tasks .*: \[2, 8\]"),
+    ({"head": "arc"}, "unknown head 'arc': use one of linear, cosine"),
+    ({"head": "cosine", "method": "abd"}, "--config.head=cosine: abd supports linear"),
 ])
 def test_bad_configs_name_the_fix(digits_data_dir, tmp_path, overrides, message, session):
     with pytest.raises(ValueError, match=message):
@@ -253,6 +256,26 @@ def test_task_accuracies_global_local_and_top5_by_hand():
     bounds7 = [(0, 7)]
     z = np.array([[6, 5, 4, 3, 2, 1, 0], [6, 5, 4, 3, 2, 1, 0]], np.float32)
     assert evaluation.task_accuracies(z, np.array([4, 5]), bounds7, 0)[0][2] == 50.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["e2e", "bic", "rdfcil"])
+def test_a_warm_start_run_has_a_large_first_task_then_equal_steps(digits_data_dir, tmp_path,
+                                                                  method, session):
+    """first_task_classes=4, num_tasks=4 on digits: tasks of 4, 2, 2, 2 classes; the methods
+    that treat tasks one by one (E2E's per-task KD, BiC's per-task corrections, R-DFCIL's
+    task weights) run on unequal tasks, and every task's test images are scored."""
+    config = tiny_config(digits_data_dir, method=method, num_tasks=4, first_task_classes=4,
+                         epochs=1, **{"bic": {**tiny_config(digits_data_dir).bic.to_dict(),
+                                              "val_fraction": 0.6}})
+    results = experiment.run(config, tmp_path, session=session)
+    rep = results["repeats"][0]
+    R = np.array(rep["R_global"], dtype=float)
+    assert R.shape == (4, 4) and np.isfinite(np.tril(R)).all()
+    assert rep["average_incremental_accuracy"] == pytest.approx(np.mean(rep["A_global"]))
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = {x["task"] for x in lines if "loss" in x and "phase" not in x}
+    assert trained == {1, 2, 3, 4}
 
 
 @pytest.mark.slow

@@ -185,3 +185,148 @@ def test_generator_and_head_are_initialised_as_pytorch_layers(session):
                                  jax.random.PRNGKey(1), (1, 32, 32, 3))["params"]["head"]
     assert np.abs(np.asarray(head["bias"])).max() <= 1 / 8 and np.asarray(head["bias"]).std() > 0
     np.testing.assert_allclose(np.asarray(head["kernel"]).std(), np.sqrt(2 / 64), rtol=0.1)
+
+
+def test_resnet18_cifar_has_the_official_parameter_count():
+    """PyCIL's `resnet18` for CIFAR (FeCAM's, ADC's `convs/resnet.py`), by hand: stem
+    9*3*64 + 2*64 = 1,856; stage 1: 2 x (2 * 9*64*64 + 2 * 2*64) = 147,968; stage 2:
+    (9*64*128 + 9*128*128 + 64*128 + 3 * 2*128) + (2 * 9*128*128 + 2 * 2*128) = 525,568;
+    stage 3: (9*128*256 + 9*256*256 + 128*256 + 3 * 2*256) + (2 * 9*256*256 + 2 * 2*256)
+    = 2,099,712; stage 4: (9*256*512 + 9*512*512 + 256*512 + 3 * 2*512)
+    + (2 * 9*512*512 + 2 * 2*512) = 8,393,728. That is 11,168,832, the official backbone's
+    count (torchvision's 11,176,512 less the 7x7 stem's 7,680 extra weights; BN running
+    statistics are buffers there, batch_stats here). Heads: Linear 512*100 + 100, the official
+    `CosineLinear` 512*100 + 1 (one sigma)."""
+    backbone = 1_856 + 147_968 + 525_568 + 2_099_712 + 8_393_728
+    assert backbone == 11_168_832
+    shape = (1, 32, 32, 3)
+    assert _num_params(models.create_classifier("resnet18_cifar", 100), shape) == (
+        backbone + 512 * 100 + 100)
+    assert _num_params(models.create_classifier("resnet18_cifar", 100, head="cosine"),
+                       shape) == backbone + 512 * 100 + 1
+
+
+def _block_outputs(name: str, shape: tuple) -> dict:
+    """Output shapes of the stem conv and every block of `name` on inputs `shape`, with the
+    (logits, features) shapes under "out"."""
+    model = models.create_classifier(name, 100)
+    x = jnp.zeros(shape)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    out, state = jax.eval_shape(lambda v, x: model.apply(v, x, capture_intermediates=True,
+                                                         mutable=["intermediates"]), variables, x)
+    shapes = {k: v["__call__"][0].shape for k, v in state["intermediates"].items()
+              if k != "__call__" and "__call__" in v}
+    return {**shapes, "out": tuple(o.shape for o in out)}
+
+
+def test_resnet18_cifar_stem_keeps_the_resolution():
+    """A 3x3 stride-1 stem and no max-pool: an 8x8 input is 8x8 into stage 1 (the ImageNet
+    stem's 7x7/2 conv and 3x3/2 max-pool make it 2x2); 32x32 CIFAR images end at 4x4 x 512."""
+    cifar = _block_outputs("resnet18_cifar", (2, 8, 8, 3))
+    assert cifar["stem_conv"] == cifar["stage1_block1"] == (2, 8, 8, 64)
+    assert _block_outputs("resnet18", (2, 8, 8, 3))["stage1_block1"] == (2, 2, 2, 64)
+    shapes = _block_outputs("resnet18_cifar", (2, 32, 32, 3))
+    assert [shapes[f"stage{s}_block1"] for s in (1, 2, 3, 4)] == [
+        (2, 32, 32, 64), (2, 16, 16, 128), (2, 8, 8, 256), (2, 4, 4, 512)]
+    assert shapes["out"] == ((2, 100), (2, 512))
+
+
+@pytest.mark.slow
+def test_resnet18_cifar_and_cosine_head_initialisation(session):
+    """As the official code: every convolution Kaiming-normal in fan-out mode,
+    N(0, 2 / (k*k*C_out)), projections included; every BN at gamma 1, beta 0 (the last BN
+    of a block too); the cosine head's kernel U(+-1/sqrt(512)) and sigma 1."""
+    model = models.create_classifier("resnet18_cifar", 100, head="cosine")
+    params = models.init_variables(session, model, jax.random.PRNGKey(0), (1, 8, 8, 3),
+                                   train=False)["params"]
+    block = params["stage4_block0"]
+    for kernel, fan_out in ((params["stem_conv"]["kernel"], 9 * 64),
+                            (block["conv1"]["kernel"], 9 * 512),
+                            (block["proj_conv"]["kernel"], 512)):
+        np.testing.assert_allclose(np.asarray(kernel).std(), np.sqrt(2 / fan_out), rtol=0.05)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        if "bn" in name:
+            np.testing.assert_array_equal(leaf, 1.0 if "scale" in name else 0.0, err_msg=name)
+    kernel, bound = np.asarray(params["head"]["kernel"]), 1 / np.sqrt(512)
+    assert np.abs(kernel).max() <= bound
+    np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.05)
+    assert params["head"]["sigma"] == 1.0
+
+
+def _cosine_numpy(features, kernel, sigma):
+    """sigma * <x / max(|x|, 1e-12), w_k / max(|w_k|, 1e-12)> in float64 (`F.normalize`)."""
+    unit = lambda v, axis: v / np.maximum(np.linalg.norm(v, axis=axis, keepdims=True), 1e-12)
+    features, kernel = np.asarray(features, np.float64), np.asarray(kernel, np.float64)
+    return sigma * unit(features, -1) @ unit(kernel, 0)
+
+
+def test_cosine_head_logits_match_numpy():
+    """resnet8 with the cosine head on fixed head weights (one all-zero class column, scale
+    2.5): logits = sigma * cos(features, w_k), the zero column's logit 0."""
+    model = models.create_classifier("resnet8", 5, head="cosine")
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    assert set(variables["params"]["head"]) == {"kernel", "sigma"}
+    kernel = np.random.default_rng(1).normal(size=(64, 5)).astype(np.float32)
+    kernel[:, 4] = 0.0
+    params = {**variables["params"], "head": {"kernel": kernel, "sigma": np.float32(2.5)}}
+    logits, features = jax.jit(model.apply)({**variables, "params": params}, x)
+    want = _cosine_numpy(features, kernel, 2.5)
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(logits)[:, 4], 0.0)
+
+
+def test_cosine_head_scale_gets_a_gradient():
+    """d/dsigma sum(r * logits) = sum(r * cos) and the kernel's gradient are finite and
+    non-zero, an all-zero feature row included (its logits 0, no NaN)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    x[3] = 0.0
+    kernel = rng.normal(size=(6, 3)).astype(np.float32)
+    r = rng.normal(size=(4, 3)).astype(np.float32)
+    head = models.CosineLinear(3)
+    loss = lambda p: jnp.sum(r * head.apply({"params": p}, x))
+    grads = jax.grad(loss)({"kernel": kernel, "sigma": jnp.float32(1.5)})
+    np.testing.assert_allclose(grads["sigma"], np.sum(r * _cosine_numpy(x, kernel, 1.0)),
+                               rtol=1e-5)
+    assert np.all(np.isfinite(grads["kernel"])) and np.abs(grads["kernel"]).max() > 0
+
+
+def test_unknown_head_names_the_choices():
+    with pytest.raises(ValueError, match="unknown head 'arcface': use one of linear, cosine"):
+        models.create_classifier("resnet32", 10, head="arcface")
+
+
+def test_method_classifier_reads_the_run_wide_head():
+    """`Method.classifier` builds `--config.head` ("linear" when the config has none)."""
+    import ml_collections
+
+    from abd_jax.methods.lifecycle import Method
+
+    config = ml_collections.ConfigDict(dict(model="resnet8", dtype="float32", conv_impl="xla"))
+    assert Method(config, None).classifier(10).head == "linear"
+    config.head = "cosine"
+    assert Method(config, None).classifier(10) == models.create_classifier(
+        "resnet8", 10, conv_impl="xla", head="cosine")
+
+
+@pytest.mark.parametrize("name,shape", [("resnet8", (2, 8, 8, 3)),
+                                        ("resnet8_cl_lite", (2, 8, 8, 3)),
+                                        ("resnet18", (1, 32, 32, 3))])
+def test_existing_models_build_unchanged_with_the_default_head(name, shape):
+    """The default head is today's Dense "head" (kernel and bias): the default build equals
+    head="linear" field by field, and the CIFAR nets' variables and outputs bit by bit
+    (the ImageNet ResNet-18 by shapes; its count is checked above)."""
+    default = models.create_classifier(name, 10)
+    linear = models.create_classifier(name, 10, head="linear")
+    assert default == linear
+    variables = jax.eval_shape(default.init, jax.random.PRNGKey(0), jnp.zeros(shape))
+    assert {k: v.shape for k, v in variables["params"]["head"].items()} == {
+        "kernel": (512 if name == "resnet18" else 64, 10), "bias": (10,)}
+    if name != "resnet18":
+        x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        run = lambda m: jax.jit(lambda x: (lambda v: (v, m.apply(v, x)))(
+            m.init(jax.random.PRNGKey(0), x)))(x)
+        for a, b in zip(jax.tree.leaves(run(default)), jax.tree.leaves(run(linear))):
+            np.testing.assert_array_equal(a, b)

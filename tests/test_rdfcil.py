@@ -54,11 +54,17 @@ def _angles(x):
 
 # ----------------------------------------------------------------------- the loss functions
 def test_rdfcil_weights_hand_values():
-    """s = 3, K_old = 6: alpha = log2(2.5) = 1.3219, beta = sqrt(2) = 1.4142."""
-    w_ce, w_hkd, w_rkd = losses.rdfcil_weights(0.5, 0.15, 0.5, S, jnp.int32(K_OLD))
+    """s = 3, K_old = 6: alpha = log2(2.5) = 1.3219, beta = sqrt(2) = 1.4142. s is the task's
+    own class count: after a warm-start first task of 6, a step of 2 has s = 2: alpha = 1,
+    beta = sqrt(3)."""
+    w_ce, w_hkd, w_rkd = losses.rdfcil_weights(0.5, 0.15, 0.5, jnp.int32(K_OLD),
+                                               jnp.int32(K_OLD + S))
     _check(w_ce, 0.5 * (1 + 1 / 1.3219280948873624) / 1.4142135623730951)
     _check(w_hkd, 0.15 * 1.3219280948873624 * 1.4142135623730951)
     _check(w_rkd, 0.5 * 1.3219280948873624 * 1.4142135623730951)
+    w_ce, w_hkd, _ = losses.rdfcil_weights(0.5, 0.15, 0.5, jnp.int32(6), jnp.int32(8))
+    _check(w_ce, 0.5 * 2 / 3 ** 0.5)
+    _check(w_hkd, 0.15 * 3 ** 0.5)
 
 
 def test_logit_l1_hand_value_and_masks():
@@ -253,9 +259,9 @@ def runs(setup):
             labels=rep.labels, tz=rep.teacher_logits, tf=rep.teacher_features, z_real=z_real,
             f_real=f_real, z_syn=z_syn, bs_chained=bs_chained,
             bs_syn_only=ctx.forward(rep.images[B:])[2], f_backbone=f_backbone,
-            main=rdfcil.rdfcil_loss(ctx, s["gen"], Z_DIM, OPTS, S),
+            main=rdfcil.rdfcil_loss(ctx, s["gen"], Z_DIM, OPTS),
             finetune=rdfcil.finetune_loss(_ctx(s, inputs, params=_head(s)), s["gen"], Z_DIM,
-                                          OPTS, S))
+                                          OPTS))
 
     out = run()
     chex.assert_tree_all_finite(out)
@@ -304,7 +310,7 @@ def test_main_loss_chains_both_forwards_statistics_and_counts_every_label(runs, 
 def test_main_loss_gradients_reach_both_projections(setup):
     s = setup
     grads = jax.jit(jax.grad(lambda p: rdfcil.rdfcil_loss(
-        _ctx(s, s["state"], params=p), s["gen"], Z_DIM, OPTS, S)[0]))(s["params"])
+        _ctx(s, s["state"], params=p), s["gen"], Z_DIM, OPTS)[0]))(s["params"])
     for side in ("student", "teacher"):
         assert np.abs(np.asarray(grads[rdfcil.PROJECTION][side]["kernel"])).sum() > 0
     # the local CE and the HKD leave the head's unseen columns alone

@@ -157,9 +157,13 @@ def test_table_layout_cells_forgetting_omega_published_and_pending():
     assert lines[6] == f"[ABD] {module.SOURCES['ABD']}."
     assert lines[7] == module.PUBLISHED_NOTE
     assert csv.splitlines()[1:] == [
-        "upper_bound,5,70.0,1.0,75.0,0.5,10.0,2.0,,,,,2000000.0,0.5,3",
-        "upper_bound,10,65.0,1.0,70.0,0.5,15.0,2.0,,,,,2000000.0,0.5,3",
-        "abd,5,40.0,1.0,45.0,0.5,40.0,2.0,0.62,0.01,43.9,0.9,2000000.0,0.5,3"]
+        "upper_bound,5,0,70.0,1.0,75.0,0.5,10.0,2.0,,,,,2000000.0,0.5,3",
+        "upper_bound,10,0,65.0,1.0,70.0,0.5,15.0,2.0,,,,,2000000.0,0.5,3",
+        "abd,5,0,40.0,1.0,45.0,0.5,40.0,2.0,0.62,0.01,43.9,0.9,2000000.0,0.5,3"]
+    # warm start: both names of the protocol in the header, B in the CSV
+    md, csv = module.format_table(["abd"], [6], {("abd", 6): agg(40.0)}, None, 50)
+    assert md.splitlines()[0].startswith("| row | A_N (%), 6 tasks (B50 + 5) | A_inc (%), 6 ")
+    assert csv.splitlines()[1].startswith("abd,6,50,40.0,")
     md, _ = module.format_table(["abd"], [5], cells)  # no published figures: no column
     assert "published" not in md and "[ABD]" not in md
     untimed = {("abd", 5): {**agg(40.0), "train_seconds_per_batch": {"mean": None}}}

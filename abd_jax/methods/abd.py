@@ -78,6 +78,7 @@ def abd_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOption
 class ABD(SyntheticReplay):
     name = "abd"
     sections = ("abd", "synthesis")
+    heads = ("linear",)  # FT-CE and the feature KD read the head's kernel and bias
 
     def __init__(self, config, spec):
         super().__init__(config, spec)

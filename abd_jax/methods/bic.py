@@ -21,8 +21,7 @@ from flax import struct
 from abd_jax import hosts, losses, rng, train
 from abd_jax.methods.base import ce
 from abd_jax.methods.coreset import Coreset, TeacherRehearsal, no_distinct
-from abd_jax.methods.lifecycle import (Runtime, SGDLoop, Update, classes_per_task,
-                                       learner_optimizer)
+from abd_jax.methods.lifecycle import Runtime, SGDLoop, Update, learner_optimizer, task_bounds
 from abd_jax.methods.teacher import (Teacher, check_bn_mode, teacher_apply, teacher_of,
                                     train_mode_apply)
 from abd_jax.plan import Schedule, Task
@@ -54,20 +53,20 @@ class CorrectionInputs:
     task_index: jax.Array
 
 
-def bic_loss(ctx: LossContext, classes_per_task: int, temperature: float):
+def bic_loss(ctx: LossContext, bounds: tuple, temperature: float):
     """Stage 1: (1 - lambda) CE + lambda KD over the past classes, student and teacher logits
     both through the past tasks' fixed corrections."""
     state: BiCState = ctx.method_state
     logits, _, new_bs = ctx.forward(ctx.images)
     teacher_logits = teacher_apply(ctx.model, state.teacher, ctx.images)[0]
     correct = functools.partial(losses.bias_correction, alpha=state.alpha, beta=state.beta,
-                                classes_per_task=classes_per_task, num_corrected=ctx.num_old)
+                                bounds=bounds, num_corrected=ctx.num_old)
     loss, ce, kd = losses.bic_stage1_loss(correct(logits), correct(teacher_logits), ctx.labels,
                                           ctx.num_old, ctx.num_seen, temperature)
     return loss, new_bs, {"ce": ce, "kd": kd}
 
 
-def correction_loss(ctx: LossContext, classes_per_task: int):
+def correction_loss(ctx: LossContext, bounds: tuple):
     """Stage 2: `losses.bic_stage2_loss` of the frozen model's logits, the new task's
     (alpha, beta) being the trained parameters `ctx.params`. The model's BatchNorm runs in
     train mode when the trained state carries its running statistics (`bic.stage2_bn=train`,
@@ -80,8 +79,7 @@ def correction_loss(ctx: LossContext, classes_per_task: int):
                                              ctx.images)
     alpha = inputs.alpha.at[inputs.task_index].set(ctx.params["alpha"])
     beta = inputs.beta.at[inputs.task_index].set(ctx.params["beta"])
-    ce = losses.bic_stage2_loss(logits, ctx.labels, alpha, beta, classes_per_task,
-                                ctx.num_seen)
+    ce = losses.bic_stage2_loss(logits, ctx.labels, alpha, beta, bounds, ctx.num_seen)
     return ce, new_bs, {"ce": ce}
 
 
@@ -126,11 +124,11 @@ class BiC(TeacherRehearsal):
         super().__init__(config, spec)
         self.coreset = Coreset(config.coreset.memory, config.bic.selection)
         check_bn_mode(config.bic.stage2_bn, "bic.stage2_bn")
-        self.classes_per_task = classes_per_task(config, spec)
+        self.bounds = task_bounds(config, spec)
         self.first_task_loss = ce
-        self.distill_loss = bind(bic_loss, classes_per_task=self.classes_per_task,
+        self.distill_loss = bind(bic_loss, bounds=self.bounds,
                                  temperature=config.kd_temperature)
-        self.correction_loss = bind(correction_loss, classes_per_task=self.classes_per_task)
+        self.correction_loss = bind(correction_loss, bounds=self.bounds)
 
     def init_state(self, rt, learner):
         n = rt.config.num_tasks
@@ -198,7 +196,7 @@ class BiC(TeacherRehearsal):
             return logits
         logits, alpha, beta, num_seen = jax.device_put(
             (logits, state.alpha, state.beta, np.int32(task.num_seen)))
-        corrected = _corrected(logits, alpha, beta, classes_per_task=self.classes_per_task,
+        corrected = _corrected(logits, alpha, beta, bounds=self.bounds,
                                num_corrected=num_seen)
         return hosts.fetch(corrected)
 
@@ -213,4 +211,4 @@ def first_per_class(labels: np.ndarray, count: int) -> np.ndarray:
     return out
 
 
-_corrected = jax.jit(losses.bias_correction, static_argnames="classes_per_task")
+_corrected = jax.jit(losses.bias_correction, static_argnames="bounds")

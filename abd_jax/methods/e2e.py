@@ -9,8 +9,7 @@ from flax import struct
 from abd_jax import losses, rng, train
 from abd_jax.methods.base import ce
 from abd_jax.methods.coreset import Coreset, TeacherRehearsal, no_distinct
-from abd_jax.methods.lifecycle import (HeadStage, SGDLoop, Update, classes_per_task,
-                                       head_state)
+from abd_jax.methods.lifecycle import HeadStage, SGDLoop, Update, head_state, task_bounds
 from abd_jax.methods.teacher import (Teacher, check_bn_mode, freeze_teacher, teacher_apply,
                                     teacher_of, train_mode_apply)
 from abd_jax.plan import Schedule
@@ -44,16 +43,16 @@ class BalancedInputs:
     before: Teacher
 
 
-def e2e_loss(ctx: LossContext, classes_per_task: int, temperature: float, weighting: str):
+def e2e_loss(ctx: LossContext, bounds: tuple, temperature: float, weighting: str):
     """`losses.e2e_loss` on the real batch, the teacher in eval mode."""
     logits, _, new_bs = ctx.forward(ctx.images)
     teacher_logits = teacher_apply(ctx.model, ctx.method_state.teacher, ctx.images)[0]
     loss, ce, kd = losses.e2e_loss(logits, teacher_logits, ctx.labels, ctx.num_old,
-                                   ctx.num_seen, classes_per_task, temperature, weighting)
+                                   ctx.num_seen, bounds, temperature, weighting)
     return loss, new_bs, {"ce": ce, "kd": kd}
 
 
-def balanced_loss(ctx: LossContext, classes_per_task: int, temperature: float, weighting: str,
+def balanced_loss(ctx: LossContext, bounds: tuple, temperature: float, weighting: str,
                   head_only: bool, new_class_kd: str):
     """`losses.e2e_balanced_loss` on a memory batch. head_only: `ctx.params` is the head on
     the frozen backbone (the model before the stage), whose BatchNorm runs in train mode when
@@ -75,7 +74,7 @@ def balanced_loss(ctx: LossContext, classes_per_task: int, temperature: float, w
                                            new_class_kd)
     loss, ce, kd_old, kd_new = losses.e2e_balanced_loss(
         logits, teacher_logits, targets, ctx.labels, ctx.num_old, ctx.num_seen,
-        classes_per_task, temperature, weighting)
+        bounds, temperature, weighting)
     return loss, new_bs, {"ce": ce, "kd": kd_old, "kd_new_classes": kd_new}
 
 
@@ -87,6 +86,7 @@ class E2E(TeacherRehearsal):
 
     name = "e2e"
     sections = ("coreset", "e2e")
+    heads = ("linear",)  # the head-only stage computes f W + b
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
@@ -106,10 +106,10 @@ class E2E(TeacherRehearsal):
                              "set --config.e2e.balanced_bn=train")
         self.coreset = Coreset(config.coreset.memory, e2e.selection)
         self.first_task_loss = ce
-        s = classes_per_task(config, spec)
-        self.distill_loss = bind(e2e_loss, classes_per_task=s, temperature=config.kd_temperature,
+        bounds = task_bounds(config, spec)
+        self.distill_loss = bind(e2e_loss, bounds=bounds, temperature=config.kd_temperature,
                                  weighting=e2e.kd_weighting)
-        self.balanced_loss = bind(balanced_loss, classes_per_task=s,
+        self.balanced_loss = bind(balanced_loss, bounds=bounds,
                                   temperature=config.kd_temperature, weighting=e2e.kd_weighting,
                                   head_only=e2e.balanced_trains == "head",
                                   new_class_kd=e2e.new_class_kd)

@@ -203,9 +203,11 @@ def new_learner(rt: Runtime, method: "Method", key, tx) -> train.TrainState:
                                  method.learner_variables(rt, variables, key), tx)
 
 
-def classes_per_task(config, spec: data_lib.DatasetSpec) -> int:
-    """s = C / N of the run (every task owns s classes; `data.task_boundaries` checks it)."""
-    return (config.num_classes or spec.num_classes) // config.num_tasks
+def task_bounds(config, spec: data_lib.DatasetSpec) -> tuple:
+    """((K_old, K_new), ...) of the run's tasks (`data.task_boundaries`), hashable: the losses
+    that treat tasks one by one (E2E's, BiC's) take it as a static argument."""
+    return tuple(data_lib.task_boundaries(config.num_classes or spec.num_classes,
+                                          config.num_tasks, config.get("first_task_classes", 0)))
 
 
 def learner_optimizer(rt: Runtime, weight_decay: float):
@@ -223,6 +225,7 @@ class Method:
     name: str = ""
     sections: tuple = ()  # the config subtrees it reads (the others don't fingerprint its runs)
     head_bias: bool = True  # whether its classifier's head has a bias
+    heads: tuple = ("linear", "cosine")  # the `--config.head`s its losses support
 
     def __init__(self, config, spec: data_lib.DatasetSpec):
         """Built by `methods.get_method` from the run's config and its data's spec (classes,
@@ -230,10 +233,11 @@ class Method:
         self.config = config
 
     def classifier(self, num_classes: int) -> nn.Module:
-        """The classifier it trains: `--config.model` with `num_classes` outputs."""
+        """The classifier it trains: `--config.model` with `num_classes` outputs and the
+        `--config.head` head ("linear" or "cosine")."""
         c = self.config
         return models.create_classifier(c.model, num_classes, c.dtype, c.conv_impl,
-                                        head_bias=self.head_bias)
+                                        head_bias=self.head_bias, head=c.get("head", "linear"))
 
     def input_stats(self, spec: data_lib.DatasetSpec) -> tuple[tuple, tuple]:
         """(mean, std) per channel that the classifier's inputs are normalised with."""

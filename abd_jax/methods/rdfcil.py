@@ -20,7 +20,7 @@ from flax import struct
 
 from abd_jax import losses, rng, synthesis, train
 from abd_jax.methods.base import ce
-from abd_jax.methods.lifecycle import HeadStage, Update, classes_per_task, head_state
+from abd_jax.methods.lifecycle import HeadStage, Update, head_state
 from abd_jax.methods.synthetic_replay import Inversion, ReplayState, SyntheticReplay, replay
 from abd_jax.methods.teacher import Teacher, freeze_teacher, teacher_apply, teacher_of
 from abd_jax.plan import Schedule, Task
@@ -113,8 +113,7 @@ def _class_weights():
     return losses.class_balance_weights
 
 
-def rdfcil_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: RdfcilOptions,
-                classes_per_task: int):
+def rdfcil_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: RdfcilOptions):
     """w_ce L_localCE(real) + w_hkd HKD(syn) + w_rkd RKD(real) (`losses.rdfcil_weights`).
 
     The student runs twice in train mode, on the real then on the synthetic batch (BatchNorm
@@ -125,7 +124,7 @@ def rdfcil_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: Rdfcil
     logits, features, new_bs = ctx.forward(rep.images[:b])
     syn_logits, _, new_bs = ctx.forward(rep.images[b:], new_bs)
     w_ce, w_hkd, w_rkd = losses.rdfcil_weights(opts.lambda_ce, opts.lambda_hkd,
-                                               opts.lambda_rkd, classes_per_task, ctx.num_old)
+                                               opts.lambda_rkd, ctx.num_old, ctx.num_seen)
     local_ce = losses.local_ce_loss(losses.mask_logits(logits, 0, ctx.num_seen), rep.labels[:b],
                                     ctx.num_old)
     hkd = losses.logit_l1_loss(syn_logits, rep.teacher_logits[b:], ctx.num_old)
@@ -137,8 +136,7 @@ def rdfcil_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: Rdfcil
     return loss, {**new_bs, COUNTS: counts}, {"ce": local_ce, "hkd": hkd, "rkd": rkd}
 
 
-def finetune_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: RdfcilOptions,
-                  classes_per_task: int):
+def finetune_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: RdfcilOptions):
     """The head fine-tuning on the frozen backbone (eval mode), over `[x_real; x_syn]`:
     lambda_ce class-weighted CE over `[0, K_new)` + w_hkd HKD(syn). `ctx.params` is the
     head (with or without a bias)."""
@@ -148,7 +146,7 @@ def finetune_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: Rdfc
     features = teacher_apply(ctx.model, inputs.backbone, rep.images)[1]
     logits = _dense(ctx.params, features)
     _, w_hkd, _ = losses.rdfcil_weights(opts.lambda_ce, opts.lambda_hkd, opts.lambda_rkd,
-                                        classes_per_task, ctx.num_old)
+                                        ctx.num_old, ctx.num_seen)
     weighted_ce = losses.class_weighted_ce_loss(losses.mask_logits(logits, 0, ctx.num_seen),
                                                 rep.labels, inputs.class_weights)
     hkd = losses.logit_l1_loss(logits[rep.num_real:], rep.teacher_logits[rep.num_real:],
@@ -165,6 +163,7 @@ class RDFCIL(SyntheticReplay):
 
     name = "rdfcil"
     sections = ("rdfcil", "synthesis")
+    heads = ("linear",)  # the head fine-tuning computes f W (+ b)
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
@@ -176,9 +175,7 @@ class RDFCIL(SyntheticReplay):
             raise ValueError(f"--config.rdfcil.head={self.options.head!r}: use one of "
                              f"{', '.join(HEADS)}")
         self.head_bias = self.options.head == "shared"
-        s = classes_per_task(config, spec)
-        kwargs = dict(generator=self.generator, z_dim=self.synthesis.z_dim, opts=self.options,
-                      classes_per_task=s)
+        kwargs = dict(generator=self.generator, z_dim=self.synthesis.z_dim, opts=self.options)
         self.first_task_loss = ce
         self.distill_loss = bind(rdfcil_loss, **kwargs)
         self.finetune_loss = bind(finetune_loss, **kwargs)
