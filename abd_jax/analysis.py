@@ -25,7 +25,7 @@ import numpy as np
 
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
-from abd_jax import experiment, methods, rng
+from abd_jax import augment, experiment, methods, rng
 from abd_jax.methods.lifecycle import Runtime, learner_optimizer, new_learner
 from abd_jax.methods.synthetic_replay import SyntheticReplay
 from abd_jax.methods.teacher import teacher_apply, teacher_of
@@ -156,7 +156,7 @@ def feature_sets(workdir: pathlib.Path, task: int = 2, repeat: int = 0, split: s
         idx = np.flatnonzero((labels >= lo) & (labels < hi))
         if len(idx) > max_per_set:
             idx = np.sort(rand.choice(idx, max_per_set, replace=False))
-        return np.asarray(data_lib.normalize(images[idx], spec.mean, spec.std))
+        return np.asarray(augment.normalize(images[idx], spec.mean, spec.std))
 
     real_first, real_current = real(0), real(task - 1)
     synthetic, _ = method.synthesizer(rt).labelled_samples(

@@ -12,12 +12,11 @@ operation is computed for every image and the drawn one selected (`jnp.where` an
 with traced values), so the code has no data-dependent branch and runs under `jit` / `vmap`
 with one key per image. The geometric operations' sampling maps depend only on the image size
 and are computed on the host at trace time, in float64 or Pillow's 16.16 fixed point, as
-Pillow's C code computes them, so which source pixel lands where is Pillow's exactly. Where
-this code is not Pillow to the last level: the second pass of the bicubic shear runs in
-float32 where Pillow uses double (a pixel can come out one level apart when its value lies
-within float32 round-off of an integer), and AutoContrast uses the exact rational
-floor((v - lo) * 255 / (hi - lo)) where Pillow's float64 `v * scale + offset` falls one level
-lower for 0.14% of (lo, hi, v) (for instance lo = 0, hi = 25 maps 25 to 254).
+Pillow's C code computes them, so which source pixel lands where is Pillow's exactly. Every
+operation then gives Pillow's uint8 image to the last level (tests/test_autoaugment.py holds
+each bin and sign against Pillow) except the shears: their bicubic interpolation runs in
+float32 where Pillow's runs in double, so a pixel whose value lies within float32 round-off
+of an integer can come out one level apart (about 0.05% of a sheared image's pixels).
 """
 import math
 
@@ -90,10 +89,11 @@ def _affine(op: str, signed: float, w: int, h: int) -> list:
     """PyCIL `ops.py`'s affine data (a, b, c, d, e, f): output pixel centre (x, y) reads input
     (a x + b y + c, d x + e y + f); `signed` = magnitude * sign. Translations are
     `magnitude * size` pixels (150/331 of the size at bin 9)."""
+    if op == "rotate":
+        return _rotation_matrix(signed, w, h)
     return dict(shearX=[1, signed, 0, 0, 1, 0], shearY=[1, 0, 0, signed, 1, 0],
                 translateX=[1, 0, signed * w, 0, 1, 0],
-                translateY=[1, 0, 0, 0, 1, signed * h])[op] if op != "rotate" \
-        else _rotation_matrix(signed, w, h)
+                translateY=[1, 0, 0, 0, 1, signed * h])[op]
 
 
 def _coord(v: np.ndarray) -> np.ndarray:
@@ -129,6 +129,7 @@ def sampling_map(op: str, signed: float, h: int, w: int) -> dict:
         col, row = (a2 + yi * a1 + xi * a0) >> 16, (a5 + yi * a4 + xi * a3) >> 16
     if op not in ("shearX", "shearY"):
         inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    assert not (dx * dy).any(), "`_sample` interpolates along one axis"
     return dict(col=col.astype(np.int32), row=row.astype(np.int32), dx=dx.astype(np.float32),
                 dy=dy.astype(np.float32), inside=inside)
 
@@ -147,13 +148,16 @@ def _cubic(v1, v2, v3, v4, d):
 
 
 def _sample(x: jax.Array, m: dict) -> jax.Array:
-    """[H, W, C] resampled through a `sampling_map` (arrays for one image): taps clamped to the
-    edge, 4x4 bicubic (exactly nearest where dx = dy = 0), floored into 0..255, FILL outside."""
+    """[H, W, C] resampled through a `sampling_map` (arrays for one image): Pillow's 4x4
+    bicubic, taps clamped to the edge, floored into 0..255; FILL outside. A map moves a pixel
+    along one axis at most (dx = 0 or dy = 0: shears), where the 4x4 bicubic is the 4-tap one
+    along that axis, and is exactly nearest where dx = dy = 0."""
     h, w = x.shape[:2]
-    cols = [jnp.clip(m["col"] + i, 0, w - 1) for i in (-1, 0, 1, 2)]
-    rows = [jnp.clip(m["row"] + j, 0, h - 1) for j in (-1, 0, 1, 2)]
-    across = [_cubic(*[x[r, c] for c in cols], m["dx"]) for r in rows]
-    v = jnp.clip(jnp.floor(_cubic(*across, m["dy"])), 0, 255)
+    down = (m["dy"] != 0).astype(jnp.int32)
+    rows = [jnp.clip(m["row"] + k * down, 0, h - 1) for k in (-1, 0, 1, 2)]
+    cols = [jnp.clip(m["col"] + k * (1 - down), 0, w - 1) for k in (-1, 0, 1, 2)]
+    taps = [x[r, c] for r, c in zip(rows, cols)]
+    v = jnp.clip(jnp.floor(_cubic(*taps, m["dx"] + m["dy"])), 0, 255)
     return jnp.where(m["inside"][..., None], v, float(FILL))
 
 
@@ -186,20 +190,21 @@ def _degenerate(xi: jax.Array) -> jax.Array:
 
 
 def _autocontrast_one_lower() -> np.ndarray:
-    """Sorted int32 keys (lo * 256 + hi) * 256 + v of the autocontrast table entries where
-    Pillow's float64 `int(v * scale + offset)` (scale = 255 / (hi - lo), offset = -lo * scale)
-    is one below the exact floor((v - lo) * 255 / (hi - lo)): 12,094 of the 8.4 million. Only
-    entries whose exact value is an integer can fall (the others are at least 1/255 above
-    one), and those are v = lo + j (hi - lo) / g, g = gcd(255, hi - lo), j = 0..g."""
-    found = []
+    """int32 [256, 256]: bit j of entry [lo, hi] is set where Pillow's float64 autocontrast
+    table, int(v * scale + offset) (scale = 255 / (hi - lo), offset = -lo * scale), is one
+    below the exact floor((v - lo) * 255 / (hi - lo)) at v = lo + j (hi - lo) / g, g =
+    gcd(255, hi - lo): 12,094 of the 8.4 million entries with lo < hi. Only entries whose
+    exact value is an integer can fall (the others lie at least 1/255 above one), and those
+    are exactly these v, j = 0..g; every one that falls has j <= 17."""
+    bits = np.zeros((256, 256), np.int64)
     for d in range(1, 256):
         g = math.gcd(255, d)
         lo, j = np.arange(256 - d)[:, None], np.arange(g + 1)[None]
-        v = lo + j * (d // g)
         scale = 255.0 / d
-        fell = np.trunc(v * scale + -lo * scale) < j * (255 // g)
-        found.append((((lo + 0 * j) * 256 + lo + d) * 256 + v)[fell])
-    return np.sort(np.concatenate(found)).astype(np.int32)
+        fell = np.trunc((lo + j * (d // g)) * scale + -lo * scale) < j * (255 // g)
+        assert not fell[:, 31:].any()
+        bits[lo[:, 0], lo[:, 0] + d] = (fell[:, :31] << j[:, :31]).sum(1)
+    return bits.astype(np.int32)
 
 
 def _autocontrast(flat: jax.Array) -> jax.Array:
@@ -209,32 +214,35 @@ def _autocontrast(flat: jax.Array) -> jax.Array:
     0..255; identity when hi == lo."""
     v = jnp.arange(256, dtype=jnp.int32)
     lo, hi = flat.min(1)[:, None], flat.max(1)[:, None]
-    keys = jnp.asarray(_autocontrast_one_lower())
-    query = (lo * 256 + hi) * 256 + v
-    one_lower = keys[jnp.minimum(jnp.searchsorted(keys, query), keys.size - 1)] == query
-    stretch = jnp.clip((v - lo) * 255 // jnp.maximum(hi - lo, 1) - one_lower, 0, 255)
+    span = jnp.maximum(hi - lo, 1)
+    stride = span // jnp.gcd(span, 255)  # v - lo between integer-valued entries
+    j = (v - lo) // stride
+    bits = jnp.asarray(_autocontrast_one_lower())[lo, hi]
+    listed = (bits >> jnp.clip(j, 0, 30)) & 1 == 1
+    one_lower = ((v - lo) % stride == 0) & (j >= 0) & (j < 31) & listed
+    stretch = jnp.clip((v - lo) * 255 // span - one_lower, 0, 255)
     return jnp.where(hi > lo, stretch, v)
 
 
 def _tables(xi: jax.Array, posterize_mask, solarize_below) -> jax.Array:
     """The five per-channel look-up tables, int32 [5, C, 256] in LUT's order: posterize
     (v & mask), solarize (v below the threshold kept, others 255 - v), `_autocontrast`,
-    equalize (Pillow's, in integers:
-    step = (pixels - count of the top value) // 256, table (step // 2 + pixels below v) // step
-    clipped to 255, identity when step == 0), invert (255 - v)."""
+    equalize (Pillow's, in integers: step = (pixels - count of the top value) // 255, table
+    (step // 2 + pixels below v) // step clipped to 255, identity when step == 0), invert
+    (255 - v)."""
     v = jnp.arange(256, dtype=jnp.int32)
     flat = xi.reshape(-1, xi.shape[-1]).T  # [C, H * W]
     autocontrast = _autocontrast(flat)
     hist = jax.vmap(lambda c: jnp.bincount(c, length=256))(flat)
     top = jnp.take_along_axis(hist, flat.max(1)[:, None], 1)  # the last non-empty bin
-    step = (flat.shape[1] - top) // 256
+    step = (flat.shape[1] - top) // 255
     below = jnp.cumsum(hist, 1) - hist
     equalize = jnp.where(step > 0, jnp.minimum((step // 2 + below) // jnp.maximum(step, 1), 255),
                          v)
-    per_image = lambda t: jnp.broadcast_to(t, autocontrast.shape)
-    return jnp.stack([per_image(v & posterize_mask), per_image(jnp.where(v < solarize_below, v,
-                                                                         255 - v)),
-                      autocontrast, equalize, per_image(255 - v)])
+    posterize = jnp.broadcast_to(v & posterize_mask, autocontrast.shape)
+    solarize = jnp.broadcast_to(jnp.where(v < solarize_below, v, 255 - v), autocontrast.shape)
+    invert = jnp.broadcast_to(255 - v, autocontrast.shape)
+    return jnp.stack([posterize, solarize, autocontrast, equalize, invert])
 
 
 def blend(d: jax.Array, x: jax.Array, factor) -> jax.Array:
@@ -289,12 +297,16 @@ def _run(x: jax.Array, params: dict, maps: dict, i) -> jax.Array:
     return _apply(x, p, {k: jnp.asarray(v)[p["map"]] for k, v in maps.items()})
 
 
-def apply_op(x: jax.Array, op: str, level, sign=1) -> jax.Array:
-    """Operation `op` at magnitude bin `level` (0..9) with `sign` (+1 / -1; used by the signed
-    operations) on float32 [H, W, C] integers 0..255, through the code `cifar10_policy` runs;
-    `level` and `sign` may be traced."""
-    params, maps = _params([(op, lv, sg) for lv in range(10) for sg in (-1, 1)], *x.shape[:2])
-    return _run(x, params, maps, 2 * level + (sign > 0))
+def apply_op(x: jax.Array, op, level, sign=1) -> jax.Array:
+    """Operation `op` (a name in OPS, or its index there) at magnitude bin `level` (0..9) with
+    `sign` (+1 / -1; read by the signed operations) on float32 [H, W, C] integers 0..255,
+    through the code `cifar10_policy` runs. `level` and `sign`, and `op` as an index, may be
+    traced (the tables then hold every operation)."""
+    ops = (op,) if isinstance(op, str) else OPS
+    entries = [(o, lv, sg) for o in ops for lv in range(10) for sg in (-1, 1)]
+    params, maps = _params(entries, *x.shape[:2])
+    first = 0 if isinstance(op, str) else 20 * op
+    return _run(x, params, maps, first + 2 * level + (sign > 0))
 
 
 def policy_draws(key: jax.Array) -> dict:

@@ -45,10 +45,9 @@ CHANGEABLE = ("lr", "synthesis.lr", "lr_decay", "lr_milestones", "momentum", "we
 ADDED = {"image_size": 0, "num_classes": 0, "synthesis.generator_dtype": "float32",
          "first_repeat": 0, "first_task_classes": 0, "coreset.distinct_memory": True,
          "e2e.balanced_bn": "eval", "e2e.new_class_kd": "before", "bic.stage2_bn": "eval",
-         "rdfcil.head": "shared", "head": "linear"}
+         "rdfcil.head": "shared", "head": "linear", "augment.policy": "abd"}
 
-METHOD_SECTIONS = ("abd", "lwf", "lwf_synthetic", "deepinversion", "coreset", "e2e", "bic",
-                   "dgr", "rdfcil", "synthesis")
+METHOD_SECTIONS = methods_lib.config_sections()  # every method's config subtrees
 
 
 def renamed_message(field: str) -> Optional[str]:

@@ -12,8 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax
 
-from abd_jax import data as data_lib
-from abd_jax import hosts
+from abd_jax import augment, hosts
 
 
 def _predict_fn(model, mean, std, mesh: Mesh):
@@ -21,7 +20,7 @@ def _predict_fn(model, mean, std, mesh: Mesh):
 
     def predict(params, batch_stats, images):
         images = jax.lax.with_sharding_constraint(images, batch_sharding)
-        x = data_lib.normalize(images, mean, std)
+        x = augment.normalize(images, mean, std)
         return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
 
     return predict

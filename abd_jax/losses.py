@@ -403,7 +403,8 @@ def content_loss(logits: jax.Array, temperature) -> jax.Array:
 __all__ = [
     "NEG_INF", "column_mask", "mask_logits", "weighted_ce_loss", "valid_ce_loss",
     "head_finetune_ce", "local_ce_loss", "task_balancing_weights", "soft_kd_loss", "kd_loss",
-    "taskwise_kd_loss", "e2e_task_weight", "e2e_loss", "e2e_balanced_loss",
+    "taskwise_kd_loss", "e2e_task_weights", "e2e_loss", "e2e_balanced_loss",
+    "e2e_new_class_targets",
     "bias_correction", "bic_stage1_loss", "bic_stage2_loss", "dgr_solver_loss", "lwf_mc_loss",
     "padded_soft_kd_loss", "vae_loss", "feature_kd_loss", "rdfcil_weights", "logit_l1_loss",
     "rkd_angle_loss", "class_balance_weights", "class_weighted_ce_loss", "bn_stat_kl",

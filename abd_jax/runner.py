@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from abd_jax import ahead as ahead_lib
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
-from abd_jax import driver, evaluation, hosts, input_pipeline, logs, metrics, plan
+from abd_jax import augment, driver, evaluation, hosts, input_pipeline, logs, metrics, plan
 from abd_jax import reporting, rng, train
 from abd_jax.methods import lifecycle
 from abd_jax.sampling import DeviceData
@@ -55,7 +55,7 @@ class RepeatRunner:
         self.mean, self.std = method.input_stats(spec)
         self.step_config = train.StepConfig(
             batch_size=config.batch_size, lr_decay=config.lr_decay,
-            augment=data_lib.AugmentConfig(**config.augment.to_dict()),
+            augment=augment.AugmentConfig(**config.augment.to_dict()),
             mean=self.mean, std=self.std)
         self.checkpointer = ckpt_lib.RunCheckpointer(
             workdir / "checkpoints" / f"repeat_{repeat}", config.keep_task_checkpoints)

@@ -30,9 +30,7 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from abd_jax import data as data_lib
-from abd_jax import hosts
-from abd_jax import models
+from abd_jax import augment, hosts, models
 from abd_jax.sampling import Feed, TaskInfo
 
 
@@ -48,7 +46,7 @@ class StepConfig:
 
     batch_size: int
     lr_decay: float
-    augment: data_lib.AugmentConfig
+    augment: augment.AugmentConfig
     mean: tuple
     std: tuple
 
@@ -135,17 +133,17 @@ def learning_rate(step, task: TaskInfo, cfg: StepConfig):
 
 
 def task_batch(data, task: TaskInfo, step, rng, cfg: StepConfig, mesh: Mesh,
-               augment: bool = True):
+               augmented: bool = True):
     """The `step`-th batch of the stage from `data` (`sampling.DeviceData` or
-    `StreamedBatches`), on device: (x float32 `[B, H, W, C]` augmented (if `augment`) and
+    `StreamedBatches`), on device: (x float32 `[B, H, W, C]` augmented (if `augmented`) and
     normalised, sharded over the batch; y `[B]`)."""
     batch_sharding = NamedSharding(mesh, P("data"))
     x_uint8, y = data.batch(task, step, cfg.batch_size)
     x_uint8 = jax.lax.with_sharding_constraint(x_uint8, batch_sharding)
-    if augment:
-        x = data_lib.augment_batch(rng, x_uint8, cfg.augment, cfg.mean, cfg.std)
+    if augmented:
+        x = augment.augment_batch(rng, x_uint8, cfg.augment, cfg.mean, cfg.std)
     else:
-        x = data_lib.normalize(x_uint8, cfg.mean, cfg.std)
+        x = augment.normalize(x_uint8, cfg.mean, cfg.std)
     return jax.lax.with_sharding_constraint(x, batch_sharding), y
 
 

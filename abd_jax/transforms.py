@@ -1,7 +1,7 @@
 """Host-side image transforms for variable-size datasets (ImageNet; docs/algorithm.md §1):
 numpy and PIL only, no JAX. Training: random-resized crop to the model input; test: resize the shorter
 side, then centre crop. Flips, colour jitter and normalisation stay in the on-device
-augmentation (`data.augment_batch`).
+augmentation (`augment.augment_batch`).
 
 `train_transform(spec)` / `test_transform(spec)` return picklable callables
 `(image uint8 [h, w, c], rng: np.random.Generator) -> uint8 [H, W, C]` (spec.image_shape),

@@ -19,8 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.stream_above_gb = 4.0    # "auto" streams a training split with more pixel bytes than this
     c.stream_workers = 0       # grain worker processes reading batches (0 = threads here)
     c.stream_prefetch = 4      # batches read ahead
-    c.augment = ml_collections.ConfigDict(
-        dict(brightness=63 / 255, contrast=0.8, flip=True, crop_padding=4))
+    c.augment = ml_collections.ConfigDict(  # "abd": the release's recipe; "pycil": crop, flip,
+        #                                        ColorJitter(brightness) and AutoAugment's
+        #                                        CIFAR10Policy, as FeCAM, ADC, LDC (no contrast)
+        dict(brightness=63 / 255, contrast=0.8, flip=True, crop_padding=4, policy="abd"))
     # Protocol.
     c.num_tasks = 10           # 5 / 10 / 20 tasks of 20 / 10 / 5 classes (the first included)
     c.first_task_classes = 0   # 0: equal tasks (cold start); B > 0: a first task of B classes,

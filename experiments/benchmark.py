@@ -68,7 +68,8 @@ from ml_collections import config_flags
 from PIL import Image
 
 from abd_jax import data as data_lib
-from abd_jax import experiment, input_pipeline, logs, methods, models, sampling, synthesis, train
+from abd_jax import (augment, experiment, input_pipeline, logs, methods, models, sampling,
+                     synthesis, train)
 from abd_jax.methods.teacher import Teacher
 from abd_jax.session import Session
 from configs import cifar100
@@ -182,7 +183,7 @@ def make_learner(session: Session, case: str, dtype: str, conv_impl: str,
     model = models.create_classifier(FLAGS.model, FLAGS.num_classes, dtype, conv_impl)
     mesh = experiment.make_mesh()
     cfg = train.StepConfig(batch_size=FLAGS.batch_size, lr_decay=0.1,
-                           augment=data_lib.AugmentConfig(), mean=(0.5071, 0.4865, 0.4409),
+                           augment=augment.AugmentConfig(), mean=(0.5071, 0.4865, 0.4409),
                            std=(0.2673, 0.2564, 0.2762))
     tx = session.shared(train.learner_optimizer, 0.1, 0.9, 2e-4)
     state = train.create_train_state(session, model, jax.random.PRNGKey(seed), _image_shape(),
@@ -301,7 +302,7 @@ def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
     model, loss_fn, cfg, mesh = lr.model, lr.loss_fn, lr.cfg, lr.mesh
     # A fixed, already-normalised batch for the rungs before sampling.
     fixed = np.random.RandomState(5).randint(0, 256, (cfg.batch_size, *_image_shape()))
-    x_fixed = data_lib.normalize(jnp.asarray(fixed, jnp.uint8), cfg.mean, cfg.std)
+    x_fixed = augment.normalize(jnp.asarray(fixed, jnp.uint8), cfg.mean, cfg.std)
     y_fixed = jnp.asarray(np.random.RandomState(6).randint(10, 20, cfg.batch_size), jnp.int32)
     key = jax.random.PRNGKey(7)
 
@@ -331,7 +332,7 @@ def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
 
     fixed_batch = lambda state, data, task: (x_fixed, y_fixed)
     sampled = lambda state, data, task: train.task_batch(data, task, state.step, key, cfg,
-                                                         mesh, augment=False)
+                                                         mesh, augmented=False)
     one_step = train.make_train_step(model, loss_fn, cfg, mesh)
     k = _steps_per_call()
     rungs = [

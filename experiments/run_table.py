@@ -34,66 +34,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from abd_jax import errors, experiment, files, logs, parallel, reporting
+from abd_jax import methods as methods_lib
 from abd_jax.session import Session
 
-# row name -> config overrides (dotted keys for nested fields)
-ROWS = {
-    "upper_bound": {"method": "upper_bound"},
-    "base": {"method": "base"},
-    "lwf": {"method": "lwf"},
-    "lwf_mc": {"method": "lwf_mc"},
-    "lwf_synthetic": {"method": "lwf_synthetic"},
-    "deepinversion": {"method": "deepinversion"},
-    "abd": {"method": "abd"},
-    "naive_rehearsal": {"method": "naive_rehearsal"},
-    "lwf_coreset": {"method": "lwf_coreset"},
-    "e2e": {"method": "e2e"},
-    "bic": {"method": "bic"},
-    "dgr": {"method": "dgr"},
-    "rdfcil": {"method": "rdfcil"},
-    "abd_no_task_balancing": {"method": "abd", "abd.task_balancing": False},
-    "abd_standard_ce": {"method": "abd", "abd.local_ce": False},
-    "abd_feature_kd_synthetic_only": {"method": "abd", "abd.kd_on_real": False},
-    "abd_feature_kd_real_only": {"method": "abd", "abd.kd_on_synthetic": False},
-    "abd_no_ft_ce": {"method": "abd", "abd.ft_ce": False},
-}
-TABLES = {
-    "methods": ["upper_bound", "base", "lwf", "lwf_mc", "lwf_synthetic", "deepinversion",
-                "abd", "dgr", "naive_rehearsal", "lwf_coreset", "e2e", "bic"],
-    "data_free": ["upper_bound", "base", "lwf", "lwf_mc", "lwf_synthetic", "deepinversion",
-                  "abd", "rdfcil", "dgr"],
-    "coreset": ["upper_bound", "naive_rehearsal", "lwf_coreset", "e2e", "bic"],
-    "ablations": ["abd", "abd_no_task_balancing", "abd_standard_ce",
-                  "abd_feature_kd_synthetic_only", "abd_feature_kd_real_only", "abd_no_ft_ce"],
-}
-
-# Published final accuracies A_N (mean, std over 3 class orders) by dataset, row and task
-# count, with their source; a table on that dataset shows them beside the measured ones.
-SOURCES = {
-    "ABD": "Smith et al., ICCV 2021, Tables 1, 2 and A (docs/algorithm.md §8): ABD's protocol "
-           "(ResNet-32, 250 epochs, lr 0.1 x0.1 at 100/150/200, weight decay 2e-4, "
-           "10,000 generator steps after each task), the release's seeded class orders",
-}
-PUBLISHED = {
-    "cifar100": {
-        "upper_bound": {5: (69.9, 0.2, "ABD"), 10: (69.9, 0.2, "ABD"), 20: (69.9, 0.2, "ABD")},
-        "base": {5: (16.4, 0.4, "ABD"), 10: (8.8, 0.1, "ABD"), 20: (4.4, 0.3, "ABD")},
-        "lwf": {5: (17.0, 0.1, "ABD"), 10: (9.2, 0.0, "ABD"), 20: (4.7, 0.1, "ABD")},
-        "lwf_mc": {5: (32.5, 1.0, "ABD"), 10: (17.1, 0.1, "ABD"), 20: (7.7, 0.5, "ABD")},
-        "dgr": {5: (14.4, 0.4, "ABD"), 10: (8.1, 0.1, "ABD"), 20: (4.1, 0.3, "ABD")},
-        "deepinversion": {5: (18.8, 0.3, "ABD"), 10: (10.9, 0.6, "ABD"), 20: (5.7, 0.3, "ABD")},
-        "abd": {5: (43.9, 0.9, "ABD"), 10: (33.7, 1.2, "ABD"), 20: (20.0, 1.4, "ABD")},
-        "naive_rehearsal": {5: (34.0, 0.2, "ABD"), 10: (24.0, 1.0, "ABD"),
-                            20: (14.9, 0.7, "ABD")},
-        "lwf_coreset": {5: (39.4, 0.3, "ABD"), 10: (27.4, 0.8, "ABD"), 20: (16.6, 0.4, "ABD")},
-        "e2e": {5: (47.4, 0.8, "ABD"), 10: (38.4, 1.3, "ABD"), 20: (32.7, 1.9, "ABD")},
-        "bic": {5: (53.7, 0.4, "ABD"), 10: (45.9, 1.8, "ABD"), 20: (37.5, 3.2, "ABD")},
-    },
-}
-PUBLISHED_NOTE = (
-    "R-DFCIL's own published figures (its Table 1: 200 epochs of which 40 fine-tune the head, "
-    "weight decay 5e-4, crop + flip, 5,000 generator steps, its release's class orders) are "
-    "not listed: they were not checked against the paper here.")
+# row name -> config overrides (dotted keys for nested fields), and the named tables: from
+# the methods (`abd_jax.methods`: each method's `tables`, `rank` and `variants`)
+ROWS = methods_lib.table_rows()
+TABLES = methods_lib.tables()
 
 FLAGS = flags.FLAGS
 
@@ -112,13 +59,15 @@ def tasks_label(num_tasks: int, first_task_classes: int = 0) -> str:
 
 
 def format_table(rows: list[str], task_counts: list[int], cells: dict,
-                 published: dict | None = None, first_task_classes: int = 0) -> tuple[str, str]:
+                 published: dict | None = None, first_task_classes: int = 0,
+                 sources: dict | None = None) -> tuple[str, str]:
     """(Markdown, CSV) of `cells[(row, num_tasks)]` = a results.json `aggregate`; a missing
     cell (still to run) shows as `...`. Omega columns appear when any cell has Omega,
-    published columns when `published` ({row: {num_tasks: (mean, std, source)}}) has a
-    figure for a listed row and task count, with the sources below the table. Columns are
-    labelled both ways under warm start (`tasks_label`)."""
-    published = published or {}
+    published columns when `published` ({row: {num_tasks: (mean, std, source key)}}) has a
+    figure for a listed row and task count, with the `sources` ({key: text}) and the rows'
+    notes below the table. Columns are labelled both ways under warm start
+    (`tasks_label`)."""
+    published, sources_text = published or {}, sources or {}
     with_omega = any(c.get("omega") for c in cells.values())
     with_published = {n for n in task_counts for r in rows if n in published.get(r, {})}
     head = ["row"]
@@ -163,9 +112,10 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
         seconds = None if last is None else last["train_seconds_per_batch"]["mean"]
         line.append("..." if last is None else "n/a" if seconds is None else f"{seconds:.4f}")
         md.append("| " + " | ".join(line) + " |")
-    notes = [f"[{key}] {SOURCES[key]}." for key in sorted(sources)]
-    if with_published and "rdfcil" in rows:
-        notes.append(PUBLISHED_NOTE)
+    notes = [f"[{key}] {sources_text[key]}." for key in sorted(sources)]
+    if with_published:
+        notes += [methods_lib._CLASSES[ROWS[row]["method"]].published_note for row in rows
+                  if methods_lib._CLASSES[ROWS[row]["method"]].published_note]
     text = "\n".join(md) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
     return text, "\n".join(csv) + "\n"
 
@@ -234,9 +184,8 @@ def write_table(workdir: pathlib.Path, rows: list[str], task_counts: list[int],
                 cells: dict) -> str:
     """table.md, table.csv and comparison.png of the cells done; returns the Markdown."""
     first = FLAGS.config.first_task_classes
-    # the published figures are ABD's, under its equal-task protocol
-    published = None if first else PUBLISHED.get(FLAGS.config.dataset)
-    table, csv = format_table(rows, task_counts, cells, published, first)
+    published, sources = methods_lib.published(FLAGS.config.dataset, first)
+    table, csv = format_table(rows, task_counts, cells, published, first, sources)
     workdir.mkdir(parents=True, exist_ok=True)
     files.write_file(workdir / "table.md", table)
     files.write_file(workdir / "table.csv", csv)

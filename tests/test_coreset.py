@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from abd_jax import experiment, losses, methods, models, runner, train
+from abd_jax import augment, experiment, losses, methods, models, runner, train
 from abd_jax import rng as rng_lib
 from abd_jax.methods import coreset
 from configs import digits
@@ -254,7 +254,6 @@ def _run_stage(stage, learner, state, rt, data, steps: int, batch_size: int):
     batches, end); returns (learner, state, the batches' example indices)."""
     from jax.sharding import Mesh
 
-    from abd_jax import data as data_lib
     from abd_jax import sampling
     learner, state = stage.begin(rt, learner, state, _task(1))
     index = stage.index(rt, state, _task(1))
@@ -265,7 +264,7 @@ def _run_stage(stage, learner, state, rt, data, steps: int, batch_size: int):
         steps_per_epoch=np.int32(len(index) // batch_size), total_steps=np.int32(steps),
         key=np.array([7, 1], np.uint32), base_lr=np.float32(0.001),
         lr_milestones=sampling.lr_milestones((), 3))
-    cfg = train.StepConfig(batch_size, 0.1, data_lib.AugmentConfig(0.0, 0.0, False, 0),
+    cfg = train.StepConfig(batch_size, 0.1, augment.AugmentConfig(0.0, 0.0, False, 0),
                            (0.0,), (1.0,))
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     step = jax.jit(train.make_train_step(rt.model, stage.loss_fn, cfg, mesh))

@@ -5,12 +5,13 @@ import tarfile
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from abd_jax import data, datasets, input_pipeline
+from abd_jax import augment, data, datasets, input_pipeline
 from abd_jax.prepare_data import prepare
 
 
@@ -128,30 +129,30 @@ def _images(c=3, b=8, size=16):
 
 def test_augment_shape_determinism_and_key():
     images = _images()
-    aug = data.AugmentConfig()
-    out = data.augment_batch(jax.random.key(0), images, aug, MEAN, STD)
+    aug = augment.AugmentConfig()
+    out = augment.augment_batch(jax.random.key(0), images, aug, MEAN, STD)
     assert out.shape == images.shape and out.dtype == np.float32
-    np.testing.assert_array_equal(out, data.augment_batch(jax.random.key(0), images, aug, MEAN, STD))
-    assert not np.allclose(out, data.augment_batch(jax.random.key(1), images, aug, MEAN, STD))
+    np.testing.assert_array_equal(out, augment.augment_batch(jax.random.key(0), images, aug, MEAN, STD))
+    assert not np.allclose(out, augment.augment_batch(jax.random.key(1), images, aug, MEAN, STD))
     unit = np.asarray(out) * np.array(STD) + np.array(MEAN)
     assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5
-    gray = data.augment_batch(jax.random.key(0), _images(c=1), aug, (0.3,), (0.4,))
+    gray = augment.augment_batch(jax.random.key(0), _images(c=1), aug, (0.3,), (0.4,))
     assert gray.shape == (8, 16, 16, 1)
 
 
 def test_augment_disabled_equals_normalize():
     images = _images()
-    off = data.AugmentConfig(brightness=0, contrast=0, flip=False, crop_padding=0)
-    out = data.augment_batch(jax.random.key(3), images, off, MEAN, STD)
-    np.testing.assert_allclose(out, data.normalize(images, MEAN, STD), atol=1e-6)
+    off = augment.AugmentConfig(brightness=0, contrast=0, flip=False, crop_padding=0)
+    out = augment.augment_batch(jax.random.key(3), images, off, MEAN, STD)
+    np.testing.assert_allclose(out, augment.normalize(images, MEAN, STD), atol=1e-6)
 
 
 def test_augment_each_stage_changes_images():
     images = _images()
-    for aug in (data.AugmentConfig(0.5, 0, False, 0), data.AugmentConfig(0, 0.8, False, 0),
-                data.AugmentConfig(0, 0, True, 0), data.AugmentConfig(0, 0, False, 4)):
-        out = data.augment_batch(jax.random.key(0), images, aug, MEAN, STD)
-        assert not np.allclose(out, data.normalize(images, MEAN, STD)), aug
+    for aug in (augment.AugmentConfig(0.5, 0, False, 0), augment.AugmentConfig(0, 0.8, False, 0),
+                augment.AugmentConfig(0, 0, True, 0), augment.AugmentConfig(0, 0, False, 4)):
+        out = augment.augment_batch(jax.random.key(0), images, aug, MEAN, STD)
+        assert not np.allclose(out, augment.normalize(images, MEAN, STD)), aug
 
 
 def test_augment_pins_each_operation_by_hand():
@@ -159,13 +160,13 @@ def test_augment_pins_each_operation_by_hand():
     contrast c x + (1 - c) mean gray, each clipped, in a random order), flip, and a crop of the
     image padded with black (0 before normalising, as torchvision pads the PIL image)."""
     images = _images(b=64, size=6)
-    aug = data.AugmentConfig(brightness=0.9, contrast=0.9, flip=True, crop_padding=2)
+    aug = augment.AugmentConfig(brightness=0.9, contrast=0.9, flip=True, crop_padding=2)
     key = jax.random.key(5)
-    out = np.asarray(data.augment_batch(key, images, aug, MEAN, STD)) * STD + MEAN
+    out = np.asarray(augment.augment_batch(key, images, aug, MEAN, STD)) * STD + MEAN
     keys = jax.random.split(key, len(images))
     orders = set()
     for i, x in enumerate(images.astype(np.float64) / 255):
-        d = {k: np.asarray(v) for k, v in data.augment_draws(keys[i], aug).items()}
+        d = {k: np.asarray(v) for k, v in augment.augment_draws(keys[i], aug).items()}
         bright = lambda v: np.clip(v * d["brightness"], 0, 1)
         gray = lambda v: (v @ np.array([0.299, 0.587, 0.114])).mean()
         contrast = lambda v: np.clip(d["contrast"] * v + (1 - d["contrast"]) * gray(v), 0, 1)
@@ -179,9 +180,62 @@ def test_augment_pins_each_operation_by_hand():
     assert orders == {True, False}
     # a white image shows the black padding wherever the crop is off-centre
     white = np.full((16, 8, 8, 3), 255, np.uint8)
-    crop = data.AugmentConfig(0, 0, False, 4)
-    pixels = np.asarray(data.augment_batch(key, white, crop, MEAN, STD)) * STD + MEAN
+    crop = augment.AugmentConfig(0, 0, False, 4)
+    pixels = np.asarray(augment.augment_batch(key, white, crop, MEAN, STD)) * STD + MEAN
     assert set(np.round(pixels, 4).ravel()) == {0.0, 1.0}
+
+
+def _abd_before_policy(rng, images, aug, mean, std):
+    """augment.augment_batch as it was before AugmentConfig.policy existed, verbatim."""
+    def one(key, x):
+        k_bright, k_contrast, k_flip, k_crop = jax.random.split(key, 4)
+        factor = lambda k, a: jax.random.uniform(k, (), minval=max(0.0, 1 - a), maxval=1 + a)
+        top, left = jax.random.randint(k_crop, (2,), 0, 2 * aug.crop_padding + 1)
+        d = dict(brightness=factor(k_bright, aug.brightness),
+                 contrast=factor(k_contrast, aug.contrast),
+                 contrast_first=jax.random.bernoulli(jax.random.fold_in(key, 4)),
+                 flip=jax.random.bernoulli(k_flip), top=top, left=left)
+        brightness = lambda v: jnp.clip(v * d["brightness"], 0.0, 1.0)
+
+        def contrast(v):
+            gray = v[..., 0] if v.shape[-1] == 1 else v @ jnp.array([0.299, 0.587, 0.114])
+            return jnp.clip(d["contrast"] * v + (1 - d["contrast"]) * gray.mean(), 0.0, 1.0)
+
+        x = jnp.where(d["contrast_first"], brightness(contrast(x)), contrast(brightness(x)))
+        x = jnp.where(d["flip"], x[:, ::-1], x)
+        p = aug.crop_padding
+        padded = jnp.pad(x, ((p, p), (p, p), (0, 0)))
+        return jax.lax.dynamic_slice(padded, (d["top"], d["left"], 0), x.shape)
+
+    x = images.astype(jnp.float32) / 255.0
+    keys = jax.random.split(rng, images.shape[0])
+    x = jax.vmap(one)(keys, x)
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def test_augment_policy_abd_is_the_default_and_unchanged():
+    """policy="abd" (the default) gives, to the bit, what the code before `policy` gave (a
+    verbatim copy above, compiled alike: XLA's fusion decides the last bits)."""
+    assert augment.AugmentConfig().policy == "abd"
+    images = _images()
+    for aug in (augment.AugmentConfig(), augment.AugmentConfig(0.9, 0.5, True, 3, policy="abd")):
+        out = augment.augment_batch(jax.random.key(7), images, aug, MEAN, STD)
+        before = jax.jit(_abd_before_policy, static_argnums=2)(jax.random.key(7), images, aug,
+                                                               MEAN, STD)
+        np.testing.assert_array_equal(out, before)
+
+
+def test_augment_policy_is_checked_and_pycil_draws():
+    """The runner's AugmentConfig(**config.augment.to_dict()) takes `policy`; an unknown one
+    stops with the choices; "pycil" draws crop, flip, brightness (no contrast: not in PyCIL's
+    ColorJitter) and the AutoAugment sub-policy (tests/test_autoaugment.py pins the rest)."""
+    with pytest.raises(ValueError, match=r"augment.policy='autoaugment'.*'abd', 'pycil'"):
+        augment.AugmentConfig(policy="autoaugment")
+    aug = augment.AugmentConfig(**dict(brightness=63 / 255, contrast=0.8, flip=True,
+                                     crop_padding=4, policy="pycil"))
+    d = augment.augment_draws(jax.random.key(0), aug)
+    assert sorted(d) == ["apply", "brightness", "flip", "left", "sign", "sub_policy", "top"]
+    assert 1 - 63 / 255 <= d["brightness"] <= 1 + 63 / 255 and 0 <= d["sub_policy"] < 25
 
 
 def test_get_spec():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from abd_jax import losses, methods, models, train
+from abd_jax import generators, losses, methods, models, train
 from abd_jax.methods import dgr
 from configs import digits
 from helpers import three_task_config
@@ -26,7 +26,7 @@ def _torch_param_count(c, side, z):
 @pytest.mark.slow
 @pytest.mark.parametrize("size,channels,z", [(32, 3, 1024), (8, 1, 32)])
 def test_autoencoder_matches_the_release_and_outputs_images_in_0_1(size, channels, z, session):
-    vae = models.ConvVAE(image_size=size, channels=channels, z_dim=z)
+    vae = generators.ConvVAE(image_size=size, channels=channels, z_dim=z)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, size, size, channels))
     variables = models.init_variables(session, vae, jax.random.PRNGKey(1), x)
     count = sum(p.size for p in jax.tree.leaves(variables["params"]))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from abd_jax import models
+from abd_jax import generators, models
 
 
 def _num_params(model, shape):
@@ -154,14 +154,14 @@ def test_cl_lite_resnet_initialisation():
 
 @pytest.mark.parametrize("size,channels", [(32, 3), (64, 3), (224, 3), (8, 1)])
 def test_generator_presets(size, channels):
-    gen = models.create_generator(size, channels, z_dim=16)
+    gen = generators.create_generator(size, channels, z_dim=16)
     out = jax.eval_shape(lambda: gen.init_with_output(jax.random.PRNGKey(0),
                                                        jnp.zeros((2, 16)))[0])
     assert out.shape == (2, size, size, channels)
 
 
 def test_the_32x32_generator_has_the_releases_parameter_count():
-    g = models.create_generator(32, 3, 1000)
+    g = generators.create_generator(32, 3, 1000)
     assert _num_params(g, (2, 1000)) == 8_423_939
 
 
@@ -169,7 +169,7 @@ def test_the_32x32_generator_has_the_releases_parameter_count():
 def test_generator_and_head_are_initialised_as_pytorch_layers(session):
     """Generator Linear/Conv: PyTorch defaults U(+-1/sqrt(fan_in)) for weights and biases;
     classifier head: Kaiming-normal weights (docs/algorithm.md §2), PyTorch's default bias."""
-    g = models.create_generator(32, 3, 1000)
+    g = generators.create_generator(32, 3, 1000)
     params = models.init_variables(session, g, jax.random.PRNGKey(0), (2, 1000),
                                    train=False)["params"]
     for name, fan_in in (("fc", 1000), ("conv1", 9 * 128), ("conv2", 9 * 128),

@@ -141,8 +141,9 @@ def test_table_layout_cells_forgetting_omega_published_and_pending():
     cells = {("upper_bound", 5): agg(70.0), ("abd", 5): agg(40.0, 0.62),
              ("upper_bound", 10): agg(65.0)}
     module = _run_table_module()
+    from abd_jax import methods
     md, csv = module.format_table(["upper_bound", "abd", "rdfcil"], [5, 10], cells,
-                                  {"abd": {5: (43.9, 0.9, "ABD")}})
+                                  {"abd": {5: (43.9, 0.9, "ABD")}}, 0, {"ABD": "the paper"})
     lines = md.splitlines()
     assert lines[0] == ("| row | A_N (%), 5 tasks | A_inc (%), 5 tasks | F (%), 5 tasks | "
                         "Omega, 5 tasks | published A_N (%), 5 tasks | A_N (%), 10 tasks | "
@@ -154,8 +155,8 @@ def test_table_layout_cells_forgetting_omega_published_and_pending():
                         "43.9 +- 0.9 [ABD] | ... | ... | ... | ... | 2.00 | 0.5000 |")
     assert lines[4] == ("| rdfcil | ... | ... | ... | ... |  | ... | ... | ... | ... | n/a "
                         "| ... |")
-    assert lines[6] == f"[ABD] {module.SOURCES['ABD']}."
-    assert lines[7] == module.PUBLISHED_NOTE
+    assert lines[6] == "[ABD] the paper."
+    assert lines[7] == methods._CLASSES["rdfcil"].published_note
     assert csv.splitlines()[1:] == [
         "upper_bound,5,0,70.0,1.0,75.0,0.5,10.0,2.0,,,,,2000000.0,0.5,3",
         "upper_bound,10,0,65.0,1.0,70.0,0.5,15.0,2.0,,,,,2000000.0,0.5,3",
@@ -170,12 +171,23 @@ def test_table_layout_cells_forgetting_omega_published_and_pending():
     assert module.format_table(["abd"], [5], untimed)[0].splitlines()[2].endswith("| n/a |")
 
 
-def test_every_published_figure_names_its_source_and_a_known_row():
+def test_the_methods_give_the_tables_rows_and_published_figures():
+    """run_table's rows, tables and published column come from the methods: a method is a
+    row of the tables it lists, in `rank` order, with its variants after it; every figure it
+    lists names a known source."""
+    from abd_jax import methods
     module = _run_table_module()
-    for rows in module.PUBLISHED.values():
-        for row, figures in rows.items():
-            assert row in module.ROWS
-            assert all(source in module.SOURCES for _, _, source in figures.values())
+    assert module.TABLES["coreset"] == ["upper_bound", "naive_rehearsal", "lwf_coreset", "e2e",
+                                        "bic"]
+    assert module.TABLES["ablations"][:2] == ["abd", "abd_no_task_balancing"]
+    assert module.ROWS["abd_no_ft_ce"] == {"method": "abd", "abd.ft_ce": False}
+    assert set(methods.METHODS) <= set(module.ROWS)
+    figures, sources = methods.published("cifar100", 0)
+    assert figures["abd"][10] == (33.7, 1.2, "ABD") and "lwf_synthetic" not in figures
+    for row, by_tasks in figures.items():
+        assert row in module.ROWS
+        assert all(source in sources for _, _, source in by_tasks.values())
+    assert methods.published("cifar100", 50)[0] == {}  # ABD's figures are cold start
 
 
 def test_comparison_plot_has_a_panel_per_task_count_and_a_line_per_row(tmp_path):

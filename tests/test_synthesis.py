@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from abd_jax import data, driver, experiment, losses, methods, models, sampling, synthesis, train
+from abd_jax import (augment, data, driver, experiment, generators, losses, methods, models, sampling,
+                     synthesis, train)
 from abd_jax.methods import abd, synthetic_replay
 from abd_jax.methods.teacher import Teacher, teacher_apply
 from abd_jax.preemption import StopRequests
@@ -68,7 +69,7 @@ def test_bn_alignment_is_zero_when_running_stats_match_the_batch(session):
 def _synthesis_setup(session, mesh_devices, iterations=2):
     model, teacher = _teacher(session)
     cfg = synthesis.SynthesisConfig(iterations=iterations, batch_size=8, z_dim=16)
-    generator = models.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps)
+    generator = generators.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps)
     mesh = experiment.make_mesh(mesh_devices)
     synth = synthesis.Synthesizer(session, cfg, generator, model, mesh, steps_per_call=1)
     return synth, synth.init(jax.random.PRNGKey(2)), teacher
@@ -129,7 +130,7 @@ def _learner_setup(session, method_name, mesh_devices, chunk=2, **overrides):
                          method_key=np.array([0, 8], np.uint32), session=session)
     method_state = method.init_state(rt, state).replace(teacher=teacher)
     cfg = train.StepConfig(batch_size=8, lr_decay=0.1,
-                           augment=data.AugmentConfig(),
+                           augment=augment.AugmentConfig(),
                            mean=(0.5,) * 3, std=(0.25,) * 3)
     rng = np.random.RandomState(0)
     images = jnp.asarray(rng.randint(0, 256, (24, *IMAGE_SHAPE)), jnp.uint8)
@@ -258,7 +259,7 @@ def test_bfloat16_generator_keeps_float32_parameters_images_and_teacher(session)
     for dtype in ("float32", "bfloat16"):
         cfg = synthesis.SynthesisConfig(iterations=1, batch_size=8, z_dim=16,
                                         generator_dtype=dtype)
-        generator = models.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps, dtype)
+        generator = generators.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps, dtype)
         synth = synthesis.Synthesizer(session, cfg, generator, model.clone(dtype=jnp.bfloat16),
                                       mesh, 1)
         assert synth.model.dtype == jnp.float32
@@ -292,7 +293,7 @@ def test_generator_dtype_follows_the_config(dtype, generator_dtype, expected):
 
 def test_bad_generator_dtype_names_the_setting():
     with pytest.raises(ValueError, match="generator_dtype"):
-        models.create_generator(8, 3, 16, dtype="float16")
+        generators.create_generator(8, 3, 16, dtype="float16")
 
 
 @pytest.mark.slow
@@ -301,7 +302,7 @@ def test_bfloat16_classifier_is_inverted_in_float32(session):
     stat-alignment KL) still runs in float32: same terms as a float32 classifier."""
     model, teacher = _teacher(session)
     cfg = synthesis.SynthesisConfig(iterations=1, batch_size=8, z_dim=16)
-    generator = models.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps)
+    generator = generators.create_generator(8, 3, cfg.z_dim, cfg.inner_bn_eps)
     mesh = experiment.make_mesh(1)
     terms = {}
     for dtype in (jnp.float32, jnp.bfloat16):

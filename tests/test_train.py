@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from abd_jax import data as data_lib
-from abd_jax import experiment, methods, models, plan, sampling, train
+from abd_jax import augment, experiment, methods, models, plan, sampling, train
 from abd_jax.methods import base, lwf
 from abd_jax.methods.teacher import TeacherState, teacher_of
 
@@ -22,7 +21,7 @@ def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1, with_teacher=
     session = session or Session()
     model = models.CifarResNet(depth=8, num_classes=NUM_CLASSES, width=4)
     cfg = train.StepConfig(batch_size=batch_size, lr_decay=0.1,
-                           augment=data_lib.AugmentConfig(), mean=(0.5,) * 3, std=(0.25,) * 3)
+                           augment=augment.AugmentConfig(), mean=(0.5,) * 3, std=(0.25,) * 3)
     mesh = experiment.make_mesh(mesh_devices)
     tx = session.shared(train.learner_optimizer, 0.1, 0.9, 2e-4)
     state = train.create_train_state(session, model, jax.random.PRNGKey(0), IMAGE_SHAPE, tx)
@@ -120,7 +119,7 @@ def test_skipping_by_mask_equals_skipping_by_cond():
     for skip in ("cond", "mask"):
         model = models.CifarResNet(depth=8, num_classes=NUM_CLASSES, width=4)
         cfg = train.StepConfig(batch_size=8, lr_decay=0.1,
-                               augment=data_lib.AugmentConfig(), mean=(0.5,) * 3,
+                               augment=augment.AugmentConfig(), mean=(0.5,) * 3,
                                std=(0.25,) * 3)
         fn = train.make_train_chunk(model, base.ce, cfg,
                                     experiment.make_mesh(1), 5, skip)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from abd_jax import losses, models
 from abd_jax.methods.base import ce
+from abd_jax.methods.published import abd_table
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
 from abd_jax.session import bind
 from abd_jax.train import LossContext
@@ -78,6 +79,16 @@ def abd_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOption
 class ABD(SyntheticReplay):
     name = "abd"
     sections = ("abd", "synthesis")
+    tables, rank = ("methods", "data_free", "ablations"), 60
+    variants = {  # Table 3's ablations
+        "abd_no_task_balancing": {"abd.task_balancing": False},
+        "abd_standard_ce": {"abd.local_ce": False},
+        "abd_feature_kd_synthetic_only": {"abd.kd_on_real": False},
+        "abd_feature_kd_real_only": {"abd.kd_on_synthetic": False},
+        "abd_no_ft_ce": {"abd.ft_ce": False},
+    }
+    variant_tables = ("ablations",)
+    published = abd_table((43.9, 0.9), (33.7, 1.2), (20.0, 1.4))
     heads = ("linear",)  # FT-CE and the feature KD read the head's kernel and bias
 
     def __init__(self, config, spec):

@@ -2,7 +2,7 @@
 (docs/algorithm.md §6b).
 
 During every task after the first, each step replays B images decoded by the previous task's
-variational autoencoder (`models.ConvVAE`, the release's), labelled by the previous solver
+variational autoencoder (`generators.ConvVAE`, the release's), labelled by the previous solver
 (argmax over the past classes); the solver minimises the task-balanced CE over real + replay
 plus `dgr.mu` times a KD over the past classes on the replayed images (`losses.dgr_solver_loss`).
 The autoencoder learns from the same batches (the task's augmented images plus those replayed
@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from abd_jax import losses, models, rng, train
+from abd_jax import generators, losses, models, rng, train
 from abd_jax.methods.base import ce
 from abd_jax.methods.lifecycle import Runtime, SGDLoop, Update, learner_optimizer
 from abd_jax.methods.teacher import Teacher, TeacherMethod, teacher_apply, teacher_of
+from abd_jax.methods.published import abd_table
 from abd_jax.plan import Task, run_schedule
 from abd_jax.session import bind
 from abd_jax.train import LossContext
@@ -47,7 +48,7 @@ class AutoencoderInputs:
     previous: dict
 
 
-def decode_replay(vae: models.ConvVAE, vae_params, key, count: int, mean, std):
+def decode_replay(vae: generators.ConvVAE, vae_params, key, count: int, mean, std):
     """`count` images decoded from z ~ N(0, I), in [0, 1] and normalised: (x01, x_norm)."""
     z = jax.random.normal(key, (count, vae.z_dim))
     x01 = jax.lax.stop_gradient(vae.apply({"params": vae_params}, z, method=vae.decode))
@@ -55,7 +56,7 @@ def decode_replay(vae: models.ConvVAE, vae_params, key, count: int, mean, std):
     return x01, x
 
 
-def replay_batch(ctx: LossContext, vae: models.ConvVAE, mean, std):
+def replay_batch(ctx: LossContext, vae: generators.ConvVAE, mean, std):
     """(x, y, teacher logits of the replay) with x, y `[2B, ...]`: the real batch, then B
     images decoded by the previous autoencoder from `ctx.rng` and labelled by the teacher's
     argmax among the past classes `[0, K_old)`."""
@@ -68,7 +69,7 @@ def replay_batch(ctx: LossContext, vae: models.ConvVAE, mean, std):
             jnp.concatenate([ctx.labels, y_replay.astype(ctx.labels.dtype)]), teacher_logits)
 
 
-def dgr_loss(ctx: LossContext, vae: models.ConvVAE, mean, std, mu: float, temperature: float):
+def dgr_loss(ctx: LossContext, vae: generators.ConvVAE, mean, std, mu: float, temperature: float):
     """`losses.dgr_solver_loss` on [x_real; x_replay] (`replay_batch`)."""
     x, y, replay_logits = replay_batch(ctx, vae, mean, std)
     logits, _, new_bs = ctx.forward(x)
@@ -77,7 +78,7 @@ def dgr_loss(ctx: LossContext, vae: models.ConvVAE, mean, std, mu: float, temper
     return loss, new_bs, {"ce": ce, "kd": kd}
 
 
-def autoencoder_loss(ctx: LossContext, vae: models.ConvVAE, mean, std):
+def autoencoder_loss(ctx: LossContext, vae: generators.ConvVAE, mean, std):
     """`losses.vae_loss` of the autoencoder at `ctx.params` on the solver's batch of the same
     step: the real images in [0, 1], then (from the second task on) the images the solver
     replayed (same key), weighted as the solver weights them (1 - r real, r replayed)."""
@@ -99,11 +100,13 @@ def autoencoder_loss(ctx: LossContext, vae: models.ConvVAE, mean, std):
 class DGR(TeacherMethod):
     name = "dgr"
     sections = ("dgr",)
+    tables, rank = ("methods", "data_free"), 80
+    published = abd_table((14.4, 0.4), (8.1, 0.1), (4.1, 0.3))
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
         height, _, channels = spec.image_shape
-        self.vae = models.ConvVAE(image_size=height, channels=channels,
+        self.vae = generators.ConvVAE(image_size=height, channels=channels,
                                   z_dim=config.dgr.z_dim)
         self.mean, self.std = self.input_stats(spec)
         self.first_task_loss = ce

@@ -224,6 +224,17 @@ class Method:
 
     name: str = ""
     sections: tuple = ()  # the config subtrees it reads (the others don't fingerprint its runs)
+    # run_table.py: the tables it is a row of, its place among the rows (`rank`), extra rows
+    # of it under other settings ({row: config overrides}, listed after it in
+    # `variant_tables`), the figures papers report for it (`published.Published`) with the
+    # texts of their sources not in `published.SOURCES`.
+    tables: tuple = ()
+    rank: int = 1000
+    variants: dict = {}
+    variant_tables: tuple = ()
+    published: tuple = ()
+    sources: dict = {}
+    published_note: str = ""  # said below a table that shows published figures beside it
     head_bias: bool = True  # whether its classifier's head has a bias
     heads: tuple = ("linear", "cosine")  # the `--config.head`s its losses support
 

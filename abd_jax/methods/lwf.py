@@ -8,6 +8,7 @@ from abd_jax import losses
 from abd_jax.methods.base import ce
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
 from abd_jax.methods.teacher import TeacherMethod, teacher_apply
+from abd_jax.methods.published import abd_table
 from abd_jax.session import bind
 from abd_jax.train import LossContext
 
@@ -55,6 +56,8 @@ def lwf_synthetic_loss(ctx: LossContext, generator: nn.Module, z_dim: int, mu: f
 class LwF(TeacherMethod):
     name = "lwf"
     sections = ("lwf",)
+    tables, rank = ("methods", "data_free"), 20
+    published = abd_table((17.0, 0.1), (9.2, 0.0), (4.7, 0.1))
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
@@ -67,6 +70,8 @@ class LwFMC(TeacherMethod):
     """LwF.MC: its BCE from the first task on (one-hot targets before a teacher exists)."""
 
     name = "lwf_mc"
+    tables, rank = ("methods", "data_free"), 30
+    published = abd_table((32.5, 1.0), (17.1, 0.1), (7.7, 0.5))
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
@@ -77,6 +82,7 @@ class LwFMC(TeacherMethod):
 class LwFSynthetic(SyntheticReplay):
     name = "lwf_synthetic"
     sections = ("lwf_synthetic", "synthesis")
+    tables, rank = ("methods", "data_free"), 40
 
     def __init__(self, config, spec):
         super().__init__(config, spec)

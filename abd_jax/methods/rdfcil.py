@@ -163,6 +163,11 @@ class RDFCIL(SyntheticReplay):
 
     name = "rdfcil"
     sections = ("rdfcil", "synthesis")
+    tables, rank = ("data_free",), 70
+    published_note = (
+        "R-DFCIL's own published figures (its Table 1: 200 epochs of which 40 fine-tune the "
+        "head, weight decay 5e-4, crop + flip, 5,000 generator steps, its release's class "
+        "orders) are not listed: they were not checked against the paper here.")
     heads = ("linear",)  # the head fine-tuning computes f W (+ b)
 
     def __init__(self, config, spec):

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 from flax import struct
 
-from abd_jax import driver, models, rng, synthesis, train
+from abd_jax import driver, generators, rng, synthesis, train
 from abd_jax.methods.lifecycle import Loop, Runtime, Update
 from abd_jax.methods.teacher import Teacher, TeacherMethod, teacher_of
 from abd_jax.plan import Task
@@ -92,7 +92,7 @@ class SyntheticReplay(TeacherMethod):
         super().__init__(config, spec)
         self.synthesis = synthesis_config(config)
         height, _, channels = spec.image_shape
-        self.generator = models.create_generator(height, channels, self.synthesis.z_dim,
+        self.generator = generators.create_generator(height, channels, self.synthesis.z_dim,
                                                  self.synthesis.inner_bn_eps,
                                                  self.synthesis.generator_dtype)
 
