@@ -123,7 +123,7 @@ def _hand_blur_1d(sigma=1.0):
 def test_blur_kernel_hand_values():
     """§3: k = g g^T / (sum g)^2 with g_i = exp(-((i - 2) / (2 sigma))^2), sigma = 1."""
     # g = [e^-1, e^-1/4, 1, e^-1/4, e^-1] = [0.3678794, 0.7788008, 1, ...], sum s = 3.2933604
-    kernel, kernel2 = jax.jit(lambda: (losses._blur_kernel(), losses._blur_kernel(2.0)))()
+    kernel, kernel2 = jax.jit(lambda: (losses.synthesis._blur_kernel(), losses.synthesis._blur_kernel(2.0)))()
     chex.assert_shape(kernel, (5, 5))
     chex.assert_type(kernel, jnp.float32)
     g = _hand_blur_1d()
