@@ -25,12 +25,13 @@ import numpy as np
 
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
-from abd_jax import augment, experiment, methods, rng
-from abd_jax.methods.lifecycle import Runtime, learner_optimizer, new_learner
+from abd_jax import augment, experiment, methods, rng, train
+from abd_jax.methods.lifecycle import Runtime, new_learner
 from abd_jax.methods.synthetic_replay import SyntheticReplay
-from abd_jax.methods.teacher import teacher_apply, teacher_of
+from abd_jax.methods.teacher import freeze
 from abd_jax.plan import RunPlan
 from abd_jax.session import Session
+from abd_jax.synthesis import frozen_apply
 
 EPS = 1e-8
 
@@ -134,8 +135,8 @@ def feature_sets(workdir: pathlib.Path, task: int = 2, repeat: int = 0, split: s
     rt = Runtime(config=config, plan=plan, model=model,
                  mesh=experiment.make_mesh(config.num_devices), image_shape=spec.image_shape,
                  steps_per_call=1, method_key=plan.method_key, session=session)
-    learner = new_learner(rt, method, plan.init_key,
-                          learner_optimizer(rt, method.weight_decay(config)))
+    learner = new_learner(rt, method, plan.init_key, train.learner_optimizer(
+        session, config.lr, config.momentum, method.weight_decay(config)))
     template = {"state": learner, "method": method.init_state(rt, learner)}
     checkpointer = ckpt_lib.RunCheckpointer(workdir / "checkpoints" / f"repeat_{repeat}")
     try:
@@ -146,7 +147,7 @@ def feature_sets(workdir: pathlib.Path, task: int = 2, repeat: int = 0, split: s
                                 "keep every finished task's checkpoint") from None
     finally:
         checkpointer.close()
-    trained = teacher_of(model_tree["state"])
+    trained = freeze(model_tree["state"])
     images = splits.test_images if split == "test" else splits.train_images
     labels = plan.test_labels if split == "test" else plan.train_labels
     rand = np.random.RandomState(seed)
@@ -162,7 +163,7 @@ def feature_sets(workdir: pathlib.Path, task: int = 2, repeat: int = 0, split: s
     synthetic, _ = method.synthesizer(rt).labelled_samples(
         replay_tree["method"].generator, replay_tree["method"].teacher, plan.bounds[task - 2][1],
         rng.key(seed), len(real_first))
-    features = jax.jit(lambda x: teacher_apply(model, trained, x)[1])
+    features = jax.jit(lambda x: frozen_apply(model, trained, x)[1])
 
     def featurize(x: np.ndarray, batch: int = 500) -> np.ndarray:
         return np.concatenate([np.asarray(features(x[i:i + batch]), np.float32)

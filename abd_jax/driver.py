@@ -30,9 +30,10 @@ class Diverged(FloatingPointError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Loop:
+class DrivenLoop:
     """One loop for `drive`: `chunk(state, *args) -> (state, metrics)`, a jitted
-    `train.fuse_steps` function (the state donated), run from step `start` to `total`."""
+    `train.fuse_steps` function (the state donated), run from step `start` to `total`. (An
+    end-of-task stage that runs one is a `methods.lifecycle.Loop`.)"""
 
     name: str                # for the log: e.g. "task 2 training", "task 2 generator"
     chunk: Callable
@@ -76,7 +77,7 @@ def _left(done: int, total: int, warm_steps: int, warm_seconds: float) -> str:
     return f"{logs.format_duration((total - done) * warm_seconds / warm_steps)} left"
 
 
-def drive(loop: Loop, state, hooks: Hooks):
+def drive(loop: DrivenLoop, state, hooks: Hooks):
     """Run `loop` from `loop.start` to `loop.total` (see the module docstring). Returns (the
     final state, steps and seconds of the calls after the first, which may have compiled).
     Raises `Diverged` at a non-finite loss and `preemption.Preempted` after saving at a stop
@@ -128,7 +129,7 @@ def drive(loop: Loop, state, hooks: Hooks):
     return state, warm_steps, warm_seconds
 
 
-def _log(loop: Loop, hooks: Hooks, step: int, means: dict, rate: float, left: str) -> None:
+def _log(loop: DrivenLoop, hooks: Hooks, step: int, means: dict, rate: float, left: str) -> None:
     hooks.log(step, {**means, **({"images_per_second": rate} if loop.items_per_step else {})})
     terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "lr")
     lr = f" lr {means['lr']:.4g}" if "lr" in means else ""

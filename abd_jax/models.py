@@ -12,6 +12,7 @@ the stat-alignment loss of model inversion compares with `batch_stats` (docs/alg
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -39,6 +40,12 @@ def torch_default_bias(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+def parameter_count(params) -> int:
+    """The number of parameters in `params`: a tree of arrays, or of their shapes (e.g. from
+    `jax.eval_shape`)."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
 
 
 def init_variables(session, module: nn.Module, rng, *inputs, **kwargs) -> dict:

@@ -74,7 +74,8 @@ class RepeatRunner:
             image_shape=spec.image_shape, steps_per_call=self.steps_per_call,
             method_key=self.plan.method_key, session=session, services=self)
         self.capacity = plan.shared_capacity(method.index_capacity(self.rt))
-        self.tx = lifecycle.learner_optimizer(self.rt, method.weight_decay(config))
+        self.tx = train.learner_optimizer(session, config.lr, config.momentum,
+                                          method.weight_decay(config))
         self.acc = metrics.AccuracyMatrix(config.num_tasks)
         self.timing = {"train_seconds": 0.0, "train_steps": 0, "task_wall_seconds": []}
         self.compiled_ahead: dict[str, str] = {}  # program -> outcome (config.compile_ahead)
@@ -93,7 +94,7 @@ class RepeatRunner:
                                       self.config.eval_batch_size, self.mesh,
                                       self.session.stop)
 
-    def sgd_loop(self, name, loss_fn, method_state, index, schedule, key, task, start):
+    def sgd_loop(self, name, loss_fn, inputs, index, schedule, key, task, start):
         c = self.config
         host_info = self.plan.task_info(task, index, schedule, key, self.capacity)
         info = hosts.to_global(host_info, self.replicated)
@@ -103,11 +104,11 @@ class RepeatRunner:
         logging.info("repeat %d task %d %s: %d images, %d steps (%d epochs) at lr %g",
                      self.repeat, task.index + 1, name, len(index), total, schedule.epochs,
                      schedule.lr)
-        return driver.Loop(f"task {task.index + 1} {name}", chunk,
-                           (self._placed(method_state), self._data(host_info, start), info),
-                           start, total, self.steps_per_call, c.batch_size)
+        return driver.DrivenLoop(f"task {task.index + 1} {name}", chunk,
+                                 (self._placed(inputs), self._data(host_info, start), info),
+                                 start, total, self.steps_per_call, c.batch_size)
 
-    def _drive(self, loop: driver.Loop, state, hooks: driver.Hooks):
+    def _drive(self, loop: driver.DrivenLoop, state, hooks: driver.Hooks):
         """`driver.drive`, the first loop after a resume continuing its unlogged metrics."""
         loop = dataclasses.replace(loop, pending=self.pending)
         self.pending = {}

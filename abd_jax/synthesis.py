@@ -4,8 +4,9 @@ After each task the frozen teacher is inverted: a generator G is trained so that
 x = G(z) are confidently classified (content), cover the seen classes (diversity), reproduce
 the teacher's BatchNorm statistics (stat alignment) and are smooth. During the next task, the
 learner draws a synthetic batch from G (eval mode) inside its jitted step. A teacher here is
-anything with `.params` and `.batch_stats` (the frozen model's variables); the host loop that
-trains G is the shared driver's (`methods.synthetic_replay`).
+anything with `.params` and `.batch_stats` (a frozen model's variables, run by `frozen_apply`,
+the package's one frozen forward); the host loop that trains G is the shared driver's
+(`methods.synthetic_replay`).
 
 The stat-alignment KL reads the teacher's running statistics from its `batch_stats`
 collection and the batch statistics of every BN layer's input from the `bn_inputs`
@@ -45,9 +46,11 @@ class SynthesisConfig:
     generator_dtype: str = "float32"  # G's compute dtype (the teacher is inverted in float32)
 
 
-def frozen_apply(model: nn.Module, teacher, images, **kwargs):
-    """Eval-mode forward of a frozen model's variables `teacher` (`.params`, `.batch_stats`)."""
-    return model.apply({"params": teacher.params, "batch_stats": teacher.batch_stats}, images,
+def frozen_apply(model: nn.Module, frozen, images, **kwargs):
+    """Eval-mode forward of `model` at a frozen model's variables `frozen` (`.params`,
+    `.batch_stats`, e.g. a `methods.teacher.FrozenModel`): (logits, features), plus what
+    `kwargs` ask for (e.g. `mutable` collections)."""
+    return model.apply({"params": frozen.params, "batch_stats": frozen.batch_stats}, images,
                        train=False, **kwargs)
 
 

@@ -1,9 +1,10 @@
 """The training step shared by every method and stage, and its TrainState.
 
 A method supplies a loss function `loss_fn(ctx: LossContext) -> (loss, new_batch_stats,
-metrics)` and its state pytree, which every step sees as `ctx.method_state`; batching,
-augmentation, the learning-rate schedule, the optimiser update and data parallelism live
-here, once. Which examples a step sees is `sampling`'s business.
+metrics)` and what it reads besides the trained state (its state pytree, or a stage's
+inputs), which every step sees as `ctx.inputs`; batching, augmentation, the learning-rate
+schedule, the optimiser update and data parallelism live here, once. Which examples a step
+sees is `sampling`'s business.
 
 Data parallelism: jit over a 1-D device mesh (`("data",)`). State and data are replicated; the
 step's batch is sharded along the batch axis, so XLA computes BatchNorm batch statistics and
@@ -57,9 +58,11 @@ class LossContext:
 
     forward(x, batch_stats=None) -> (logits [n, C], features [n, D], new_batch_stats): the
     trained module in train mode, updating the state's running statistics (or `batch_stats`,
-    to chain two forwards). model: the classifier module (frozen forwards, `methods.teacher`).
-    params, batch_stats: the trained state's (head-only terms, eval-mode forwards of a frozen
-    backbone). method_state: the method's own pytree (e.g. its teacher and generator).
+    to chain two forwards). model: the classifier module (frozen forwards,
+    `synthesis.frozen_apply`). params, batch_stats: the trained state's (head-only terms,
+    eval-mode forwards of a frozen backbone). inputs: what the loss reads besides the trained
+    state: the method's state (e.g. its teacher and generator), or a stage's inputs (e.g.
+    `e2e.BalancedInputs`).
     images `[B, H, W, C]` augmented and normalised, labels `[B]` remapped.
     """
 
@@ -67,7 +70,7 @@ class LossContext:
     model: nn.Module = struct.field(pytree_node=False)
     params: Any
     batch_stats: Any
-    method_state: Any
+    inputs: Any
     images: jax.Array
     labels: jax.Array
     num_old: jax.Array
@@ -84,9 +87,14 @@ def sgd_with_weight_decay(learning_rate, momentum, weight_decay):
                        optax.sgd(learning_rate, momentum=momentum))
 
 
-def learner_optimizer(lr: float, momentum: float, weight_decay: float):
-    """The learner's SGD, its learning rate injected (set by every step from the schedule).
-    Make it with `session.shared` so that equal runs share the TrainState's static fields."""
+def learner_optimizer(session, lr: float, momentum: float, weight_decay: float):
+    """The learner's SGD (and that of any stage like a task's training), its learning rate
+    injected (set by every step from the schedule); one per `session` for equal settings, so
+    that equal runs share the TrainState's static fields."""
+    return session.shared(_injected_sgd, lr, momentum, weight_decay)
+
+
+def _injected_sgd(lr: float, momentum: float, weight_decay: float):
     return optax.inject_hyperparams(sgd_with_weight_decay)(
         learning_rate=lr, momentum=momentum, weight_decay=weight_decay)
 
@@ -147,30 +155,29 @@ def task_batch(data, task: TaskInfo, step, rng, cfg: StepConfig, mesh: Mesh,
     return jax.lax.with_sharding_constraint(x, batch_sharding), y
 
 
-def method_loss(model: nn.Module, loss_fn: LossFn, state: TrainState, method_state, x, y,
+def method_loss(model: nn.Module, loss_fn: LossFn, state: TrainState, inputs, x, y,
                 task: TaskInfo, rng, params):
     """`(loss, (new_batch_stats, metrics))` of the method's loss at `params` on batch (x, y)."""
 
-    def forward(inputs, batch_stats=None):
+    def forward(images, batch_stats=None):
         (logits, feats), updates = state.apply_fn(
             {"params": params,
              "batch_stats": state.batch_stats if batch_stats is None else batch_stats},
-            inputs, train=True, mutable=["batch_stats"])
+            images, train=True, mutable=["batch_stats"])
         return logits, feats, updates["batch_stats"]
 
     ctx = LossContext(forward=forward, model=model, params=params,
-                      batch_stats=state.batch_stats, method_state=method_state,
+                      batch_stats=state.batch_stats, inputs=inputs,
                       images=x, labels=y, num_old=task.num_old, num_seen=task.num_seen,
                       rng=rng)
     loss, new_bs, metrics = loss_fn(ctx)
     return loss, (new_bs, metrics)
 
 
-def loss_and_grads(model: nn.Module, loss_fn: LossFn, state: TrainState, method_state, x, y,
+def loss_and_grads(model: nn.Module, loss_fn: LossFn, state: TrainState, inputs, x, y,
                    task: TaskInfo, rng):
     """`((loss, (new_batch_stats, metrics)), grads)` of `method_loss` w.r.t. the params."""
-    loss_of = functools.partial(method_loss, model, loss_fn, state, method_state, x, y, task,
-                                rng)
+    loss_of = functools.partial(method_loss, model, loss_fn, state, inputs, x, y, task, rng)
     return jax.value_and_grad(loss_of, has_aux=True)(state.params)
 
 
@@ -183,19 +190,20 @@ def sgd_update(state: TrainState, grads, new_batch_stats, lr) -> TrainState:
 
 
 def make_train_step(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh):
-    """Pure `(state, method_state, data, task) -> (state, metrics)`: one SGD step on the
+    """Pure `(state, inputs, data, task) -> (state, metrics)`: one SGD step on the
     `state.step`-th batch of the stage (from `data`, augmented and sharded on device), with
     keys `fold_in(task.key, 2 * step)`. `state` is the learner or any TrainState a stage
-    trains (its loss reads the classifier `model` from the method state)."""
+    trains; its loss reads `inputs` as `ctx.inputs` and the classifier `model` as
+    `ctx.model`."""
     replicated = NamedSharding(mesh, P())
 
-    def one_step(state: TrainState, method_state, data, task: TaskInfo):
+    def one_step(state: TrainState, inputs, data, task: TaskInfo):
         step = state.step
         rng = jax.random.fold_in(task.key, 2 * step)
         aug_rng, loss_rng = jax.random.split(rng)
         x, y = task_batch(data, task, step, aug_rng, cfg, mesh)
-        (loss, (new_bs, metrics)), grads = loss_and_grads(model, loss_fn, state, method_state,
-                                                          x, y, task, loss_rng)
+        (loss, (new_bs, metrics)), grads = loss_and_grads(model, loss_fn, state, inputs, x, y,
+                                                          task, loss_rng)
         lr = learning_rate(step, task, cfg)
         state = jax.lax.with_sharding_constraint(sgd_update(state, grads, new_bs, lr),
                                                  replicated)
@@ -250,13 +258,13 @@ def fuse_steps(step_fn: Callable, chunk: int, skip: str = "cond") -> Callable:
 
 def make_train_chunk(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Mesh,
                      chunk: int, skip: str = "cond"):
-    """Pure `(state, method_state, data, task) -> (state, metrics [chunk])`: `chunk` train
+    """Pure `(state, inputs, data, task) -> (state, metrics [chunk])`: `chunk` train
     steps on `data` (`DeviceData` or `StreamedBatches`), stopping at `task.total_steps` (see
     `fuse_steps`); jit it donating the state (`train_chunk`)."""
     fused = fuse_steps(make_train_step(model, loss_fn, cfg, mesh), chunk, skip)
 
-    def train_chunk(state, method_state, data, task):
-        return fused(state, task.total_steps, method_state, data, task)
+    def train_chunk(state, inputs, data, task):
+        return fused(state, task.total_steps, inputs, data, task)
 
     return train_chunk
 

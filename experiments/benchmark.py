@@ -70,7 +70,7 @@ from PIL import Image
 from abd_jax import data as data_lib
 from abd_jax import (augment, experiment, input_pipeline, logs, methods, models, sampling,
                      synthesis, train)
-from abd_jax.methods.teacher import Teacher
+from abd_jax.methods.teacher import FrozenModel
 from abd_jax.session import Session
 from configs import cifar100
 
@@ -185,7 +185,7 @@ def make_learner(session: Session, case: str, dtype: str, conv_impl: str,
     cfg = train.StepConfig(batch_size=FLAGS.batch_size, lr_decay=0.1,
                            augment=augment.AugmentConfig(), mean=(0.5071, 0.4865, 0.4409),
                            std=(0.2673, 0.2564, 0.2762))
-    tx = session.shared(train.learner_optimizer, 0.1, 0.9, 2e-4)
+    tx = train.learner_optimizer(session, 0.1, 0.9, 2e-4)
     state = train.create_train_state(session, model, jax.random.PRNGKey(seed), _image_shape(),
                                      tx)
     n = 5000
@@ -270,7 +270,7 @@ def _generator_setup(session: Session, dtype: str, conv_impl: str, skip: str = "
                                   experiment.make_mesh(), _steps_per_call(), **_skip(skip))
     variables = models.init_variables(session, model, jax.random.PRNGKey(0),
                                       (1, *_image_shape()), train=False)
-    teacher = Teacher(variables["params"], variables["batch_stats"])
+    teacher = FrozenModel(variables["params"], variables["batch_stats"])
     args = synth.step_args(2**30, teacher, 20, np.array([0, 4], np.uint32))
     return synth.fused_step, synth.init(jax.random.PRNGKey(3)), args
 

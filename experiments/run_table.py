@@ -120,13 +120,13 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
     return text, "\n".join(csv) + "\n"
 
 
-def comparison_panels(rows: list[str], task_counts: list[int], cells: dict) -> dict:
-    """{"<n> tasks": {row: (mean A_i, std A_i)}} of the cells done, for the comparison plot."""
-    first = FLAGS.config.first_task_classes
-    return {tasks_label(n, first): {row: (cells[(row, n)]["A_global"]["mean"],
-                                 cells[(row, n)]["A_global"]["std"])
-                           for row in rows if (row, n) in cells}
-            for n in task_counts}
+def comparison_panels(rows: list[str], task_counts: list[int], cells: dict,
+                      first_task_classes: int = 0) -> dict:
+    """{`tasks_label`: {row: (mean A_i, std A_i)}} of the cells done, for the comparison
+    plot."""
+    return {tasks_label(n, first_task_classes): {
+        row: (cells[(row, n)]["A_global"]["mean"], cells[(row, n)]["A_global"]["std"])
+        for row in rows if (row, n) in cells} for n in task_counts}
 
 
 def main(argv):
@@ -190,7 +190,7 @@ def write_table(workdir: pathlib.Path, rows: list[str], task_counts: list[int],
     files.write_file(workdir / "table.md", table)
     files.write_file(workdir / "table.csv", csv)
     reporting.write_comparison(
-        workdir / "comparison.png", comparison_panels(rows, task_counts, cells),
+        workdir / "comparison.png", comparison_panels(rows, task_counts, cells, first),
         f"{FLAGS.config.dataset}: A_i per row (mean ± std over repeats)")
     return table
 

@@ -19,7 +19,8 @@ import pytest
 from abd_jax import data as data_lib
 from abd_jax import methods, models, train
 from abd_jax.methods import bic, coreset, dgr, e2e
-from abd_jax.methods.teacher import Teacher, teacher_apply
+from abd_jax.methods.teacher import FrozenModel
+from abd_jax.synthesis import frozen_apply
 from configs import digits
 from helpers import TinyNet, ce64, log_softmax64
 
@@ -77,7 +78,7 @@ def setup(session):
     # non-trivial running statistics, so that eval mode differs from train mode
     student = {**student, "batch_stats": jax.tree.map(lambda v: v + 0.3,
                                                       student["batch_stats"])}
-    as_teacher = lambda v: Teacher(v["params"], v["batch_stats"])
+    as_teacher = lambda v: FrozenModel(v["params"], v["batch_stats"])
     dgr_method = _method("dgr")
     vae = dgr_method.vae
     vae_params = {k: models.init_variables(session, vae, jax.random.PRNGKey(k),
@@ -87,19 +88,19 @@ def setup(session):
                 dgr_method=dgr_method, session=session)
 
 
-def _ctx(s, method_state, labels, params=None, batch_stats="student"):
+def _ctx(s, inputs, labels, params=None, batch_stats="student"):
     """The step's context; `batch_stats`: the student's, or given (None: a frozen-backbone
     stage in eval mode, whose trained state carries no running statistics)."""
     params = s["student"]["params"] if params is None else params
     batch_stats = s["student"]["batch_stats"] if batch_stats == "student" else batch_stats
 
-    def forward(inputs):
+    def forward(images):
         (logits, feats), upd = s["net"].apply({"params": params, "batch_stats": batch_stats},
-                                              inputs, train=True, mutable=["batch_stats"])
+                                              images, train=True, mutable=["batch_stats"])
         return logits, feats, upd["batch_stats"]
 
     return train.LossContext(forward=forward, model=s["net"], params=params,
-                             batch_stats=batch_stats, method_state=method_state,
+                             batch_stats=batch_stats, inputs=inputs,
                              images=s["x"], labels=jnp.asarray(labels), num_old=jnp.int32(K_OLD),
                              num_seen=jnp.int32(K_NEW), rng=jax.random.PRNGKey(7))
 
@@ -119,7 +120,7 @@ def _drop_bs(out):
 def runs(setup):
     """Every method's loss on the step, in one jitted call, and the values they read."""
     s = setup
-    student = Teacher(s["student"]["params"], s["student"]["batch_stats"])
+    student = FrozenModel(s["student"]["params"], s["student"]["batch_stats"])
     memory = jnp.full((8,), -1, jnp.int32)
     alpha, beta = jnp.asarray(ALPHA, jnp.float32), jnp.asarray(BETA, jnp.float32)
     distinct = jnp.zeros((NUM_TASKS,), jnp.int32)
@@ -144,7 +145,7 @@ def runs(setup):
 
     @jax.jit
     def run(ab):
-        apply = lambda teacher, x: teacher_apply(s["net"], teacher, x)
+        apply = lambda teacher, x: frozen_apply(s["net"], teacher, x)
         mixed = lambda state: _ctx(s, state, Y_MIXED)
         # the head-only stage trains a head (here one moved away from the model's) on the
         # frozen model before the stage (here: the student)
@@ -273,7 +274,7 @@ def test_e2e_balanced_stage_trains_the_head_only(setup):
     gradient reaches both."""
     s = setup
     method = _method("e2e")
-    student = Teacher(s["student"]["params"], s["student"]["batch_stats"])
+    student = FrozenModel(s["student"]["params"], s["student"]["batch_stats"])
     inputs = e2e.BalancedInputs(teacher=s["teacher"], before=student)
     grads = jax.jit(jax.grad(lambda head: method.balanced_loss(
         _ctx(s, inputs, Y_MIXED, params=head))[0]))(_moved(s))
@@ -311,7 +312,7 @@ def test_bic_stage2_fits_the_new_tasks_correction_on_the_frozen_model(runs):
 
 def test_bic_stage2_gradient_reaches_alpha_and_beta_only(setup):
     s = setup
-    student = Teacher(s["student"]["params"], s["student"]["batch_stats"])
+    student = FrozenModel(s["student"]["params"], s["student"]["batch_stats"])
     inputs = bic.CorrectionInputs(model=student, alpha=jnp.asarray(ALPHA, jnp.float32),
                                   beta=jnp.asarray(BETA, jnp.float32),
                                   task_index=jnp.int32(TASK.index))

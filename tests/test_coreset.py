@@ -80,8 +80,8 @@ class FakeServices:
     def predict_train(self, learner, index):
         return np.zeros((len(index), 4)), self.features[index]
 
-    def sgd_loop(self, name, loss_fn, method_state, index, schedule, key, task, start):
-        self.loops.append(dict(name=name, inputs=method_state, index=np.asarray(index),
+    def sgd_loop(self, name, loss_fn, inputs, index, schedule, key, task, start):
+        self.loops.append(dict(name=name, inputs=inputs, index=np.asarray(index),
                                schedule=schedule, start=start))
         return None
 
@@ -115,7 +115,7 @@ def _task(t):
 
 def _learner(session, lr=0.1):
     model = models.CifarResNet(depth=8, num_classes=4, width=4)
-    tx = session.shared(train.learner_optimizer, lr, 0.9, 0.0)
+    tx = train.learner_optimizer(session, lr, 0.9, 0.0)
     return train.create_train_state(session, model, jax.random.PRNGKey(0), (8, 8, 1), tx)
 
 
@@ -292,7 +292,7 @@ def test_balancing_stages_move_the_backbone_statistics_as_the_release(method, se
     config, method_ = _method(method=method, num_tasks=2, num_classes=4, batch_size=batch,
                               **{"coreset.memory": 8, "bic.val_fraction": 1.0, setting: mode})
     model = TinyNet(num_classes=4)
-    tx = session.shared(train.learner_optimizer, 0.1, 0.9, 0.0)
+    tx = train.learner_optimizer(session, 0.1, 0.9, 0.0)
     learner = train.create_train_state(session, model, jax.random.PRNGKey(0), (2, 2, 1), tx)
     rt = dataclasses.replace(fake_runtime(session, config), model=model)
     images = np.random.RandomState(3).randint(0, 256, (40, 2, 2, 1)).astype(np.uint8)

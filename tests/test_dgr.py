@@ -29,8 +29,8 @@ def test_autoencoder_matches_the_release_and_outputs_images_in_0_1(size, channel
     vae = generators.ConvVAE(image_size=size, channels=channels, z_dim=z)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, size, size, channels))
     variables = models.init_variables(session, vae, jax.random.PRNGKey(1), x)
-    count = sum(p.size for p in jax.tree.leaves(variables["params"]))
-    assert count == _torch_param_count(channels, size // 8, z)
+    assert models.parameter_count(variables["params"]) == _torch_param_count(channels,
+                                                                             size // 8, z)
     recon, mean, logvar = jax.jit(vae.apply)(variables, x, jax.random.PRNGKey(3))
     assert recon.shape == x.shape and mean.shape == logvar.shape == (2, z)
     assert float(recon.min()) >= 0 and float(recon.max()) <= 1
@@ -62,7 +62,7 @@ def test_replay_is_labelled_by_the_previous_classifier_among_past_classes(sessio
     method = methods.get_method(config)
     model = models.CifarResNet(depth=8, num_classes=6, width=4)
     learner = train.create_train_state(session, model, jax.random.PRNGKey(0), (8, 8, 1),
-                                       session.shared(train.learner_optimizer, 0.1, 0.9, 0.0))
+                                       train.learner_optimizer(session, 0.1, 0.9, 0.0))
     rt = methods.Runtime(config=config, plan=None, model=model, mesh=None,
                          image_shape=(8, 8, 1), steps_per_call=1,
                          method_key=np.array([0, 1], np.uint32), session=session)
@@ -73,7 +73,7 @@ def test_replay_is_labelled_by_the_previous_classifier_among_past_classes(sessio
     teacher = state.teacher.replace(params={**state.teacher.params, "head": head})
     state = state.replace(teacher=teacher)
     ctx = train.LossContext(forward=None, model=model, params=learner.params, batch_stats=None,
-                            method_state=state, images=jnp.zeros((4, 8, 8, 1)),
+                            inputs=state, images=jnp.zeros((4, 8, 8, 1)),
                             labels=jnp.array([3, 4, 3, 4]), num_old=jnp.int32(3),
                             num_seen=jnp.int32(5), rng=jax.random.PRNGKey(2))
     x, y, replay_logits = dgr.replay_batch(ctx, method.vae, method.mean, method.std)

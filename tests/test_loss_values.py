@@ -18,7 +18,8 @@ import pytest
 from abd_jax import losses, train
 from abd_jax.methods import abd, deepinversion, lwf
 from abd_jax.methods.synthetic_replay import ReplayState, replay
-from abd_jax.methods.teacher import Teacher, TeacherState, teacher_apply
+from abd_jax.methods.teacher import FrozenModel, TeacherState
+from abd_jax.synthesis import frozen_apply
 from helpers import TinyGenerator, TinyNet
 
 # One worker runs this file: its module-wide fixtures are built once (`--dist loadgroup`).
@@ -560,22 +561,22 @@ def setup():
         gen.init(jax.random.PRNGKey(3), jnp.zeros((2, Z_DIM)), train=False)))()
     gen_state = train.TrainState.create(apply_fn=gen.apply, params=gv["params"],
                                         batch_stats=gv["batch_stats"], tx=optax.identity())
-    state = ReplayState(teacher=Teacher(teacher["params"], teacher["batch_stats"]),
+    state = ReplayState(teacher=FrozenModel(teacher["params"], teacher["batch_stats"]),
                         generator=gen_state)
     return dict(net=net, x=x, y=y, student=student, state=state, gen=gen)
 
 
-def _ctx(s, params=None, method_state=None):
+def _ctx(s, params=None, inputs=None):
     params = s["student"]["params"] if params is None else params
     bs = s["student"]["batch_stats"]
 
-    def forward(inputs):
-        (logits, feats), upd = s["net"].apply({"params": params, "batch_stats": bs}, inputs,
+    def forward(images):
+        (logits, feats), upd = s["net"].apply({"params": params, "batch_stats": bs}, images,
                                               train=True, mutable=["batch_stats"])
         return logits, feats, upd["batch_stats"]
 
     return train.LossContext(forward=forward, model=s["net"], params=params, batch_stats=bs,
-                             method_state=s["state"] if method_state is None else method_state,
+                             inputs=s["state"] if inputs is None else inputs,
                              images=s["x"], labels=s["y"], num_old=jnp.int32(K_OLD),
                              num_seen=jnp.int32(K_NEW), rng=jax.random.PRNGKey(4))
 
@@ -597,14 +598,14 @@ def runs(setup):
 
     @jax.jit
     def run():
-        ctx, real_ctx = _ctx(s), _ctx(s, method_state=teacher_state)
+        ctx, real_ctx = _ctx(s), _ctx(s, inputs=teacher_state)
         rep = replay(ctx, s["gen"], Z_DIM)
         logits, feats, _ = ctx.forward(rep.images)
         drop_bs = lambda out: (out[0], out[2])
         return dict(
             images=rep.images, labels=rep.labels, z=logits, f=feats, tz=rep.teacher_logits,
             tf=rep.teacher_features, z_real=real_ctx.forward(s["x"])[0],
-            tz_real=teacher_apply(s["net"], s["state"].teacher, s["x"])[0],
+            tz_real=frozen_apply(s["net"], s["state"].teacher, s["x"])[0],
             abd={name: drop_bs(abd.abd_loss(ctx, s["gen"], Z_DIM, abd.AbdOptions(**sw)))
                  for name, sw in ABD_VARIANTS.items()},
             deepinversion={str(mu): drop_bs(deepinversion.deepinversion_loss(
@@ -755,8 +756,8 @@ def test_abd_gradient_masks_on_the_head(setup):
         return abd.abd_loss(_ctx(s, params=params), s["gen"], Z_DIM, opts)[0]
 
     def teacher_loss(params):
-        teacher = Teacher(params, state.teacher.batch_stats)
-        ctx = _ctx(s, method_state=state.replace(teacher=teacher))
+        teacher = FrozenModel(params, state.teacher.batch_stats)
+        ctx = _ctx(s, inputs=state.replace(teacher=teacher))
         return abd.abd_loss(ctx, s["gen"], Z_DIM, abd.AbdOptions())[0]
 
     g_local, g_full, g_teacher = jax.jit(lambda p, tp: (

@@ -51,15 +51,15 @@ def test_every_method_builds_with_its_first_and_later_losses(name):
         assert first is base.ce and later is not base.ce
 
 
-def _ctx(model, params, batch_stats, x, y, method_state=None):
-    def forward(inputs):
+def _ctx(model, params, batch_stats, x, y, inputs=None):
+    def forward(images):
         (logits, feats), upd = model.apply({"params": params, "batch_stats": batch_stats},
-                                           inputs, train=True, mutable=["batch_stats"])
+                                           images, train=True, mutable=["batch_stats"])
         return logits, feats, upd["batch_stats"]
 
     return train.LossContext(forward=forward, model=model, params=params,
                              batch_stats=batch_stats,
-                             method_state=method_state, images=x, labels=y,
+                             inputs=inputs, images=x, labels=y,
                              num_old=jnp.int32(0), num_seen=jnp.int32(4),
                              rng=jax.random.PRNGKey(0))
 
@@ -127,7 +127,7 @@ def test_a_new_method_plugs_in_and_its_state_is_checkpointed(digits_data_dir, tm
     assert ckpt.latest() == (5, 0)
     learner = train.create_train_state(session, models.create_classifier("resnet8", 10),
                                        jax.random.PRNGKey(0), (8, 8, 1),
-                                       session.shared(train.learner_optimizer, 0.05, 0.9, 2e-4))
+                                       train.learner_optimizer(session, 0.05, 0.9, 2e-4))
     _, restored, _ = ckpt.restore_latest({"state": learner,
                                           "method": CountState(jnp.int32(0), jnp.float32(0))})
     assert int(restored["method"].tasks_ended) == 5

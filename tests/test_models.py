@@ -9,7 +9,7 @@ from abd_jax import generators, models
 
 def _num_params(model, shape):
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))
-    return sum(x.size for x in jax.tree.leaves(variables["params"]))
+    return models.parameter_count(variables["params"])
 
 
 def test_resnet18_matches_the_reference_parameter_count():

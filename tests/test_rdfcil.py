@@ -22,7 +22,8 @@ from abd_jax import experiment, losses, methods, train
 from abd_jax.methods import rdfcil
 from abd_jax.methods.lifecycle import HeadStage
 from abd_jax.methods.synthetic_replay import replay
-from abd_jax.methods.teacher import Teacher, teacher_apply
+from abd_jax.methods.teacher import FrozenModel
+from abd_jax.synthesis import frozen_apply
 from configs import digits
 from helpers import TinyGenerator, TinyNet, ce64, three_task_config
 
@@ -210,26 +211,26 @@ def setup():
     batch_stats = {**student["batch_stats"], rdfcil.COUNTS: counts}
     gen_state = train.TrainState.create(apply_fn=gen.apply, params=gv["params"],
                                         batch_stats=gv["batch_stats"], tx=optax.identity())
-    state = rdfcil.RdfcilState(teacher=Teacher(teacher["params"], teacher["batch_stats"]),
+    state = rdfcil.RdfcilState(teacher=FrozenModel(teacher["params"], teacher["batch_stats"]),
                                generator=gen_state, head=None, backbone=None,
                                class_weights=None)
-    backbone = Teacher(backbone["params"], backbone["batch_stats"])
+    backbone = FrozenModel(backbone["params"], backbone["batch_stats"])
     class_weights = jnp.linspace(1.0, 3.0, NUM_CLASSES)
     return dict(net=net, gen=gen, x=x, y=y, params=params, batch_stats=batch_stats,
                 state=state, backbone=backbone, class_weights=class_weights)
 
 
-def _ctx(s, method_state, params=None):
+def _ctx(s, inputs, params=None):
     params = s["params"] if params is None else params
 
-    def forward(inputs, batch_stats=None):
+    def forward(images, batch_stats=None):
         bs = s["batch_stats"] if batch_stats is None else batch_stats
-        (logits, feats), upd = s["net"].apply({"params": params, "batch_stats": bs}, inputs,
+        (logits, feats), upd = s["net"].apply({"params": params, "batch_stats": bs}, images,
                                               train=True, mutable=["batch_stats"])
         return logits, feats, upd["batch_stats"]
 
     return train.LossContext(forward=forward, model=s["net"], params=params,
-                             batch_stats=s["batch_stats"], method_state=method_state,
+                             batch_stats=s["batch_stats"], inputs=inputs,
                              images=s["x"], labels=s["y"], num_old=jnp.int32(K_OLD),
                              num_seen=jnp.int32(K_NEW), rng=jax.random.PRNGKey(6))
 
@@ -254,7 +255,7 @@ def runs(setup):
         rep = replay(ctx, s["gen"], Z_DIM)
         z_real, f_real, bs_real = ctx.forward(rep.images[:B])
         z_syn, _, bs_chained = ctx.forward(rep.images[B:], bs_real)
-        f_backbone = teacher_apply(s["net"], s["backbone"], rep.images)[1]
+        f_backbone = frozen_apply(s["net"], s["backbone"], rep.images)[1]
         return dict(
             labels=rep.labels, tz=rep.teacher_logits, tf=rep.teacher_features, z_real=z_real,
             f_real=f_real, z_syn=z_syn, bs_chained=bs_chained,

@@ -291,7 +291,7 @@ def test_settings_and_methods_are_listed_without_a_workdir():
                "--config.coreset.memory=80", "--show_config"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "coreset.memory = 80" in done.stdout and "abd, deepinversion" in done.stdout
+    assert "coreset.memory = 80" in done.stdout and "deepinversion, abd" in done.stdout
     command = [sys.executable, "-m", "abd_jax.main", "--config=configs/digits.py",
                "--config.method=nosuch"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)

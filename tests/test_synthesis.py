@@ -11,7 +11,7 @@ from flax import traverse_util
 from abd_jax import (augment, data, driver, experiment, generators, losses, methods, models, sampling,
                      synthesis, train)
 from abd_jax.methods import abd, synthetic_replay
-from abd_jax.methods.teacher import Teacher, teacher_apply
+from abd_jax.methods.teacher import FrozenModel
 from abd_jax.preemption import StopRequests
 from configs import digits
 
@@ -23,7 +23,7 @@ def _teacher(session, depth=8, width=4):
     model = models.CifarResNet(depth=depth, num_classes=NUM_CLASSES, width=width)
     variables = models.init_variables(session, model, jax.random.PRNGKey(0), (1, *IMAGE_SHAPE),
                                       train=False)
-    return model, Teacher(variables["params"], variables["batch_stats"])
+    return model, FrozenModel(variables["params"], variables["batch_stats"])
 
 
 def _sown_stats(model, teacher, x):
@@ -42,7 +42,7 @@ def test_resnet32_sows_the_input_stats_of_all_31_bn_layers(session):
     model = models.CifarResNet(depth=32, num_classes=10)
     variables = models.init_variables(session, model, jax.random.PRNGKey(0), (1, 32, 32, 3),
                                       train=False)
-    teacher = Teacher(variables["params"], variables["batch_stats"])
+    teacher = FrozenModel(variables["params"], variables["batch_stats"])
     sown = _sown_stats(model, teacher, jnp.ones((2, 32, 32, 3)))
     assert len(traverse_util.flatten_dict(sown)) == 31
     assert len(traverse_util.flatten_dict(teacher.batch_stats)) == 62  # mean + var each
@@ -101,8 +101,8 @@ def test_generator_training_lowers_its_loss_and_logs_terms(session):
     """The generator's loop through the shared driver: logs every 20 iterations."""
     synth, gen_state, teacher = _synthesis_setup(session, 1, iterations=60)
     logged = []
-    loop = driver.Loop("generator", synth.fused_step,
-                       synth.step_args(60, teacher, 4, [0, 5]), 0, 60, 1)
+    loop = driver.DrivenLoop("generator", synth.fused_step,
+                             synth.step_args(60, teacher, 4, [0, 5]), 0, 60, 1)
     hooks = driver.Hooks(stop=StopRequests(), log=lambda it, terms: logged.append((it, terms)),
                          log_every=20)
     gen_state, _, _ = driver.drive(loop, gen_state, hooks)
@@ -122,7 +122,7 @@ def _learner_setup(session, method_name, mesh_devices, chunk=2, **overrides):
     spec = dataclasses.replace(data.get_spec("digits"), image_shape=IMAGE_SHAPE)
     method = methods.get_method(config, spec)
     model, teacher = _teacher(session)
-    tx = session.shared(train.learner_optimizer, 0.1, 0.9, 2e-4)
+    tx = train.learner_optimizer(session, 0.1, 0.9, 2e-4)
     state = train.create_train_state(session, model, jax.random.PRNGKey(7), IMAGE_SHAPE, tx)
     mesh = experiment.make_mesh(mesh_devices)
     rt = methods.Runtime(config=config, plan=None, model=model, mesh=mesh,
@@ -189,14 +189,14 @@ def _ctx(session, method_name="abd"):
     labels = data.labels
     x = jax.random.normal(jax.random.PRNGKey(10), (8, *IMAGE_SHAPE))
 
-    def forward(inputs, params=state.params):
+    def forward(images, params=state.params):
         (logits, feats), upd = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                           inputs, train=True, mutable=["batch_stats"])
+                                           images, train=True, mutable=["batch_stats"])
         return logits, feats, upd["batch_stats"]
 
     ctx = train.LossContext(
         forward=forward, model=model, params=state.params, batch_stats=state.batch_stats,
-        method_state=method_state, images=x,
+        inputs=method_state, images=x,
         labels=labels[:8], num_old=jnp.int32(3), num_seen=jnp.int32(6),
         rng=jax.random.PRNGKey(11))
     return ctx, method, model, state
@@ -235,8 +235,8 @@ def test_ft_ce_reaches_only_the_head(session):
 
 def test_feature_kd_gives_the_head_no_gradient(session):
     ctx, _, _, state = _ctx(session)
-    teacher = ctx.method_state.teacher
-    teacher_feats = teacher_apply(ctx.model, teacher, ctx.images)[1]
+    teacher = ctx.inputs.teacher
+    teacher_feats = synthesis.frozen_apply(ctx.model, teacher, ctx.images)[1]
     kernel = teacher.params["head"]["kernel"]
 
     def loss(params):

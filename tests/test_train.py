@@ -9,7 +9,7 @@ import pytest
 
 from abd_jax import augment, experiment, methods, models, plan, sampling, train
 from abd_jax.methods import base, lwf
-from abd_jax.methods.teacher import TeacherState, teacher_of
+from abd_jax.methods.teacher import TeacherState, freeze
 
 NUM_CLASSES = 6
 IMAGE_SHAPE = (8, 8, 3)
@@ -23,7 +23,7 @@ def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1, with_teacher=
     cfg = train.StepConfig(batch_size=batch_size, lr_decay=0.1,
                            augment=augment.AugmentConfig(), mean=(0.5,) * 3, std=(0.25,) * 3)
     mesh = experiment.make_mesh(mesh_devices)
-    tx = session.shared(train.learner_optimizer, 0.1, 0.9, 2e-4)
+    tx = train.learner_optimizer(session, 0.1, 0.9, 2e-4)
     state = train.create_train_state(session, model, jax.random.PRNGKey(0), IMAGE_SHAPE, tx)
     rng = np.random.RandomState(0)
     images = jnp.asarray(rng.randint(0, 256, (40, *IMAGE_SHAPE)), jnp.uint8)
@@ -34,7 +34,7 @@ def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1, with_teacher=
                              total_steps=jnp.int32(3), key=jax.random.PRNGKey(1),
                              base_lr=jnp.float32(0.1),
                              lr_milestones=jnp.asarray(sampling.lr_milestones((1,), 1)))
-    frozen = TeacherState(teacher_of(state)) if with_teacher else None
+    frozen = TeacherState(freeze(state)) if with_teacher else None
     fn = train.make_train_chunk(model, loss_fn, cfg, mesh, chunk)
     return fn, state, frozen, images, labels, task
 

@@ -1,6 +1,6 @@
 """Every loss of docs/algorithm.md, once, as pure jnp functions (no Flax, no state, no data),
 in one module per family: `core` (masks, CE, KD, ABD's terms), `baselines`, `rdfcil`,
-`synthesis`; all of them are read as `losses.<name>`.
+`synthesis`, `statistics` (NCM, FeCAM, FeTrIL); all of them are read as `losses.<name>`.
 
 Conventions: `B` batch, `K` logit columns. Each function returns a 0-d array, the mean over
 the batch unless stated. Functions that take "already sliced" logits (e.g. `[B, K_new]`) also
@@ -16,6 +16,9 @@ from abd_jax.losses.baselines import (
     e2e_loss, e2e_new_class_targets, e2e_task_weights, lwf_mc_loss, taskwise_kd_loss, vae_loss)
 from abd_jax.losses.rdfcil import (
     class_balance_weights, class_weighted_ce_loss, logit_l1_loss, rdfcil_weights, rkd_angle_loss)
+from abd_jax.losses.statistics import (
+    class_covariance, correlation, fecam_precision, fecam_scores, fetril_pseudo_features,
+    ncm_scores, shrink_covariance, tukey, unit_rows)
 from abd_jax.losses.synthesis import (
     bn_alignment_loss, bn_stat_kl, content_loss, diversity_loss, smoothness_loss)
 
@@ -27,4 +30,6 @@ __all__ = [
     "bic_stage2_loss", "dgr_solver_loss", "lwf_mc_loss", "vae_loss", "rdfcil_weights",
     "logit_l1_loss", "rkd_angle_loss", "class_balance_weights", "class_weighted_ce_loss",
     "bn_stat_kl", "bn_alignment_loss", "smoothness_loss", "diversity_loss", "content_loss",
+    "unit_rows", "tukey", "class_covariance", "shrink_covariance", "correlation",
+    "fecam_precision", "ncm_scores", "fecam_scores", "fetril_pseudo_features",
 ]

@@ -69,7 +69,7 @@ def abd_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOption
     rows = slice(0 if opts.kd_on_real else b, None if opts.kd_on_synthetic else b)
     if rows.start != rows.stop:
         kd = losses.feature_kd_loss(features[rows], rep.teacher_features[rows],
-                                    ctx.method_state.teacher.params["head"]["kernel"],
+                                    ctx.inputs.teacher.params["head"]["kernel"],
                                     num_old=ctx.num_old)
         metrics["feature_kd"] = kd
         loss = loss + opts.mu * kd

@@ -21,12 +21,12 @@ from flax import struct
 from abd_jax import hosts, losses, rng, train
 from abd_jax.methods.base import ce
 from abd_jax.methods.coreset import Coreset, TeacherRehearsal, no_distinct
-from abd_jax.methods.lifecycle import Runtime, SGDLoop, Update, learner_optimizer, task_bounds
-from abd_jax.methods.teacher import (Teacher, check_bn_mode, teacher_apply, teacher_of,
-                                    train_mode_apply)
+from abd_jax.methods.lifecycle import Runtime, SGDLoop, Update, task_bounds
+from abd_jax.methods.teacher import FrozenModel, check_bn_mode, freeze, train_mode_apply
 from abd_jax.methods.published import abd_table
 from abd_jax.plan import Schedule, Task
 from abd_jax.session import bind
+from abd_jax.synthesis import frozen_apply
 from abd_jax.train import LossContext
 
 
@@ -35,7 +35,7 @@ class BiCState:
     """teacher, memory and distinct as in the other coreset methods; alpha, beta `[N]`: each
     task's bias correction (1, 0 until fitted); correction: the (alpha, beta) stage 2 trains."""
 
-    teacher: Teacher
+    teacher: FrozenModel
     memory: jax.Array
     distinct: jax.Array
     alpha: jax.Array
@@ -48,7 +48,7 @@ class CorrectionInputs:
     """What stage 2's loss reads: the frozen model, every task's correction and the index of
     the task whose (alpha, beta) the stage trains."""
 
-    model: Teacher
+    model: FrozenModel
     alpha: jax.Array
     beta: jax.Array
     task_index: jax.Array
@@ -57,9 +57,9 @@ class CorrectionInputs:
 def bic_loss(ctx: LossContext, bounds: tuple, temperature: float):
     """Stage 1: (1 - lambda) CE + lambda KD over the past classes, student and teacher logits
     both through the past tasks' fixed corrections."""
-    state: BiCState = ctx.method_state
+    state: BiCState = ctx.inputs
     logits, _, new_bs = ctx.forward(ctx.images)
-    teacher_logits = teacher_apply(ctx.model, state.teacher, ctx.images)[0]
+    teacher_logits = frozen_apply(ctx.model, state.teacher, ctx.images)[0]
     correct = functools.partial(losses.bias_correction, alpha=state.alpha, beta=state.beta,
                                 bounds=bounds, num_corrected=ctx.num_old)
     loss, ce, kd = losses.bic_stage1_loss(correct(logits), correct(teacher_logits), ctx.labels,
@@ -72,9 +72,9 @@ def correction_loss(ctx: LossContext, bounds: tuple):
     (alpha, beta) being the trained parameters `ctx.params`. The model's BatchNorm runs in
     train mode when the trained state carries its running statistics (`bic.stage2_bn=train`,
     the release), else in eval mode."""
-    inputs: CorrectionInputs = ctx.method_state
+    inputs: CorrectionInputs = ctx.inputs
     if ctx.batch_stats is None:
-        logits, new_bs = teacher_apply(ctx.model, inputs.model, ctx.images)[0], None
+        logits, new_bs = frozen_apply(ctx.model, inputs.model, ctx.images)[0], None
     else:
         logits, _, new_bs = train_mode_apply(ctx.model, inputs.model.params, ctx.batch_stats,
                                              ctx.images)
@@ -140,8 +140,9 @@ class BiC(TeacherRehearsal):
         correction = train.new_train_state(
             rt.session, None,
             {"params": {"alpha": np.float32(1.0), "beta": np.float32(0.0)}, **statistics},
-            learner_optimizer(rt, self.weight_decay(rt.config)))
-        return BiCState(teacher=teacher_of(learner), memory=self.coreset.empty(),
+            train.learner_optimizer(rt.session, rt.config.lr, rt.config.momentum,
+                                    self.weight_decay(rt.config)))
+        return BiCState(teacher=freeze(learner), memory=self.coreset.empty(),
                         distinct=no_distinct(rt),
                         alpha=np.ones((n,), np.float32), beta=np.zeros((n,), np.float32),
                         correction=correction)
@@ -182,7 +183,7 @@ class BiC(TeacherRehearsal):
             name="bias_correction", loss_fn=self.correction_loss,
             index=lambda rt, state, task: self.split(rt, state, task)[1],
             inputs=lambda learner, state: CorrectionInputs(
-                model=teacher_of(learner), alpha=state.alpha, beta=state.beta,
+                model=freeze(learner), alpha=state.alpha, beta=state.beta,
                 task_index=np.int32(task.index)),
             schedule=self.correction_schedule,
             key=lambda rt, task: rng.fold_in(rt.method_key, 20_000 + task.index),

@@ -1,10 +1,10 @@
 """Coreset (rehearsal) baselines (docs/algorithm.md §6b): a class-balanced memory of real training
 images, kept as indices into the training set and mixed into every later task's data.
 
-Naive Rehearsal is Base plus the memory; LwF + coreset is LwF plus the memory (random
-selection, seeded). As in the release, each task trains on its own images plus as many
-memory samples drawn with replacement (1:1), and after the task every class's memory is drawn
-again, without replacement, from that training set (`release_redraw`): an old class's
+Naive Rehearsal is Base plus the memory; LwF + coreset (`lwf.LwFCoreset`) is LwF plus the
+memory (random selection, seeded). As in the release, each task trains on its own images plus
+as many memory samples drawn with replacement (1:1), and after the task every class's memory
+is drawn again, without replacement, from that training set (`release_redraw`): an old class's
 exemplars are drawn from its resampled copies, so it keeps duplicates and loses distinct
 images task after task. `--config.coreset.distinct_memory=True` keeps distinct images instead
 (an old class keeps its first exemplars). E2E and BiC (their own modules) append the whole
@@ -26,9 +26,8 @@ from flax import struct
 
 from abd_jax import hosts, metrics, rng
 from abd_jax.methods.base import ce
-from abd_jax.methods.lwf import LwF
 from abd_jax.methods.lifecycle import Method, Runtime, Update
-from abd_jax.methods.teacher import Teacher, TeacherMethod, teacher_of
+from abd_jax.methods.teacher import FrozenModel, TeacherMethod, freeze
 from abd_jax.methods.published import abd_table
 from abd_jax.plan import Task
 
@@ -198,7 +197,7 @@ class MemoryState:
 class TeacherMemoryState:
     """The previous task's frozen model, and the memory as in `MemoryState`."""
 
-    teacher: Teacher
+    teacher: FrozenModel
     memory: jax.Array
     distinct: jax.Array
 
@@ -294,7 +293,7 @@ class TeacherRehearsal(RehearsalMixin, TeacherMethod):
     task end."""
 
     def init_state(self, rt, learner):
-        return TeacherMemoryState(teacher=teacher_of(learner), memory=self.coreset.empty(),
+        return TeacherMemoryState(teacher=freeze(learner), memory=self.coreset.empty(),
                                   distinct=no_distinct(rt))
 
     def end_task(self, task):
@@ -302,19 +301,4 @@ class TeacherRehearsal(RehearsalMixin, TeacherMethod):
 
     def update_memory_and_teacher(self, rt, learner, state, task):
         return learner, self.remember(rt, learner, state, task).replace(
-            teacher=teacher_of(learner))
-
-
-class LwFCoreset(RandomReplayMixin, TeacherRehearsal):
-    """LwF's loss (CE + KD over the past classes) on the task's data plus a random memory."""
-
-    name = "lwf_coreset"
-    sections = ("coreset", "lwf")
-    tables, rank = ("methods", "coreset"), 100
-    published = abd_table((39.4, 0.3), (27.4, 0.8), (16.6, 0.4))
-
-    def __init__(self, config, spec):
-        super().__init__(config, spec)
-        self.coreset = Coreset(config.coreset.memory, "random")
-        self.first_task_loss = ce
-        self.distill_loss = LwF(config, spec).distill_loss
+            teacher=freeze(learner))

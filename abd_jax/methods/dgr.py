@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from abd_jax import generators, losses, models, rng, train
 from abd_jax.methods.base import ce
-from abd_jax.methods.lifecycle import Runtime, SGDLoop, Update, learner_optimizer
-from abd_jax.methods.teacher import Teacher, TeacherMethod, teacher_apply, teacher_of
+from abd_jax.methods.lifecycle import Runtime, SGDLoop, Update
+from abd_jax.methods.teacher import FrozenModel, TeacherMethod, freeze
 from abd_jax.methods.published import abd_table
 from abd_jax.plan import Task, run_schedule
 from abd_jax.session import bind
+from abd_jax.synthesis import frozen_apply
 from abd_jax.train import LossContext
 
 
@@ -36,7 +36,7 @@ class DGRState:
     current task replays from (the previous task's). vae: the autoencoder in training, with
     its SGD state (one autoencoder, trained on across tasks)."""
 
-    teacher: Teacher
+    teacher: FrozenModel
     replay: dict
     vae: train.TrainState
 
@@ -60,10 +60,10 @@ def replay_batch(ctx: LossContext, vae: generators.ConvVAE, mean, std):
     """(x, y, teacher logits of the replay) with x, y `[2B, ...]`: the real batch, then B
     images decoded by the previous autoencoder from `ctx.rng` and labelled by the teacher's
     argmax among the past classes `[0, K_old)`."""
-    state: DGRState = ctx.method_state
+    state: DGRState = ctx.inputs
     _, x_replay = decode_replay(vae, state.replay, ctx.rng, ctx.images.shape[0], mean, std)
     x_replay = x_replay.astype(ctx.images.dtype)
-    teacher_logits = teacher_apply(ctx.model, state.teacher, x_replay)[0]
+    teacher_logits = frozen_apply(ctx.model, state.teacher, x_replay)[0]
     y_replay = jnp.argmax(losses.mask_logits(teacher_logits, 0, ctx.num_old), axis=-1)
     return (jnp.concatenate([ctx.images, x_replay]),
             jnp.concatenate([ctx.labels, y_replay.astype(ctx.labels.dtype)]), teacher_logits)
@@ -82,7 +82,7 @@ def autoencoder_loss(ctx: LossContext, vae: generators.ConvVAE, mean, std):
     """`losses.vae_loss` of the autoencoder at `ctx.params` on the solver's batch of the same
     step: the real images in [0, 1], then (from the second task on) the images the solver
     replayed (same key), weighted as the solver weights them (1 - r real, r replayed)."""
-    inputs: AutoencoderInputs = ctx.method_state
+    inputs: AutoencoderInputs = ctx.inputs
     b = ctx.images.shape[0]
     real = ctx.images * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
     replayed, _ = decode_replay(vae, inputs.previous, ctx.rng, b, 0.0, 1.0)
@@ -127,14 +127,15 @@ class DGR(TeacherMethod):
     def init_state(self, rt: Runtime, learner) -> DGRState:
         params = models.init_variables(rt.session, self.vae, rng.fold_in(rt.method_key, 0),
                                        (1, *rt.image_shape))["params"]
-        vae = train.new_train_state(rt.session, self.vae, {"params": params},
-                                    learner_optimizer(rt, self.weight_decay(rt.config)))
-        return DGRState(teacher=teacher_of(learner), replay=jax.tree.map(jnp.copy, params),
+        tx = train.learner_optimizer(rt.session, rt.config.lr, rt.config.momentum,
+                                     self.weight_decay(rt.config))
+        vae = train.new_train_state(rt.session, self.vae, {"params": params}, tx)
+        return DGRState(teacher=freeze(learner), replay=jax.tree.map(jnp.copy, params),
                         vae=vae)
 
     def memory_footprint(self, rt, state: DGRState) -> dict:
-        count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.vae.params))
-        return {**super().memory_footprint(rt, state), "generator_parameters": count}
+        return {**super().memory_footprint(rt, state),
+                "generator_parameters": models.parameter_count(state.vae.params)}
 
     def end_task(self, task: Task) -> list:
         """The autoencoder's pass over the task's batches (not after the last task: nothing
@@ -150,5 +151,5 @@ class DGR(TeacherMethod):
 
     def teacher_and_replay(self, rt, learner, state: DGRState, task: Task):
         del rt, task
-        return learner, state.replace(teacher=teacher_of(learner),
+        return learner, state.replace(teacher=freeze(learner),
                                       replay=jax.tree.map(jnp.copy, state.vae.params))

@@ -10,11 +10,12 @@ from abd_jax import losses, rng, train
 from abd_jax.methods.base import ce
 from abd_jax.methods.coreset import Coreset, TeacherRehearsal, no_distinct
 from abd_jax.methods.lifecycle import HeadStage, SGDLoop, Update, head_state, task_bounds
-from abd_jax.methods.teacher import (Teacher, check_bn_mode, freeze_teacher, teacher_apply,
-                                    teacher_of, train_mode_apply)
+from abd_jax.methods.teacher import (FrozenModel, check_bn_mode, freeze, freeze_teacher,
+                                    train_mode_apply)
 from abd_jax.methods.published import abd_table
 from abd_jax.plan import Schedule
 from abd_jax.session import bind
+from abd_jax.synthesis import frozen_apply
 from abd_jax.train import LossContext
 
 WEIGHTINGS = ("mean", "sum")
@@ -27,10 +28,10 @@ class E2EState:
     """teacher, memory and distinct as in the other coreset methods; before: the model as it
     was before the balanced stage; head: the classifier head the stage trains (head-only)."""
 
-    teacher: Teacher
+    teacher: FrozenModel
     memory: jax.Array
     distinct: jax.Array
-    before: Teacher
+    before: FrozenModel
     head: train.TrainState
 
 
@@ -40,14 +41,14 @@ class BalancedInputs:
     tasks) and the model before the stage (KD over the new classes; with a head-only stage,
     the frozen backbone)."""
 
-    teacher: Teacher
-    before: Teacher
+    teacher: FrozenModel
+    before: FrozenModel
 
 
 def e2e_loss(ctx: LossContext, bounds: tuple, temperature: float, weighting: str):
     """`losses.e2e_loss` on the real batch, the teacher in eval mode."""
     logits, _, new_bs = ctx.forward(ctx.images)
-    teacher_logits = teacher_apply(ctx.model, ctx.method_state.teacher, ctx.images)[0]
+    teacher_logits = frozen_apply(ctx.model, ctx.inputs.teacher, ctx.images)[0]
     loss, ce, kd = losses.e2e_loss(logits, teacher_logits, ctx.labels, ctx.num_old,
                                    ctx.num_seen, bounds, temperature, weighting)
     return loss, new_bs, {"ce": ce, "kd": kd}
@@ -60,8 +61,8 @@ def balanced_loss(ctx: LossContext, bounds: tuple, temperature: float, weighting
     the trained state carries its running statistics (`e2e.balanced_bn=train`, the release),
     else in eval mode: logits `f W + b`. Not head_only: the whole network trains in train
     mode."""
-    inputs: BalancedInputs = ctx.method_state
-    before_logits, features = teacher_apply(ctx.model, inputs.before, ctx.images)
+    inputs: BalancedInputs = ctx.inputs
+    before_logits, features = frozen_apply(ctx.model, inputs.before, ctx.images)
     if not head_only:
         logits, _, new_bs = ctx.forward(ctx.images)
     elif ctx.batch_stats is None:
@@ -70,7 +71,7 @@ def balanced_loss(ctx: LossContext, bounds: tuple, temperature: float, weighting
         logits, _, new_bs = train_mode_apply(ctx.model, {**inputs.before.params,
                                                          "head": ctx.params},
                                              ctx.batch_stats, ctx.images)
-    teacher_logits = teacher_apply(ctx.model, inputs.teacher, ctx.images)[0]
+    teacher_logits = frozen_apply(ctx.model, inputs.teacher, ctx.images)[0]
     targets = losses.e2e_new_class_targets(teacher_logits, before_logits, ctx.num_old,
                                            new_class_kd)
     loss, ce, kd_old, kd_new = losses.e2e_balanced_loss(
@@ -118,8 +119,8 @@ class E2E(TeacherRehearsal):
                                   new_class_kd=e2e.new_class_kd)
 
     def init_state(self, rt, learner) -> E2EState:
-        return E2EState(teacher=teacher_of(learner), memory=self.coreset.empty(),
-                        distinct=no_distinct(rt), before=teacher_of(learner),
+        return E2EState(teacher=freeze(learner), memory=self.coreset.empty(),
+                        distinct=no_distinct(rt), before=freeze(learner),
                         head=head_state(rt, learner, self.weight_decay(rt.config),
                                         train_bn=self.config.e2e.balanced_trains == "head"
                                         and self.config.e2e.balanced_bn == "train"))
@@ -143,7 +144,7 @@ class E2E(TeacherRehearsal):
     def update_memory(self, rt, learner, state, task):
         """The new classes join the memory; the model is kept as it is before the stage."""
         return learner, self.remember(rt, learner, state, task).replace(
-            before=teacher_of(learner))
+            before=freeze(learner))
 
     def balanced_schedule(self, config) -> Schedule:
         e2e = config.e2e

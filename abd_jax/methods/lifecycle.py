@@ -41,9 +41,9 @@ class Services(Protocol):
         """(logits `[n, C]`, features `[n, D]`), host numpy: the eval-mode model on the
         (normalised, not augmented) training images `index`."""
 
-    def sgd_loop(self, name: str, loss_fn: train.LossFn, method_state, index: np.ndarray,
-                 schedule: Schedule, key, task: Task, start: int) -> driver.Loop:
-        """The driven loop of SGD steps of `loss_fn` (seeing `method_state`) on augmented
+    def sgd_loop(self, name: str, loss_fn: train.LossFn, inputs, index: np.ndarray,
+                 schedule: Schedule, key, task: Task, start: int) -> driver.DrivenLoop:
+        """The driven loop of SGD steps of `loss_fn` (its `ctx.inputs`: `inputs`) on augmented
         batches of `index` under `schedule`, from step `start`: with a task's own index,
         schedule and key (`plan.task_key`), the batches are that task's."""
 
@@ -83,8 +83,8 @@ class Update:
 class Loop:
     """An end-of-task stage of jitted steps run by the shared driver. It trains one
     TrainState: `get(learner, state)`, stored back with `put`. `begin` prepares the stage
-    when it starts (not when it resumes), `program` gives the driven loop from step `start`
-    (None: nothing to run), `end` runs after the last step. Subclasses name the stage
+    when it starts (not when it resumes), `program` gives the `driver.DrivenLoop` from step
+    `start` (None: nothing to run), `end` runs after the last step. Subclasses name the stage
     (`name`: the log's phase) and the rate a divergence message advises to lower
     (`setting`)."""
 
@@ -99,7 +99,7 @@ class Loop:
         raise NotImplementedError
 
     def program(self, rt: Runtime, learner, state, task: Task,
-                start: int) -> Optional[driver.Loop]:
+                start: int) -> Optional[driver.DrivenLoop]:
         raise NotImplementedError
 
     def end(self, rt: Runtime, learner, state, task: Task):
@@ -117,7 +117,7 @@ class Loop:
 class SGDLoop(Loop):
     """SGD steps on augmented training batches, as a task's training: of the learner
     (`slot` None) or of the TrainState in the method state's field `slot`, from a fresh
-    optimiser. `index(rt, state, task)`, `inputs(learner, state)` (the loss's method state),
+    optimiser. `index(rt, state, task)`, `inputs(learner, state)` (the loss's `ctx.inputs`),
     `schedule(config)` and `key(rt, task)` describe the stage.
 
     A slot's TrainState that carries `batch_stats` runs the learner's frozen backbone in
@@ -190,8 +190,8 @@ def head_state(rt: Runtime, learner: train.TrainState, weight_decay: float,
     variables = jax.tree.map(jnp.copy, {"params": learner.params["head"],
                                         **({"batch_stats": learner.batch_stats} if train_bn
                                            else {})})
-    return train.new_train_state(rt.session, None, variables,
-                                 learner_optimizer(rt, weight_decay))
+    return train.new_train_state(rt.session, None, variables, train.learner_optimizer(
+        rt.session, rt.config.lr, rt.config.momentum, weight_decay))
 
 
 def new_learner(rt: Runtime, method: "Method", key, tx) -> train.TrainState:
@@ -208,12 +208,6 @@ def task_bounds(config, spec: data_lib.DatasetSpec) -> tuple:
     that treat tasks one by one (E2E's, BiC's) take it as a static argument."""
     return tuple(data_lib.task_boundaries(config.num_classes or spec.num_classes,
                                           config.num_tasks, config.get("first_task_classes", 0)))
-
-
-def learner_optimizer(rt: Runtime, weight_decay: float):
-    """The learner's SGD with the run's momentum and `weight_decay`, shared in the session."""
-    c = rt.config
-    return rt.session.shared(train.learner_optimizer, c.lr, c.momentum, weight_decay)
 
 
 class Method:
@@ -312,7 +306,7 @@ class Method:
         """What the method keeps between tasks to run the next one, for the paper's memory
         comparison: parameter counts and stored images (see `metrics.memory_totals`)."""
         del state
-        return {"classifier_parameters": rt.session.shared(parameter_count, rt.model,
+        return {"classifier_parameters": rt.session.shared(classifier_parameters, rt.model,
                                                            rt.image_shape)}
 
 
@@ -321,8 +315,8 @@ class NoState:
     """The state of a method that carries nothing between tasks."""
 
 
-def parameter_count(model: nn.Module, image_shape: tuple) -> int:
+def classifier_parameters(model: nn.Module, image_shape: tuple) -> int:
     """The number of parameters of the classifier `model` on images `image_shape`."""
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jax.numpy.zeros((1, *image_shape)), train=False))["params"]
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
+    return models.parameter_count(shapes)

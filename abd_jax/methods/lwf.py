@@ -1,20 +1,23 @@
-"""Learning without Forgetting (Li & Hoiem), LwF.MC (iCaRL's loss without exemplars) and
-LwF with ABD's synthetic replay (docs/algorithm.md §6)."""
+"""Learning without Forgetting (Li & Hoiem), LwF.MC (iCaRL's loss without exemplars), LwF
+with ABD's synthetic replay (docs/algorithm.md §6) and LwF with a coreset of real images
+(`coreset`'s random memory, §6b)."""
 from __future__ import annotations
 
 import flax.linen as nn
 
 from abd_jax import losses
 from abd_jax.methods.base import ce
+from abd_jax.methods.coreset import Coreset, RandomReplayMixin, TeacherRehearsal
 from abd_jax.methods.synthetic_replay import SyntheticReplay, replay
-from abd_jax.methods.teacher import TeacherMethod, teacher_apply
+from abd_jax.methods.teacher import TeacherMethod
 from abd_jax.methods.published import abd_table
 from abd_jax.session import bind
+from abd_jax.synthesis import frozen_apply
 from abd_jax.train import LossContext
 
 
 def _teacher_logits(ctx: LossContext, images):
-    return teacher_apply(ctx.model, ctx.method_state.teacher, images)[0]
+    return frozen_apply(ctx.model, ctx.inputs.teacher, images)[0]
 
 
 def _ce_plus_kd(logits, teacher_logits, labels, ctx: LossContext, mu, temperature, new_bs):
@@ -90,3 +93,18 @@ class LwFSynthetic(SyntheticReplay):
         self.distill_loss = bind(
             lwf_synthetic_loss, generator=self.generator, z_dim=self.synthesis.z_dim,
             mu=config.lwf_synthetic.mu, temperature=config.kd_temperature)
+
+
+class LwFCoreset(RandomReplayMixin, TeacherRehearsal):
+    """LwF's loss (CE + KD over the past classes) on the task's data plus a random memory."""
+
+    name = "lwf_coreset"
+    sections = ("coreset", "lwf")
+    tables, rank = ("methods", "coreset"), 100
+    published = abd_table((39.4, 0.3), (27.4, 0.8), (16.6, 0.4))
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        self.coreset = Coreset(config.coreset.memory, "random")
+        self.first_task_loss = ce
+        self.distill_loss = bind(lwf_loss, mu=config.lwf.mu, temperature=config.kd_temperature)

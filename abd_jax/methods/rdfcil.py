@@ -22,7 +22,7 @@ from abd_jax import losses, rng, synthesis, train
 from abd_jax.methods.base import ce
 from abd_jax.methods.lifecycle import HeadStage, Update, head_state
 from abd_jax.methods.synthetic_replay import Inversion, ReplayState, SyntheticReplay, replay
-from abd_jax.methods.teacher import Teacher, freeze_teacher, teacher_apply, teacher_of
+from abd_jax.methods.teacher import FrozenModel, freeze, freeze_teacher
 from abd_jax.plan import Schedule, Task
 from abd_jax.session import bind
 from abd_jax.train import LossContext
@@ -54,7 +54,7 @@ class RdfcilState(ReplayState):
     starts; class_weights `[C]`: its CE's class weights."""
 
     head: train.TrainState
-    backbone: Teacher
+    backbone: FrozenModel
     class_weights: jax.Array
 
 
@@ -62,9 +62,9 @@ class RdfcilState(ReplayState):
 class FinetuneInputs:
     """What the head fine-tuning's loss reads (no buffer of the trained head)."""
 
-    teacher: Teacher
+    teacher: FrozenModel
     generator_variables: dict
-    backbone: Teacher
+    backbone: FrozenModel
     class_weights: jax.Array
 
 
@@ -140,10 +140,10 @@ def finetune_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: Rdfc
     """The head fine-tuning on the frozen backbone (eval mode), over `[x_real; x_syn]`:
     lambda_ce class-weighted CE over `[0, K_new)` + w_hkd HKD(syn). `ctx.params` is the
     head (with or without a bias)."""
-    inputs: FinetuneInputs = ctx.method_state
+    inputs: FinetuneInputs = ctx.inputs
     rep = synthesis.replay_batch(ctx, inputs.teacher, generator, inputs.generator_variables,
                                  z_dim)
-    features = teacher_apply(ctx.model, inputs.backbone, rep.images)[1]
+    features = synthesis.frozen_apply(ctx.model, inputs.backbone, rep.images)[1]
     logits = _dense(ctx.params, features)
     _, w_hkd, _ = losses.rdfcil_weights(opts.lambda_ce, opts.lambda_hkd, opts.lambda_rkd,
                                         ctx.num_old, ctx.num_seen)
@@ -202,7 +202,7 @@ class RDFCIL(SyntheticReplay):
         _, _, unit = self._extras(rt, learner.params["head"], rt.method_key)
         return RdfcilState(teacher=replay_state.teacher, generator=replay_state.generator,
                            head=head_state(rt, learner, self.weight_decay(rt.config)),
-                           backbone=teacher_of(learner), class_weights=unit)
+                           backbone=freeze(learner), class_weights=unit)
 
     def begin_task(self, rt, learner, state, task):
         """Every task counts its labels from zero; a task after the first learns new RKD
@@ -241,7 +241,7 @@ class RDFCIL(SyntheticReplay):
         """The backbone frozen as trained; the class weights from the task's label counts."""
         weights = rt.session.jitted(_class_weights)(learner.batch_stats[COUNTS],
                                                     jax.device_put(np.int32(task.num_seen)))
-        return learner, state.replace(backbone=teacher_of(learner), class_weights=weights)
+        return learner, state.replace(backbone=freeze(learner), class_weights=weights)
 
     def finetune_schedule(self, config) -> Schedule:
         return Schedule(self.options.finetune_epochs,

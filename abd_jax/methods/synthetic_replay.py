@@ -6,12 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 from flax import struct
 
-from abd_jax import driver, generators, rng, synthesis, train
+from abd_jax import driver, generators, models, rng, synthesis, train
 from abd_jax.methods.lifecycle import Loop, Runtime, Update
-from abd_jax.methods.teacher import Teacher, TeacherMethod, teacher_of
+from abd_jax.methods.teacher import FrozenModel, TeacherMethod, freeze
 from abd_jax.plan import Task
 
 
@@ -20,7 +19,7 @@ class ReplayState:
     """teacher: the model frozen at the end of the previous task. generator: G's parameters,
     BatchNorm statistics and Adam state (one generator, trained on across tasks)."""
 
-    teacher: Teacher
+    teacher: FrozenModel
     generator: train.TrainState
 
     @property
@@ -30,7 +29,7 @@ class ReplayState:
 
 def replay(ctx: train.LossContext, generator: nn.Module, z_dim: int) -> synthesis.Replay:
     """The step's real batch plus B synthetic images labelled by the teacher (section 4)."""
-    state: ReplayState = ctx.method_state
+    state: ReplayState = ctx.inputs
     return synthesis.replay_batch(ctx, state.teacher, generator, state.generator_variables,
                                   z_dim)
 
@@ -71,10 +70,10 @@ class Inversion(Loop):
     def program(self, rt, learner, state, task, start):
         synth, iterations = self.method.synthesizer(rt), self.method.synthesis.iterations
         until = iterations if self.fresh else (task.index + 1) * iterations
-        args = synth.step_args(until, teacher_of(learner),
-                               task.num_seen, rng.fold_in(rt.method_key, task.index + 1))
-        return driver.Loop(f"task {task.index + 1} generator", synth.fused_step, args, start,
-                           iterations, rt.steps_per_call)
+        args = synth.step_args(until, freeze(learner), task.num_seen,
+                               rng.fold_in(rt.method_key, task.index + 1))
+        return driver.DrivenLoop(f"task {task.index + 1} generator", synth.fused_step, args,
+                                 start, iterations, rt.steps_per_call)
 
     def log_every(self, config):
         return config.synthesis.log_every
@@ -86,7 +85,7 @@ class Inversion(Loop):
 class SyntheticReplay(TeacherMethod):
     """Task 1 with plain CE; after every task but the last, the generator is trained against
     the new teacher and a labelled sample grid is saved; later tasks use `distill_loss`, which
-    reads the teacher and the generator from `ctx.method_state`."""
+    reads the teacher and the generator from `ctx.inputs`."""
 
     def __init__(self, config, spec):
         super().__init__(config, spec)
@@ -103,17 +102,17 @@ class SyntheticReplay(TeacherMethod):
 
     def init_state(self, rt: Runtime, learner) -> ReplayState:
         generator = self.synthesizer(rt).init(rng.fold_in(rt.method_key, 0))
-        return ReplayState(teacher=teacher_of(learner), generator=generator)
+        return ReplayState(teacher=freeze(learner), generator=generator)
 
     def programs(self, rt: Runtime, learner, state: ReplayState) -> list:
         """The generator's fused step, as `Inversion` calls it."""
         synth = self.synthesizer(rt)
-        args = synth.step_args(0, teacher_of(learner), 0, rng.fold_in(rt.method_key, 1))
+        args = synth.step_args(0, freeze(learner), 0, rng.fold_in(rt.method_key, 1))
         return [("generator step", synth.fused_step, (state.generator, *args))]
 
     def memory_footprint(self, rt: Runtime, state: ReplayState) -> dict:
-        count = sum(int(p.size) for p in jax.tree.leaves(state.generator.params))
-        return {**super().memory_footprint(rt, state), "generator_parameters": count}
+        return {**super().memory_footprint(rt, state),
+                "generator_parameters": models.parameter_count(state.generator.params)}
 
     def end_task(self, task: Task) -> list:
         if task.is_last:
@@ -122,7 +121,7 @@ class SyntheticReplay(TeacherMethod):
 
     def samples_and_teacher(self, rt: Runtime, learner, state: ReplayState, task: Task):
         """A labelled grid of the new generator's images; the trained model as the teacher."""
-        teacher = teacher_of(learner)
+        teacher = freeze(learner)
         images, predicted = self.synthesizer(rt).labelled_samples(
             state.generator, teacher, task.num_seen,
             rng.fold_in(rt.method_key, 1000 + task.index), self.config.synthesis.sample_grid_size)

@@ -1,4 +1,6 @@
-"""The teacher: the model frozen at the end of a task, and the methods that distil from it."""
+"""Frozen models (the teacher: the model frozen at the end of a task; the model before a
+stage), and the methods that distil from the teacher. Their forward is
+`synthesis.frozen_apply`."""
 from __future__ import annotations
 
 import jax
@@ -10,23 +12,19 @@ from abd_jax.plan import Task
 
 
 @struct.dataclass
-class Teacher:
-    """A frozen model's variables (eval mode only)."""
+class FrozenModel:
+    """A frozen model's variables (eval mode only): a teacher, or another model a loss reads
+    without training it (E2E's model before its balanced stage, BiC's corrected model,
+    R-DFCIL's backbone)."""
 
     params: dict
     batch_stats: dict
 
 
-def teacher_of(state) -> Teacher:
-    """The variables of `state` (a TrainState) as a `Teacher`, in buffers of its own: the
+def freeze(state) -> FrozenModel:
+    """The variables of `state` (a TrainState) as a `FrozenModel`, in buffers of its own: the
     training chunks donate the state's buffers to their next step."""
-    return Teacher(*jax.tree.map(jnp.copy, (state.params, state.batch_stats)))
-
-
-def teacher_apply(model, teacher: Teacher, images):
-    """Eval-mode forward of the frozen model: (logits, features)."""
-    return model.apply({"params": teacher.params, "batch_stats": teacher.batch_stats},
-                       images, train=False)
+    return FrozenModel(*jax.tree.map(jnp.copy, (state.params, state.batch_stats)))
 
 
 # How a stage that trains only a head or a correction runs the frozen backbone's BatchNorm:
@@ -55,13 +53,13 @@ class TeacherState:
     """The model frozen at the end of the previous task (before the first task ends: the
     initial model, never used)."""
 
-    teacher: Teacher
+    teacher: FrozenModel
 
 
 def freeze_teacher(rt: Runtime, learner, state, task: Task):
     """The state with the trained model as the next task's teacher."""
     del rt, task
-    return learner, state.replace(teacher=teacher_of(learner))
+    return learner, state.replace(teacher=freeze(learner))
 
 
 class TeacherMethod(Method):
@@ -73,7 +71,7 @@ class TeacherMethod(Method):
 
     def init_state(self, rt, learner) -> TeacherState:
         del rt
-        return TeacherState(teacher=teacher_of(learner))
+        return TeacherState(teacher=freeze(learner))
 
     def loss_fn(self, task: Task):
         return self.first_task_loss if task.is_first else self.distill_loss
