@@ -20,7 +20,7 @@ from typing import Optional
 from absl import logging
 
 from abd_jax import data as data_lib
-from abd_jax import files, input_pipeline, models
+from abd_jax import files, first_task, input_pipeline, models
 from abd_jax import methods as methods_lib
 
 # Flat names of earlier versions -> their place now (an old name gives a one-line error).
@@ -36,7 +36,9 @@ NON_RESULT = ("log_every_steps", "checkpoint_every_steps", "data_dir", "download
               "tensorboard", "compile_ahead", "synthesis.log_every",
               "synthesis.checkpoint_every", "synthesis.sample_grid_size",
               # The input path: both read the same batches (`input_pipeline`).
-              "input_pipeline", "stream_above_gb", "stream_workers", "stream_prefetch")
+              "input_pipeline", "stream_above_gb", "stream_workers", "stream_prefetch",
+              # A first task trained with the same settings (`first_task.check_source`).
+              "first_task_from")
 
 # Result fields a resumed run may change with --allow_changed (e.g. after a divergence).
 CHANGEABLE = ("lr", "synthesis.lr", "lr_decay", "lr_milestones", "momentum", "weight_decay")
@@ -124,6 +126,7 @@ def validate(config, num_devices: int,
     if config.head not in method.heads:
         raise ValueError(f"--config.head={config.head}: {config.method} supports "
                          f"{', '.join(method.heads)}")
+    first_task.check_source(config, method, spec)
     return method
 
 

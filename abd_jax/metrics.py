@@ -241,8 +241,10 @@ DISTINCT = "distinct_stored_images"
 
 def memory_totals(footprint: dict) -> dict:
     """What a method keeps between tasks, in total (the paper's memory comparison):
-    `values`, the release's count (parameters + stored pixel values), and `bytes`, with
-    float32 parameters (classifier, generator) at 4 bytes and uint8 pixel values at 1."""
-    params = footprint.get("classifier_parameters", 0) + footprint.get("generator_parameters", 0)
+    `values`, the release's count (parameters + stored pixel values + class statistics), and
+    `bytes`, with float32 parameters (classifier, generator) and statistics (class means,
+    covariances) at 4 bytes and uint8 pixel values at 1."""
+    params = (footprint.get("classifier_parameters", 0) + footprint.get("generator_parameters", 0)
+              + footprint.get("statistics_values", 0))
     pixels = int(footprint.get("stored_image_bytes", 0))
     return {"values": int(params) + pixels, "bytes": 4 * int(params) + pixels}

@@ -41,11 +41,13 @@ class Task:
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """A training stage's SGD schedule: `epochs` at `lr`, times `lr_decay` after each epoch
-    of `milestones`."""
+    of `milestones`; or, `cosine`, annealed per epoch to 0 over the `epochs` (PyTorch's
+    CosineAnnealingLR with T_max = epochs, stepped after each epoch)."""
 
     epochs: int
     lr: float
     milestones: tuple = ()
+    cosine: bool = False
 
 
 def run_schedule(config) -> Schedule:
@@ -149,7 +151,8 @@ class RunPlan:
             num_seen=np.int32(task.num_seen), steps_per_epoch=np.int32(steps_per_epoch),
             total_steps=np.int32(steps_per_epoch * schedule.epochs),
             key=np.asarray(key, np.uint32), base_lr=np.float32(schedule.lr),
-            lr_milestones=lr_milestones(schedule.milestones, self.num_milestones))
+            lr_milestones=lr_milestones(schedule.milestones, self.num_milestones),
+            cosine_epochs=np.int32(schedule.epochs if schedule.cosine else 0))
 
 
 def validate_task_sizes(config, plan: RunPlan) -> None:

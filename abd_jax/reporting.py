@@ -20,6 +20,8 @@ def _memory_line(memory: dict) -> str:
         parts.append(f"{memory['generator_parameters']:,} generator parameters")
     if memory.get("stored_images"):
         parts.append(f"{memory['stored_images']:,} stored images")
+    if memory.get("statistics_values"):
+        parts.append(f"{memory['statistics_values']:,} class statistics")
     return (f"- memory kept between tasks: {memory['values'] / 1e6:.2f} M values, "
             f"{memory['bytes'] / 2**20:.2f} MiB ({' + '.join(parts)})")
 

@@ -26,7 +26,7 @@ from abd_jax import ahead as ahead_lib
 from abd_jax import checkpoint as ckpt_lib
 from abd_jax import data as data_lib
 from abd_jax import augment, driver, evaluation, hosts, input_pipeline, logs, metrics, plan
-from abd_jax import reporting, rng, train
+from abd_jax import first_task, reporting, rng, train
 from abd_jax.methods import lifecycle
 from abd_jax.sampling import DeviceData
 
@@ -212,7 +212,13 @@ class RepeatRunner:
             if step == 0:
                 learner, method_state = self._placed(self.method.begin_task(
                     self.rt, learner, method_state, task))
-            learner = self._train(task, step, learner, method_state)
+            if task.is_first and self.config.get("first_task_from"):
+                learner = self._placed(first_task.load(self.config.first_task_from,
+                                                       self.repeat, learner))
+            elif self.method.trains(task):
+                learner = self._train(task, step, learner, method_state)
+            if task.is_first and self.method.keeps_first_task:
+                first_task.save(self.workdir, self.repeat, learner)
             # The end-of-task stages may be long (synthesis): don't redo training after them.
             self._save(t, ckpt_lib.stage_step(0, 0), learner, method_state)
         if step < ckpt_lib.EVALUATE:
@@ -236,7 +242,8 @@ class RepeatRunner:
                      task.index + 1, c.num_tasks, ids if len(ids) <= 20 else
                      f"{ids[:20]} and {len(ids) - 20} more", len(index))
         loop = self.sgd_loop("training", self.method.loss_fn(task), method_state, index,
-                             plan.run_schedule(c), self.plan.task_key(task.index), task, step)
+                             self.method.schedule(c, task), self.plan.task_key(task.index), task,
+                             step)
         save = lambda state, k, pending: self._save(task.index, k, state, method_state,
                                                      pending=pending)
         hooks = self._hooks(task, c.log_every_steps, c.checkpoint_every_steps, save, "lr", None)
@@ -280,10 +287,10 @@ class RepeatRunner:
     def _evaluate(self, task, learner, method_state) -> None:
         t = task.index
         seen = self.plan.test_labels < task.num_seen
-        logits = evaluation.predict_all(self.predict, learner, self.splits.test_images[seen],
-                                        self.config.eval_batch_size, self.mesh,
-                                        self.session.stop)[0]
-        logits = self.method.eval_logits(method_state, logits, task)
+        logits, features = evaluation.predict_all(
+            self.predict, learner, self.splits.test_images[seen], self.config.eval_batch_size,
+            self.mesh, self.session.stop)
+        logits = self.method.eval_logits(self.rt, method_state, logits, features, task)
         for j, (g, l, top5) in enumerate(evaluation.task_accuracies(
                 logits, self.plan.test_labels[seen], self.plan.bounds, t)):
             self.acc.record(t, j, g, l, top5)

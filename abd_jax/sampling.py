@@ -27,7 +27,8 @@ class TaskInfo:
     index: `[M]` int32 indices into the training arrays, the first `count` valid.
     num_old, num_seen: K_old and K_new of the task. key: the stage's PRNG key.
     base_lr: float32 `[]`; lr_milestones: int32 `[K]` epochs after which lr *= lr_decay
-    (`NO_MILESTONE` pads: a stage without decay keeps the run's K, so its shapes).
+    (`NO_MILESTONE` pads: a stage without decay keeps the run's K, so its shapes);
+    cosine_epochs: int32 `[]`, > 0 for a cosine schedule over that many epochs.
     """
 
     index: jax.Array
@@ -39,6 +40,7 @@ class TaskInfo:
     key: jax.Array
     base_lr: jax.Array
     lr_milestones: jax.Array
+    cosine_epochs: jax.Array
 
 
 def lr_milestones(milestones, length: int) -> np.ndarray:

@@ -133,11 +133,15 @@ def reset_optimizer(session, state: TrainState) -> TrainState:
     return state.replace(step=step, opt_state=opt_state)
 
 
-def learning_rate(step, task: TaskInfo, cfg: StepConfig):
-    """base_lr * lr_decay ** (number of milestones <= the step's epoch)."""
+def learning_rate(step, task: TaskInfo, lr_decay: float):
+    """At the step's epoch e: base_lr * lr_decay ** (number of milestones <= e), or with a
+    cosine schedule over E epochs base_lr (1 + cos(pi e / E)) / 2."""
     epoch = step // task.steps_per_epoch
     decays = jnp.sum((epoch >= task.lr_milestones).astype(jnp.float32))
-    return task.base_lr * jnp.power(cfg.lr_decay, decays)
+    stepped = task.base_lr * jnp.power(lr_decay, decays)
+    cosine = task.base_lr * 0.5 * (1 + jnp.cos(jnp.pi * epoch / jnp.maximum(task.cosine_epochs,
+                                                                             1)))
+    return jnp.where(task.cosine_epochs > 0, cosine, stepped)
 
 
 def task_batch(data, task: TaskInfo, step, rng, cfg: StepConfig, mesh: Mesh,
@@ -204,7 +208,7 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Me
         x, y = task_batch(data, task, step, aug_rng, cfg, mesh)
         (loss, (new_bs, metrics)), grads = loss_and_grads(model, loss_fn, state, inputs, x, y,
                                                           task, loss_rng)
-        lr = learning_rate(step, task, cfg)
+        lr = learning_rate(step, task, cfg.lr_decay)
         state = jax.lax.with_sharding_constraint(sgd_update(state, grads, new_bs, lr),
                                                  replicated)
         return state, {"loss": loss, "lr": lr, **metrics}

@@ -113,6 +113,28 @@ def get_config() -> ml_collections.ConfigDict:
         finetune_lr_scale=0.05,  # at lr * 0.05
         head="per_task"))        # the release's: a bias-free Linear per task, N(0, 0.001^2);
     #                              "shared": the model's own head (Kaiming, with a bias)
+    # The exemplar-free methods whose backbone trains on the first task only (ncm, fecam,
+    # fetril; docs/algorithm.md §11): that task's recipe, the official code's (FeCAM's and the
+    # PyCIL ports'); their table rows use resnet18_cifar, the cosine head and augment "pycil".
+    c.first_task_from = ""     # a run's workdir whose finished first task this run starts from
+    #                            (the same first task: abd_jax/first_task.py checks)
+    c.first_task = ml_collections.ConfigDict(dict(
+        epochs=200, lr=0.1, weight_decay=5e-4,
+        schedule="cosine",       # "cosine" (annealed to 0 over the epochs) or "steps"
+        milestones=()))          # lr x lr_decay after these epochs ("steps")
+    c.fecam = ml_collections.ConfigDict(dict(
+        beta=0.5,                # Tukey's exponent (0 = log)
+        alpha1=1.0, alpha2=1.0,  # covariance shrinkage of the diagonal, the off-diagonal
+        shrinks=2,               # times shrunk (the official code: twice)
+        normalize=True,          # covariance -> correlation
+        shared_covariance=False))  # True: one covariance for every class (its Table 1 row)
+    c.fetril = ml_collections.ConfigDict(dict(
+        similarity="euclidean",  # the new class nearest to a past one: "euclidean" (official)
+        #                          or "cosine" (PyCIL's port)
+        classifier="linear",     # "linear": PyCIL's head on features; "svm": the official
+        #                          LinearSVC (scikit-learn, on the host)
+        epochs=50, lr=0.05, weight_decay=5e-4,  # the linear head (cosine schedule)
+        svm_c=1.0, svm_tol=1e-4))
     # Model inversion (docs/algorithm.md §3), shared by abd, deepinversion, lwf_synthetic and
     # rdfcil (which inverts a new generator after every task).
     c.synthesis = ml_collections.ConfigDict(dict(

@@ -17,6 +17,9 @@ def get_config():
     c.lr_milestones = (10, 13)
     c.coreset.memory = 200              # 4% of the 5,000 training images, as 2,000 of CIFAR's 50,000
     c.rdfcil.finetune_epochs = 4        # a quarter of the task's epochs, as the release's 40 / 160
+    c.first_task.epochs = 15            # the exemplar-free methods' first task, on this scale
+    c.first_task.lr = 0.05
+    c.fetril.epochs = 10
     c.synthesis.iterations = 500
     c.synthesis.log_every = 100
     c.synthesis.checkpoint_every = 200

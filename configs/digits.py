@@ -17,6 +17,9 @@ def get_config():
     c.coreset.memory = 60               # ~4% of the 1,442 training images, as 2,000 of CIFAR's 50,000
     c.dgr.z_dim = 32
     c.rdfcil.finetune_epochs = 8        # a quarter of the task's epochs, as the release's 40 / 160
+    c.first_task.epochs = 30            # the exemplar-free methods' first task, on this scale
+    c.first_task.lr = 0.05
+    c.fetril.epochs = 10
     c.synthesis.iterations = 300
     c.synthesis.z_dim = 100
     c.synthesis.log_every = 100

@@ -197,7 +197,8 @@ def make_learner(session: Session, case: str, dtype: str, conv_impl: str,
                              steps_per_epoch=jnp.int32(n // FLAGS.batch_size),
                              total_steps=jnp.int32(10**9), key=jax.random.PRNGKey(seed + 1),
                              base_lr=jnp.float32(0.1),
-                             lr_milestones=jnp.asarray(sampling.lr_milestones((100,), 1)))
+                             lr_milestones=jnp.asarray(sampling.lr_milestones((100,), 1)),
+                             cosine_epochs=jnp.int32(0))
     rt = methods.Runtime(config=_method_config(method_name, dtype), plan=None, model=model,
                          mesh=mesh, image_shape=_image_shape(), steps_per_call=_steps_per_call(),
                          method_key=np.array([0, seed + 2], np.uint32), session=session)
@@ -326,7 +327,7 @@ def ladder_rungs(lr: Learner) -> list[tuple[str, Callable, bool, int]]:
             x, y = batch_fn(state, data, task)
             (loss, (new_bs, _)), grads = train.loss_and_grads(model, loss_fn, state,
                                                               method_state, x, y, task, key)
-            lr_now = train.learning_rate(state.step, task, cfg)
+            lr_now = train.learning_rate(state.step, task, cfg.lr_decay)
             return train.sgd_update(state, grads, new_bs, lr_now), loss
         return step
 
@@ -500,7 +501,8 @@ def time_feed(source, spec, labels, workers: int, prefetch: int,
                              steps_per_epoch=np.int32(n // b),
                              total_steps=np.int32(n // b * 1000),
                              key=np.array([0, 0], np.uint32), base_lr=np.float32(0.1),
-                             lr_milestones=np.zeros(0, np.int32))
+                             lr_milestones=np.zeros(0, np.int32),
+                             cosine_epochs=np.int32(0))
     rates = []
     for r in range(FLAGS.repeats):
         feed = input_pipeline.StreamFeed(

@@ -33,7 +33,8 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from abd_jax import errors, experiment, files, logs, parallel, reporting
+from abd_jax import data as data_lib
+from abd_jax import errors, experiment, files, first_task, logs, parallel, reporting
 from abd_jax import methods as methods_lib
 from abd_jax.session import Session
 
@@ -60,17 +61,20 @@ def tasks_label(num_tasks: int, first_task_classes: int = 0) -> str:
 
 def format_table(rows: list[str], task_counts: list[int], cells: dict,
                  published: dict | None = None, first_task_classes: int = 0,
-                 sources: dict | None = None) -> tuple[str, str]:
+                 sources: dict | None = None, backbones: dict | None = None) -> tuple[str, str]:
     """(Markdown, CSV) of `cells[(row, num_tasks)]` = a results.json `aggregate`; a missing
     cell (still to run) shows as `...`. Omega columns appear when any cell has Omega,
     published columns when `published` ({row: {num_tasks: (mean, std, source key)}}) has a
     figure for a listed row and task count, with the `sources` ({key: text}) and the rows'
     notes below the table. Columns are labelled both ways under warm start
-    (`tasks_label`)."""
+    (`tasks_label`); a backbone column appears when the rows' `backbones` ({row: model})
+    differ."""
     published, sources_text = published or {}, sources or {}
     with_omega = any(c.get("omega") for c in cells.values())
     with_published = {n for n in task_counts for r in rows if n in published.get(r, {})}
-    head = ["row"]
+    backbones = backbones or {}
+    with_backbone = len(set(backbones.values())) > 1
+    head = ["row"] + (["backbone"] if with_backbone else [])
     for n in task_counts:
         label = tasks_label(n, first_task_classes)
         head += [f"A_N (%), {label}", f"A_inc (%), {label}", f"F (%), {label}"]
@@ -83,7 +87,7 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
            "seconds_per_batch,repeats"]
     sources = set()
     for row in rows:
-        line, last = [row], None
+        line, last = [row] + ([backbones.get(row, "")] if with_backbone else []), None
         for n in task_counts:
             agg, figure = cells.get((row, n)), published.get(row, {}).get(n)
             if figure:
@@ -165,18 +169,31 @@ def main(argv):
     print(f"\n{config_line}\n{table}")
 
 
-def cell_runs(rows: list[str], task_counts: list[int], workdir: pathlib.Path) -> list:
+def cell_runs(rows: list[str], task_counts: list[int], workdir: pathlib.Path,
+              share_first_tasks: bool = True) -> list:
     """`((row, num_tasks), config, cell workdir)` of every cell, in the order a table runs
-    them: per task count, the upper bound first (its results.json gives the others Omega)."""
+    them: per task count, the upper bound first (its results.json gives the others Omega).
+    With `share_first_tasks`, a row whose method keeps its first task starts from the first
+    such row's of its column that trained the same first task (`first_task.fingerprint`)."""
     cells = []
     for n in task_counts:
         folder = workdir / f"tasks_{n}" if FLAGS.tasks else workdir
+        trained = {}  # first-task fingerprint -> the cell that trains it
         for row in rows:
             overrides = {"num_tasks": n, **ROWS[row]}
             if row != "upper_bound" and "upper_bound" in rows:
                 overrides["upper_bound_results"] = str(folder / "upper_bound" / "results.json")
-            cells.append(((row, n), experiment.config_with(FLAGS.config, overrides),
-                          folder / row))
+            config = experiment.config_with(FLAGS.config, overrides)
+            method = methods_lib._CLASSES[config.method]
+            if share_first_tasks and method.keeps_first_task:
+                spec = data_lib.spec_of(config)
+                key = json.dumps(first_task.fingerprint(
+                    config, methods_lib.get_method(config, spec), spec), sort_keys=True)
+                if key in trained:
+                    config = experiment.config_with(config, {"first_task_from": trained[key]})
+                else:
+                    trained[key] = str(folder / row)
+            cells.append(((row, n), config, folder / row))
     return cells
 
 
@@ -185,7 +202,8 @@ def write_table(workdir: pathlib.Path, rows: list[str], task_counts: list[int],
     """table.md, table.csv and comparison.png of the cells done; returns the Markdown."""
     first = FLAGS.config.first_task_classes
     published, sources = methods_lib.published(FLAGS.config.dataset, first)
-    table, csv = format_table(rows, task_counts, cells, published, first, sources)
+    backbones = {row: ROWS[row].get("model", FLAGS.config.model) for row in rows}
+    table, csv = format_table(rows, task_counts, cells, published, first, sources, backbones)
     workdir.mkdir(parents=True, exist_ok=True)
     files.write_file(workdir / "table.md", table)
     files.write_file(workdir / "table.csv", csv)
@@ -214,7 +232,7 @@ def run_cells_in_processes(rows: list[str], task_counts: list[int], workdir: pat
     own (`abd_jax.parallel`; a cell of R > 1 repeats keeps repeat r in `<cell>/repeat_<r>/`),
     the upper bounds first; the table is rewritten as each cell completes. Returns it."""
     cells, table = {}, ""
-    plan = cell_runs(rows, task_counts, workdir)
+    plan = cell_runs(rows, task_counts, workdir, share_first_tasks=False)  # (run at once)
     for wave in ([c for c in plan if c[0][0] == "upper_bound"],
                  [c for c in plan if c[0][0] != "upper_bound"]):
         jobs, cell_of, left = [], {}, {}

@@ -9,6 +9,8 @@ r = K_old / K_new = 2/3 differs from 1 - r (DGR's weights show). Values the loss
 student's train-mode and eval-mode outputs, the teacher's, the replayed images, the
 autoencoder's outputs) are read back from the same jitted call.
 """
+import types
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -323,20 +325,20 @@ def test_bic_stage2_gradient_reaches_alpha_and_beta_only(setup):
     assert abs(float(grads["alpha"])) > 0 and abs(float(grads["beta"])) > 0
 
 
-def test_bic_evaluation_logits(runs):
+def test_bic_evaluation_logits(setup, runs):
     """The release evaluates the bare model; correct_at_test applies every task's correction,
     the current task's included."""
     z = runs["z_eval"].astype(np.float32)
     state = bic.BiCState(teacher=None, memory=None, distinct=None,
                          alpha=jnp.asarray(ALPHA, jnp.float32),
                          beta=jnp.asarray(BETA, jnp.float32), correction=None)
-    np.testing.assert_array_equal(_method("bic").eval_logits(state, z, TASK), z)
-    corrected = _method("bic", **{"bic.correct_at_test": True}).eval_logits(state, z, TASK)
-    _check(corrected, _correct(z, ALPHA, BETA, K_NEW))
+    rt = types.SimpleNamespace(session=setup["session"])
+    scores = lambda method, task: method.eval_logits(rt, state, z, None, task)
+    np.testing.assert_array_equal(scores(_method("bic"), TASK), z)
+    correcting = _method("bic", **{"bic.correct_at_test": True})
+    _check(scores(correcting, TASK), _correct(z, ALPHA, BETA, K_NEW))
     after_task_2 = methods.Task(index=1, num_tasks=NUM_TASKS, num_old=2, num_seen=4)
-    corrected = _method("bic", **{"bic.correct_at_test": True}).eval_logits(state, z,
-                                                                            after_task_2)
-    _check(corrected, _correct(z, ALPHA, BETA, 4))
+    _check(scores(correcting, after_task_2), _correct(z, ALPHA, BETA, 4))
 
 
 def test_dgr_solver_loss(runs):

@@ -263,7 +263,7 @@ def _run_stage(stage, learner, state, rt, data, steps: int, batch_size: int):
         index=padded, count=np.int32(len(index)), num_old=np.int32(2), num_seen=np.int32(4),
         steps_per_epoch=np.int32(len(index) // batch_size), total_steps=np.int32(steps),
         key=np.array([7, 1], np.uint32), base_lr=np.float32(0.001),
-        lr_milestones=sampling.lr_milestones((), 3))
+        lr_milestones=sampling.lr_milestones((), 3), cosine_epochs=np.int32(0))
     cfg = train.StepConfig(batch_size, 0.1, augment.AugmentConfig(0.0, 0.0, False, 0),
                            (0.0,), (1.0,))
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))

@@ -37,7 +37,8 @@ def _task(count=23, capacity=30, steps_per_epoch=5, total=13):
     return sampling.TaskInfo(index=index, count=np.int32(count), num_old=np.int32(0),
                              num_seen=np.int32(5), steps_per_epoch=np.int32(steps_per_epoch),
                              total_steps=np.int32(total), key=np.array([0, 3], np.uint32),
-                             base_lr=np.float32(0.1), lr_milestones=np.zeros(0, np.int32))
+                             base_lr=np.float32(0.1), lr_milestones=np.zeros(0, np.int32),
+                             cosine_epochs=np.int32(0))
 
 
 @pytest.mark.slow

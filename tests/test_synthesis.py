@@ -139,7 +139,8 @@ def _learner_setup(session, method_name, mesh_devices, chunk=2, **overrides):
                              num_old=jnp.int32(3), num_seen=jnp.int32(6),
                              steps_per_epoch=jnp.int32(3), total_steps=jnp.int32(2),
                              key=jax.random.PRNGKey(9), base_lr=jnp.float32(0.1),
-                             lr_milestones=jnp.zeros(0, jnp.int32))
+                             lr_milestones=jnp.zeros(0, jnp.int32),
+                             cosine_epochs=jnp.int32(0))
     loss_fn = method.loss_fn(methods.Task(index=1, num_tasks=2, num_old=3, num_seen=6))
     step = train.make_train_chunk(model, loss_fn, cfg, mesh, chunk)
     return step, state, (method_state, sampling.DeviceData(images, labels), task), method, model

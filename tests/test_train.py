@@ -33,7 +33,8 @@ def _setup(loss_fn=base.ce, batch_size=8, chunk=2, mesh_devices=1, with_teacher=
                              num_seen=jnp.int32(6), steps_per_epoch=jnp.int32(20 // batch_size),
                              total_steps=jnp.int32(3), key=jax.random.PRNGKey(1),
                              base_lr=jnp.float32(0.1),
-                             lr_milestones=jnp.asarray(sampling.lr_milestones((1,), 1)))
+                             lr_milestones=jnp.asarray(sampling.lr_milestones((1,), 1)),
+                             cosine_epochs=jnp.int32(0))
     frozen = TeacherState(freeze(state)) if with_teacher else None
     fn = train.make_train_chunk(model, loss_fn, cfg, mesh, chunk)
     return fn, state, frozen, images, labels, task
@@ -133,3 +134,23 @@ def test_skipping_by_mask_equals_skipping_by_cond():
     chex.assert_trees_all_close(s_cond.opt_state, s_mask.opt_state, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="skip"):
         train.fuse_steps(lambda s: (s, {}), 2, "while")
+
+
+def test_learning_rate_steps_at_milestones_or_anneals_by_cosine():
+    """Milestones: lr x lr_decay after each listed epoch. Cosine (PyTorch's
+    CosineAnnealingLR, T_max = epochs, stepped per epoch): lr (1 + cos(pi e / E)) / 2."""
+    cfg = train.StepConfig(batch_size=4, lr_decay=0.1, augment=augment.AugmentConfig(),
+                           mean=(0.5,), std=(0.25,))
+    info = lambda milestones, cosine: sampling.TaskInfo(
+        index=jnp.zeros(8, jnp.int32), count=jnp.int32(8), num_old=jnp.int32(0),
+        num_seen=jnp.int32(2), steps_per_epoch=jnp.int32(2), total_steps=jnp.int32(8),
+        key=jax.random.PRNGKey(0), base_lr=jnp.float32(0.1),
+        lr_milestones=jnp.asarray(sampling.lr_milestones(milestones, 2)),
+        cosine_epochs=jnp.int32(cosine))
+    rates = lambda task: [float(train.learning_rate(jnp.int32(s), task, cfg.lr_decay))
+                          for s in range(8)]
+    np.testing.assert_allclose(rates(info((1, 3), 0)),
+                               [0.1, 0.1, 0.01, 0.01, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+    want = [0.1, 0.1, 0.0853553, 0.0853553, 0.05, 0.05, 0.0146447, 0.0146447]
+    np.testing.assert_allclose(rates(info((), 4)), want, rtol=1e-5)
+    assert plan.Schedule(4, 0.1, cosine=True).cosine

@@ -54,8 +54,9 @@ def table_rows() -> dict[str, dict]:
     """{row: config overrides} of run_table.py: each method, then its variants."""
     rows = {}
     for name, cls in _CLASSES.items():
-        rows[name] = {"method": name}
-        rows.update({row: {"method": name, **over} for row, over in cls.variants.items()})
+        rows[name] = {"method": name, **cls.row_settings}
+        rows.update({row: {"method": name, **cls.row_settings, **over}
+                     for row, over in cls.variants.items()})
     return rows
 
 

@@ -79,7 +79,7 @@ def abd_loss(ctx: LossContext, generator: nn.Module, z_dim: int, opts: AbdOption
 class ABD(SyntheticReplay):
     name = "abd"
     sections = ("abd", "synthesis")
-    tables, rank = ("methods", "data_free", "ablations"), 60
+    tables, rank = ("methods", "data_free", "ablations", "exemplar_free"), 60
     variants = {  # Table 3's ablations
         "abd_no_task_balancing": {"abd.task_balancing": False},
         "abd_standard_ce": {"abd.local_ce": False},

@@ -28,7 +28,7 @@ class UpperBound(Base):
     """For each task a freshly initialised model trained on all classes seen so far."""
 
     name = "upper_bound"
-    tables, rank = ("methods", "data_free", "coreset"), 0
+    tables, rank = ("methods", "data_free", "coreset", "exemplar_free"), 0
     published = abd_table((69.9, 0.2), (69.9, 0.2), (69.9, 0.2))
 
     def index_capacity(self, rt):

@@ -195,13 +195,13 @@ class BiC(TeacherRehearsal):
         return Schedule(bic.stage2_epochs or config.epochs, config.lr * bic.stage2_lr_scale,
                         () if bic.stage2_epochs else tuple(config.lr_milestones))
 
-    def eval_logits(self, state: BiCState, logits: np.ndarray, task: Task) -> np.ndarray:
+    def eval_logits(self, rt, state: BiCState, logits, features, task: Task) -> np.ndarray:
+        del features
         if not self.config.bic.correct_at_test:
             return logits
         logits, alpha, beta, num_seen = jax.device_put(
             (logits, state.alpha, state.beta, np.int32(task.num_seen)))
-        corrected = _corrected(logits, alpha, beta, bounds=self.bounds,
-                               num_corrected=num_seen)
+        corrected = rt.session.jitted(_corrector, self.bounds)(logits, alpha, beta, num_seen)
         return hosts.fetch(corrected)
 
 
@@ -215,4 +215,7 @@ def first_per_class(labels: np.ndarray, count: int) -> np.ndarray:
     return out
 
 
-_corrected = jax.jit(losses.bias_correction, static_argnames="bounds")
+def _corrector(bounds: tuple):
+    """`losses.bias_correction` over these task bounds, for `Session.jitted`."""
+    return lambda logits, alpha, beta, num_corrected: losses.bias_correction(
+        logits, alpha, beta, bounds, num_corrected)

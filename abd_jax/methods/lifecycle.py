@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from abd_jax import data as data_lib
 from abd_jax import driver, models, train
-from abd_jax.plan import RunPlan, Schedule, Task
+from abd_jax.plan import RunPlan, Schedule, Task, run_schedule
 
 
 class Services(Protocol):
@@ -228,6 +228,10 @@ class Method:
     variant_tables: tuple = ()
     published: tuple = ()
     sources: dict = {}
+    row_settings: dict = {}  # the settings its table row runs with (e.g. its backbone)
+    # Its backbone freezes after the first task: the run keeps that task's model for others
+    # (`--config.first_task_from`, `abd_jax.first_task`).
+    keeps_first_task: bool = False
     published_note: str = ""  # said below a table that shows published figures beside it
     head_bias: bool = True  # whether its classifier's head has a bias
     heads: tuple = ("linear", "cosine")  # the `--config.head`s its losses support
@@ -274,6 +278,17 @@ class Method:
         del task
         return train.reset_optimizer(rt.session, learner), state
 
+    def trains(self, task: Task) -> bool:
+        """Whether `task` has a training loop (a method whose backbone freezes after the first
+        task trains only that one; its end-of-task stages still run)."""
+        del task
+        return True
+
+    def schedule(self, config, task: Task) -> Schedule:
+        """The SGD schedule of `task`'s training: the run's (docs/algorithm.md §1)."""
+        del task
+        return run_schedule(config)
+
     def train_index(self, rt: Runtime, state, task: Task) -> np.ndarray:
         """The training examples of `task` (a pure function of `state`: resume calls it)."""
         del state
@@ -296,10 +311,13 @@ class Method:
         del rt, learner, state
         return []
 
-    def eval_logits(self, state, logits: np.ndarray, task: Task) -> np.ndarray:
-        """The logits `[n, C]` the method classifies with after `task` (e.g. BiC's
-        correction); by default the model's own."""
-        del state, task
+    def eval_logits(self, rt: Runtime, state, logits: np.ndarray, features: np.ndarray,
+                    task: Task) -> np.ndarray:
+        """The scores `[n, C]` the method classifies the test images with after `task`, from
+        the model's logits `[n, C]` and features `[n, D]` (host numpy): by default the
+        logits; BiC's corrected logits; a head that scores features, such as nearest class
+        mean or Mahalanobis distance (negated distances, the largest wins)."""
+        del rt, state, features, task
         return logits
 
     def memory_footprint(self, rt: Runtime, state) -> dict:

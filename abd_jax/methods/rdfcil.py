@@ -163,7 +163,7 @@ class RDFCIL(SyntheticReplay):
 
     name = "rdfcil"
     sections = ("rdfcil", "synthesis")
-    tables, rank = ("data_free",), 70
+    tables, rank = ("data_free", "exemplar_free"), 70
     published_note = (
         "R-DFCIL's own published figures (its Table 1: 200 epochs of which 40 fine-tune the "
         "head, weight decay 5e-4, crop + flip, 5,000 generator steps, its release's class "
