@@ -64,9 +64,9 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
                  sources: dict | None = None, backbones: dict | None = None) -> tuple[str, str]:
     """(Markdown, CSV) of `cells[(row, num_tasks)]` = a results.json `aggregate`; a missing
     cell (still to run) shows as `...`. Omega columns appear when any cell has Omega,
-    published columns when `published` ({row: {num_tasks: (mean, std, source key)}}) has a
-    figure for a listed row and task count, with the `sources` ({key: text}) and the rows'
-    notes below the table. Columns are labelled both ways under warm start
+    published columns when `published` ({row: {num_tasks: (mean, std, source key[, metric])}})
+    has a figure for a listed row and task count, with the `sources` ({key: text}) and the
+    rows' notes below the table. Columns are labelled both ways under warm start
     (`tasks_label`); a backbone column appears when the rows' `backbones` ({row: model})
     differ."""
     published, sources_text = published or {}, sources or {}
@@ -79,7 +79,10 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
         label = tasks_label(n, first_task_classes)
         head += [f"A_N (%), {label}", f"A_inc (%), {label}", f"F (%), {label}"]
         head += [f"Omega, {label}"] if with_omega else []
-        head += [f"published A_N (%), {label}"] if n in with_published else []
+        metrics = {f[3] if len(f) > 3 else "A_N" for r in rows
+                   for f in [published.get(r, {}).get(n)] if f}
+        named = metrics.pop() + " " if len(metrics) == 1 else ""
+        head += [f"published {named}(%), {label}"] if n in with_published else []
     head += ["memory (M values)", "s / batch"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     csv = ["row,num_tasks,first_task_classes,A_N_mean,A_N_std,A_inc_mean,A_inc_std,F_mean,"
@@ -93,6 +96,8 @@ def format_table(rows: list[str], task_counts: list[int], cells: dict,
             if figure:
                 sources.add(figure[2])
             shown = f"{figure[0]:.1f} +- {figure[1]:.1f} [{figure[2]}]" if figure else ""
+            if figure and len(figure) > 3 and figure[3] != "A_N":  # (A_inc: named in the cell)
+                shown = f"{figure[0]:.1f} {figure[3]} [{figure[2]}]"
             if agg is None:
                 line += ["...", "...", "..."] + (["..."] if with_omega else [])
                 line += [shown] if n in with_published else []

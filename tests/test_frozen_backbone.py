@@ -172,7 +172,7 @@ def test_a_first_task_trained_otherwise_is_refused_in_one_line(digits_data_dir, 
     first_task.check_source(other, methods.get_method(other, spec), spec)  # the same: fine
     changed = experiment.config_with(other, {"first_task.epochs": 3, "model": "resnet14"})
     with pytest.raises(ValueError, match=r"first_task_from=.*trained otherwise \(model: "
-                                         r"'resnet8' there, 'resnet14' here; epochs: 200 "
+                                         r"'resnet8' there, 'resnet14' here; epochs: 30 "
                                          r"there, 3 here\)"):
         first_task.check_source(changed, methods.get_method(changed, spec), spec)
     with pytest.raises(ValueError, match="no run there"):

@@ -71,16 +71,15 @@ def tables() -> dict[str, list]:
     return out
 
 
-def published(dataset: str, first_task_classes: int, metric: str = "A_N") -> tuple[dict, dict]:
-    """({row: {num_tasks: (mean, std, source key)}}, {source key: text}) of the figures the
-    methods list for `dataset` under this protocol."""
+def published(dataset: str, first_task_classes: int) -> tuple[dict, dict]:
+    """({row: {num_tasks: (mean, std, source key, metric)}}, {source key: text}) of the
+    figures the methods list for `dataset` under this protocol."""
     figures, sources = {}, dict(SOURCES)
     for name, cls in _CLASSES.items():
         sources.update(cls.sources)
         for f in cls.published:
-            if (f.dataset, f.first_task_classes, f.metric) == (dataset, first_task_classes,
-                                                               metric):
-                figures.setdefault(name, {})[f.num_tasks] = (f.mean, f.std, f.source)
+            if (f.dataset, f.first_task_classes) == (dataset, first_task_classes):
+                figures.setdefault(name, {})[f.num_tasks] = (f.mean, f.std, f.source, f.metric)
     return figures, sources
 
 
