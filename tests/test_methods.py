@@ -45,6 +45,8 @@ def test_every_method_builds_with_its_first_and_later_losses(name):
     assert method.loss_fn(methods.Task(2, 5, 4, 6)) is later  # one compilation for tasks > 1
     if name in ("base", "upper_bound", "naive_rehearsal"):
         assert first is later is base.ce
+    elif not method.trains(methods.Task(1, 5, 2, 4)):  # a backbone frozen after task 1
+        assert method.trains(methods.Task(0, 5, 0, 2)) and first is base.ce
     elif name == "lwf_mc":
         assert first is not later and first is not base.ce
     else:
