@@ -24,11 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from abd_jax import ahead as ahead_lib
 from abd_jax import checkpoint as ckpt_lib
-from abd_jax import data as data_lib
-from abd_jax import augment, driver, evaluation, hosts, input_pipeline, logs, metrics, plan
-from abd_jax import first_task, reporting, rng, train
+from abd_jax import driver, evaluation, first_task, hosts, logs, metrics, plan, reporting
+from abd_jax import services, train
 from abd_jax.methods import lifecycle
-from abd_jax.sampling import DeviceData
 
 
 def peak_memory_bytes() -> int:
@@ -40,107 +38,32 @@ def peak_memory_bytes() -> int:
 
 
 class RepeatRunner:
-    """One repeat: its plan, device data and checkpoints; the `lifecycle.Services` of the
-    method's hooks; and the task loop that calls them without knowing which method it is."""
+    """One repeat's task loop: it calls the method's hooks without knowing which method it is,
+    on the repeat's `services.RepeatServices` (plan, model, data, programs), and keeps the
+    checkpoints, the accuracy records and the timings."""
 
     def __init__(self, config, workdir: pathlib.Path, splits, mesh: Mesh, writer, repeat: int,
                  method: lifecycle.Method, session):
-        self.config, self.splits, self.mesh, self.writer = config, splits, mesh, writer
-        self.workdir, self.repeat, self.method, self.session = workdir, repeat, method, session
-        self.spec = spec = data_lib.classes_in_use(splits.spec, config.num_classes)
-        self.plan = plan.RunPlan.create(config, splits.spec.num_classes, splits.train_labels,
-                                        splits.test_labels, repeat)
-        self.model = method.classifier(spec.num_classes)
-        self.replicated = NamedSharding(mesh, P())
-        self.mean, self.std = method.input_stats(spec)
-        self.step_config = train.StepConfig(
-            batch_size=config.batch_size, lr_decay=config.lr_decay,
-            augment=augment.AugmentConfig(**config.augment.to_dict()),
-            mean=self.mean, std=self.std)
+        self.config, self.splits, self.mesh, self.repeat = config, splits, mesh, repeat
+        self.workdir, self.method, self.session = workdir, method, session
+        self.services = services.RepeatServices(config, workdir, splits, mesh, writer, repeat,
+                                                method, session)
+        self.plan, self.rt = self.services.plan, self.services.rt
+        self.writer = writer
         self.checkpointer = ckpt_lib.RunCheckpointer(
             workdir / "checkpoints" / f"repeat_{repeat}", config.keep_task_checkpoints)
-        self.steps_per_call = config.steps_per_call or train.default_steps_per_call()
-        if splits.streamed and not config.steps_per_call:  # one call's batches travel at once
-            self.steps_per_call = input_pipeline.steps_per_call_for(
-                self.steps_per_call, config.batch_size, spec.image_shape)
-        self.data = None  # the training split on the mesh (device path)
-        if not splits.streamed:
-            self.data = DeviceData(*hosts.to_global(
-                (splits.train_images, self.plan.train_labels.astype(np.int32)),
-                self.replicated))
-        self.predict = evaluation.make_predict(session, self.model, self.mean, self.std, mesh)
-        self.rt = lifecycle.Runtime(
-            config=config, plan=self.plan, model=self.model, mesh=mesh,
-            image_shape=spec.image_shape, steps_per_call=self.steps_per_call,
-            method_key=self.plan.method_key, session=session, services=self)
-        self.capacity = plan.shared_capacity(method.index_capacity(self.rt))
-        self.tx = train.learner_optimizer(session, config.lr, config.momentum,
-                                          method.weight_decay(config))
         self.acc = metrics.AccuracyMatrix(config.num_tasks)
         self.timing = {"train_seconds": 0.0, "train_steps": 0, "task_wall_seconds": []}
         self.compiled_ahead: dict[str, str] = {}  # program -> outcome (config.compile_ahead)
         self.restored_result = False  # the repeat was already complete in the workdir
         self.pending: dict = {}  # a resumed loop's metrics not logged yet (`driver`)
 
-    # ------------------------------------------------------------------ services
-    def _learner(self, key) -> train.TrainState:
-        return self._placed(lifecycle.new_learner(self.rt, self.method, key, self.tx))
-
-    def fresh_learner(self, t: int) -> train.TrainState:
-        return self._learner(rng.fold_in(self.plan.init_key, t))
-
-    def predict_train(self, learner, index: np.ndarray):
-        return evaluation.predict_all(self.predict, learner, self.splits.train_images[index],
-                                      self.config.eval_batch_size, self.mesh,
-                                      self.session.stop)
-
-    def sgd_loop(self, name, loss_fn, inputs, index, schedule, key, task, start):
-        c = self.config
-        host_info = self.plan.task_info(task, index, schedule, key, self.capacity)
-        info = hosts.to_global(host_info, self.replicated)
-        chunk = train.train_chunk(self.session, self.model, loss_fn, self.step_config,
-                                  self.mesh, self.steps_per_call)
-        total = int(host_info.total_steps)
-        logging.info("repeat %d task %d %s: %d images, %d steps (%d epochs) at lr %g",
-                     self.repeat, task.index + 1, name, len(index), total, schedule.epochs,
-                     schedule.lr)
-        return driver.DrivenLoop(f"task {task.index + 1} {name}", chunk,
-                                 (self._placed(inputs), self._data(host_info, start), info),
-                                 start, total, self.steps_per_call, c.batch_size)
-
+    # ------------------------------------------------------------------ helpers
     def _drive(self, loop: driver.DrivenLoop, state, hooks: driver.Hooks):
         """`driver.drive`, the first loop after a resume continuing its unlogged metrics."""
         loop = dataclasses.replace(loop, pending=self.pending)
         self.pending = {}
         return driver.drive(loop, state, hooks)
-
-    def log(self, step, scalars, **tags) -> None:
-        self.writer.write(step, scalars, repeat=self.repeat, **tags)
-
-    def save_samples(self, t: int, images, labels, title: str) -> None:
-        if not hosts.is_main():
-            return
-        path = self.workdir / f"samples_repeat{self.repeat}_task{t + 1}.png"
-        reporting.save_sample_grid(path, images, self.plan.order[labels], self.mean, self.std,
-                                   title=title)
-
-    # ------------------------------------------------------------------ helpers
-    def _data(self, host_info, start: int):
-        """The loop's data argument for steps `[start, total)`: the split on the mesh, or a
-        grain feed of host-read batches (`input_pipeline`)."""
-        if self.data is not None:
-            return self.data
-        c = self.config
-        return input_pipeline.StreamFeed(
-            self.splits.train_images.source, self.splits.spec, self.plan.train_labels,
-            host_info, start, c.batch_size, self.steps_per_call, self.mesh, c.stream_workers,
-            c.stream_prefetch, input_pipeline.train_transform(self.splits.spec), self.session)
-
-    def _placed(self, tree):
-        """`tree` replicated on the mesh, as every jitted step returns its outputs: inputs
-        placed otherwise (a fresh optimiser state on the default device) would make the next
-        call compile again."""
-        return hosts.to_global(tree, self.replicated)
 
     def _save(self, task: int, step: int, learner, method_state, result=None,
               pending=None) -> None:
@@ -165,15 +88,15 @@ class RepeatRunner:
     def _hooks(self, task, log_every: int, save_every: int, save, setting: str,
                phase: str | None) -> driver.Hooks:
         tags = {"task": task.index + 1, **({"phase": phase} if phase else {})}
-        return driver.Hooks(stop=self.session.stop, log=lambda step, m: self.log(step, m, **tags),
+        return driver.Hooks(stop=self.session.stop, log=lambda step, m: self.services.log(step, m, **tags),
                             log_every=log_every, save=save, save_every=save_every,
                             setting=setting, recovery=self._recovery)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         c = self.config
-        learner = self._learner(self.plan.init_key)
-        method_state = self._placed(self.method.init_state(self.rt, learner))
+        learner = self.services.learner(self.plan.init_key)
+        method_state = self.services.placed(self.method.init_state(self.rt, learner))
         start_task, start_step = 0, 0
         latest = self.checkpointer.restore_latest({"state": learner, "method": method_state})
         if latest is None:
@@ -210,10 +133,10 @@ class RepeatRunner:
         t, tic = task.index, time.time()
         if step < ckpt_lib.END_TASK:
             if step == 0:
-                learner, method_state = self._placed(self.method.begin_task(
+                learner, method_state = self.services.placed(self.method.begin_task(
                     self.rt, learner, method_state, task))
             if task.is_first and self.config.get("first_task_from"):
-                learner = self._placed(first_task.load(self.config.first_task_from,
+                learner = self.services.placed(first_task.load(self.config.first_task_from,
                                                        self.repeat, learner))
             elif self.method.trains(task):
                 learner = self._train(task, step, learner, method_state)
@@ -241,7 +164,7 @@ class RepeatRunner:
         logging.info("repeat %d task %d/%d: classes %s (dataset ids), %d images", self.repeat,
                      task.index + 1, c.num_tasks, ids if len(ids) <= 20 else
                      f"{ids[:20]} and {len(ids) - 20} more", len(index))
-        loop = self.sgd_loop("training", self.method.loss_fn(task), method_state, index,
+        loop = self.services.sgd_loop("training", self.method.loss_fn(task), method_state, index,
                              self.method.schedule(c, task), self.plan.task_key(task.index), task,
                              step)
         save = lambda state, k, pending: self._save(task.index, k, state, method_state,
@@ -259,7 +182,7 @@ class RepeatRunner:
         for i in range(first, len(stages)):
             stage = stages[i]
             if isinstance(stage, lifecycle.Update):
-                learner, state = self._placed(stage.fn(self.rt, learner, state, task))
+                learner, state = self.services.placed(stage.fn(self.rt, learner, state, task))
                 continue
             resumed = i == first and progress > 0
             learner, state = self._loop(task, i, stage, learner, state,
@@ -271,7 +194,7 @@ class RepeatRunner:
     def _loop(self, task, i: int, stage: lifecycle.Loop, learner, state, resume_at):
         """End-of-task stage `i`, a driven loop, from its start or from step `resume_at`."""
         if resume_at is None:
-            learner, state = self._placed(stage.begin(self.rt, learner, state, task))
+            learner, state = self.services.placed(stage.begin(self.rt, learner, state, task))
         loop = stage.program(self.rt, learner, state, task, resume_at or 0)
         if loop is not None:
             save = lambda trained, k, pending: self._save(
@@ -282,13 +205,13 @@ class RepeatRunner:
                                 stage.name)
             trained, _, _ = self._drive(loop, stage.get(learner, state), hooks)
             learner, state = stage.put(learner, state, trained)
-        return self._placed(stage.end(self.rt, learner, state, task))
+        return self.services.placed(stage.end(self.rt, learner, state, task))
 
     def _evaluate(self, task, learner, method_state) -> None:
         t = task.index
         seen = self.plan.test_labels < task.num_seen
         logits, features = evaluation.predict_all(
-            self.predict, learner, self.splits.test_images[seen], self.config.eval_batch_size,
+            self.services.predict, learner, self.splits.test_images[seen], self.config.eval_batch_size,
             self.mesh, self.session.stop)
         logits = self.method.eval_logits(self.rt, method_state, logits, features, task)
         for j, (g, l, top5) in enumerate(evaluation.task_accuracies(
@@ -298,7 +221,7 @@ class RepeatRunner:
         a_inc = metrics.average_incremental_accuracy(self.acc.global_acc[:t + 1, :t + 1])
         logging.info("after task %d: accuracy per task %s, A_%d = %.2f%%, A_inc = %.2f%%",
                      t + 1, np.round(row, 2).tolist(), t + 1, float(np.mean(row)), a_inc)
-        self.log(t + 1, {"A": float(np.mean(row)), "A_inc": a_inc}, eval=1)
+        self.services.log(t + 1, {"A": float(np.mean(row)), "A_inc": a_inc}, eval=1)
 
     def _log_time_left(self, t: int) -> None:
         """A rough estimate: the mean wall time of this repeat's tasks so far."""
@@ -325,23 +248,23 @@ class RepeatRunner:
         """Compile in background threads what the run calls after its first task (evaluation,
         the method's own programs, later tasks' learner chunks) and load the plotting fonts
         (see `abd_jax.ahead`)."""
-        c = self.config
+        c, s = self.config, self.services
         batch = evaluation.eval_batch_size(c.eval_batch_size, self.mesh.size)
-        images = jax.ShapeDtypeStruct((batch, *self.spec.image_shape), jnp.uint8,
+        images = jax.ShapeDtypeStruct((batch, *s.spec.image_shape), jnp.uint8,
                                       sharding=NamedSharding(self.mesh, P("data")))
-        programs = [("evaluation", self.predict, (learner.params, learner.batch_stats, images))]
+        programs = [("evaluation", s.predict, (learner.params, learner.batch_stats, images))]
         programs += self.method.programs(self.rt, learner, method_state)
         first_use = {self.method.loss_fn(self.plan.task(start_task)): start_task}
         for t in range(start_task + 1, c.num_tasks):
             first_use.setdefault(self.method.loss_fn(self.plan.task(t)), t)
-        if self.data is not None:  # (streamed batches' shapes are the feed's business)
-            info = self._placed(self.plan.task_info(
+        if s.data is not None:  # (streamed batches' shapes are the feed's business)
+            info = self.services.placed(self.plan.task_info(
                 self.plan.task(start_task), np.zeros(c.batch_size, np.int32),
-                plan.Schedule(1, c.lr), self.plan.run_key, self.capacity))
+                plan.Schedule(1, c.lr), self.plan.run_key, s.capacity))
             programs += [(f"learner chunk of task {t + 1}",
-                          train.train_chunk(self.session, self.model, loss, self.step_config,
-                                            self.mesh, self.steps_per_call),
-                          (learner, method_state, self.data, info))
+                          train.train_chunk(self.session, s.model, loss, s.step_config,
+                                            self.mesh, s.steps_per_call),
+                          (learner, method_state, s.data, info))
                          for loss, t in first_use.items() if t > start_task]
         jobs = ahead_lib.compile_jobs(programs)
         if hosts.is_main():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from abd_jax import augment, experiment, losses, methods, models, runner, train
+from abd_jax import augment, experiment, losses, methods, models, services, train
 from abd_jax import rng as rng_lib
 from abd_jax.methods import coreset
 from configs import digits
@@ -507,17 +507,17 @@ def test_a_crash_inside_an_end_of_task_loop_resumes_from_its_checkpoint(
     reference, _ = reference_run(config)
     config = experiment.config_with(config, {"checkpoint_every_steps": 1,
                                              "log_every_steps": 1})
-    real = runner.RepeatRunner.log
+    real = services.RepeatServices.log
 
     def crashing(self, step, scalars, **tags):
         if tags.get("phase") == phase and tags.get("task") == 2 and step == 2:
             raise KeyboardInterrupt
         return real(self, step, scalars, **tags)
 
-    monkeypatch.setattr(runner.RepeatRunner, "log", crashing)
+    monkeypatch.setattr(services.RepeatServices, "log", crashing)
     with pytest.raises(KeyboardInterrupt):
         experiment.run(config, tmp_path, session=session)
-    monkeypatch.setattr(runner.RepeatRunner, "log", real)
+    monkeypatch.setattr(services.RepeatServices, "log", real)
     from abd_jax import checkpoint as ckpt_lib
     checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "checkpoints" / "repeat_0")
     assert checkpointer.latest() == (1, ckpt_lib.stage_step(stage, 1))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from abd_jax import config as config_lib
-from abd_jax import driver, evaluation, experiment, plan, reporting, runner, train
+from abd_jax import driver, evaluation, experiment, plan, reporting, runner, services, train
 from abd_jax.session import Session
 from helpers import tiny_config, xla_flags
 
@@ -113,13 +113,13 @@ def test_each_jitted_function_compiles_once_per_run(digits_data_dir, tmp_path):
             jax.config.update("jax_log_compiles", False)
             logger.removeHandler(handler)
         repeat.checkpointer.close()
-        learner_chunks = [train.train_chunk(session, repeat.model,
-                                            method.loss_fn(repeat.plan.task(t)),
-                                            repeat.step_config, mesh, repeat.steps_per_call)
+        s = repeat.services
+        learner_chunks = [train.train_chunk(session, s.model, method.loss_fn(s.plan.task(t)),
+                                            s.step_config, mesh, s.steps_per_call)
                           for t in (0, 1)]  # task 1's CE, then ABD's loss
-        generator_chunk = method.synthesizer(repeat.rt).fused_step
+        generator_chunk = method.synthesizer(s.rt).fused_step
         assert [fn._cache_size() for fn in [*learner_chunks, generator_chunk,
-                                            repeat.predict]] == [1, 1, 1, 1]
+                                            s.predict]] == [1, 1, 1, 1]
     assert sorted(repeat.compiled_ahead) == ["evaluation", "generator step",
                                              "learner chunk of task 2", "plotting fonts"]
     assert all(v.startswith("ready") for v in repeat.compiled_ahead.values()), \
@@ -144,7 +144,7 @@ def test_interrupt_and_resume_gives_identical_results(digits_data_dir, tmp_path,
     reference = experiment.run(config, tmp_path / "straight", session=session)
 
     # Interrupt in the middle of task 2 (as Ctrl-C / SIGTERM would), then rerun.
-    real = runner.RepeatRunner.log
+    real = services.RepeatServices.log
     calls = {"n": 0}
 
     def interrupting_log(self, step, scalars, **tags):
@@ -153,11 +153,11 @@ def test_interrupt_and_resume_gives_identical_results(digits_data_dir, tmp_path,
         if tags.get("task") == 2 and "phase" not in tags and calls["n"] > 24:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner.RepeatRunner, "log", interrupting_log)
+    monkeypatch.setattr(services.RepeatServices, "log", interrupting_log)
     with pytest.raises(KeyboardInterrupt):
         experiment.run(config, tmp_path / "resumed", session=session)
     assert not (tmp_path / "resumed" / "results.json").exists()
-    monkeypatch.setattr(runner.RepeatRunner, "log", real)
+    monkeypatch.setattr(services.RepeatServices, "log", real)
     resumed = experiment.run(config, tmp_path / "resumed", session=session)
     assert _matrices(resumed) == _matrices(reference)
     # the log (and TensorBoard) has A_i and the running A_inc after each task, once

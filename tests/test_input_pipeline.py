@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from abd_jax import data as data_lib
-from abd_jax import experiment, input_pipeline, preemption, runner, sampling
+from abd_jax import experiment, input_pipeline, preemption, sampling, services
 from abd_jax.session import Session
 from helpers import tiny_config
 
@@ -190,7 +190,7 @@ def test_cifar10_stream_resumes_mid_epoch_identically(prepared_cifar10, tmp_path
     straight = experiment.run(config, tmp_path / "straight", session=session)
     assert experiment.load_splits(config, session).streamed
 
-    real_log = runner.RepeatRunner.log
+    real_log = services.RepeatServices.log
     calls = {"n": 0}
 
     def stop_after_second_log(self, *args, **kwargs):
@@ -199,10 +199,10 @@ def test_cifar10_stream_resumes_mid_epoch_identically(prepared_cifar10, tmp_path
         if calls["n"] == 2:  # step 8 of task 1
             self.session.stop.request()
 
-    monkeypatch.setattr(runner.RepeatRunner, "log", stop_after_second_log)
+    monkeypatch.setattr(services.RepeatServices, "log", stop_after_second_log)
     with Session() as stopped, pytest.raises(preemption.Preempted):
         experiment.run(config, tmp_path / "resumed", session=stopped)
-    monkeypatch.setattr(runner.RepeatRunner, "log", real_log)
+    monkeypatch.setattr(services.RepeatServices, "log", real_log)
     from abd_jax import checkpoint as ckpt_lib
     checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "resumed" / "checkpoints" / "repeat_0")
     try:

@@ -10,7 +10,7 @@ import pytest
 from flax import struct
 
 from abd_jax import checkpoint as ckpt_lib
-from abd_jax import experiment, losses, methods, models, runner, train
+from abd_jax import experiment, losses, methods, models, services, train
 from abd_jax.methods import base, lifecycle
 from configs import digits
 from helpers import tiny_config
@@ -18,7 +18,7 @@ from helpers import tiny_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", ["experiment.py", "runner.py", "driver.py", "plan.py"])
+@pytest.mark.parametrize("module", ["experiment.py", "runner.py", "services.py", "driver.py", "plan.py"])
 def test_the_task_loop_names_no_method(module):
     """No identifier of the task loop's modules, and no string literal equal to a method's
     name, refers to a method (messages may mention one, e.g. how to produce Omega's
@@ -148,17 +148,17 @@ def test_interrupted_synthesis_resumes_to_identical_results(digits_data_dir, tmp
     config = tiny_config(digits_data_dir, method="abd", epochs=1, num_tasks=5)
     config.synthesis.checkpoint_every = 10
     reference = experiment.run(config, tmp_path / "straight", session=session)
-    real = runner.RepeatRunner.log
+    real = services.RepeatServices.log
 
     def crashing(self, step, scalars, **tags):
         if tags.get("phase") == "generator" and tags.get("task") == 2 and step == 20:
             raise KeyboardInterrupt  # at its last log, after the checkpoint at 10
         return real(self, step, scalars, **tags)
 
-    monkeypatch.setattr(runner.RepeatRunner, "log", crashing)
+    monkeypatch.setattr(services.RepeatServices, "log", crashing)
     with pytest.raises(KeyboardInterrupt):
         experiment.run(config, tmp_path / "resumed", session=session)
-    monkeypatch.setattr(runner.RepeatRunner, "log", real)
+    monkeypatch.setattr(services.RepeatServices, "log", real)
     checkpointer = ckpt_lib.RunCheckpointer(tmp_path / "resumed" / "checkpoints" / "repeat_0")
     assert checkpointer.latest() == (1, ckpt_lib.stage_step(0, 10))  # task 2's generator
     checkpointer.close()

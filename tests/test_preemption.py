@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from abd_jax import checkpoint as ckpt_lib
-from abd_jax import evaluation, experiment, preemption, runner
+from abd_jax import evaluation, experiment, preemption, runner, services
 from abd_jax.methods import synthetic_replay
 from abd_jax.session import Session
 from helpers import tiny_config, xla_flags
@@ -67,15 +67,15 @@ def reference(digits_data_dir, tmp_path_factory, session):
     return results, _log_lines(workdir)
 
 
-RG = runner.RepeatRunner
+RG, RS = runner.RepeatRunner, services.RepeatServices
 _GENERATOR_LOG = lambda self, step, scalars, **tags: tags.get("phase") == "generator"
 _TRAINING_LOG = lambda self, step, scalars, **tags: tags.get("task") and "phase" not in tags
 PHASES = {  # phase: (owner, name, at_call, when, where the newest checkpoint must be)
     "first learner call": (RG, "_train", 2, None, lambda s: s < ckpt_lib.END_TASK),
-    "mid learner": (RG, "log", 7, _TRAINING_LOG, lambda s: 0 < s < ckpt_lib.END_TASK),
+    "mid learner": (RS, "log", 7, _TRAINING_LOG, lambda s: 0 < s < ckpt_lib.END_TASK),
     "first generator call": (synthetic_replay.Inversion, "program", 1, None,
                              lambda s: s == ckpt_lib.stage_step(0, 0)),
-    "mid generator": (RG, "log", 1, _GENERATOR_LOG,
+    "mid generator": (RS, "log", 1, _GENERATOR_LOG,
                       lambda s: s == ckpt_lib.stage_step(0, 10)),
     "evaluation": (evaluation, "predict_all", 2, None, lambda s: s == ckpt_lib.EVALUATE),
 }
@@ -110,11 +110,11 @@ def test_stop_in_a_training_stage_of_an_end_of_task_hook(digits_data_dir, tmp_pa
     reference = experiment.run(config, tmp_path / "straight", session=session)
     with Session() as stopped:
         real = _request_stop_on_call(
-            monkeypatch, stopped.stop, RG, "log",
+            monkeypatch, stopped.stop, RS, "log",
             when=lambda self, step, scalars, **tags: tags.get("phase") == "balanced_finetuning")
         with pytest.raises(preemption.Preempted):
             experiment.run(config, tmp_path / "resumed", session=stopped)
-    monkeypatch.setattr(RG, "log", real)
+    monkeypatch.setattr(RS, "log", real)
     resumed = experiment.run(config, tmp_path / "resumed", session=session)
     assert [r["R_global"] for r in resumed["repeats"]] == [
         r["R_global"] for r in reference["repeats"]]
@@ -174,7 +174,7 @@ def test_a_stop_between_two_log_lines_leaves_the_log_of_an_uninterrupted_run(
     with the mean over 5-8, as the uninterrupted run does."""
     import dataclasses
     config = _abd_config(digits_data_dir)
-    real, calls = RG.sgd_loop, {"n": 0}
+    real, calls = RS.sgd_loop, {"n": 0}
 
     def sgd_loop(self, *args, **kwargs):
         loop = real(self, *args, **kwargs)
@@ -187,10 +187,10 @@ def test_a_stop_between_two_log_lines_leaves_the_log_of_an_uninterrupted_run(
 
         return dataclasses.replace(loop, chunk=chunk)
 
-    monkeypatch.setattr(RG, "sgd_loop", sgd_loop)
+    monkeypatch.setattr(RS, "sgd_loop", sgd_loop)
     with Session() as stopped, pytest.raises(preemption.Preempted):
         experiment.run(config, tmp_path, session=stopped)
-    monkeypatch.setattr(RG, "sgd_loop", real)
+    monkeypatch.setattr(RS, "sgd_loop", real)
     assert _newest_position(tmp_path) == (0, 6)
     resumed = experiment.run(config, tmp_path, session=session)
     results, lines = reference

@@ -183,11 +183,13 @@ def test_the_methods_give_the_tables_rows_and_published_figures():
     assert module.ROWS["abd_no_ft_ce"] == {"method": "abd", "abd.ft_ce": False}
     assert set(methods.METHODS) <= set(module.ROWS)
     figures, sources = methods.published("cifar100", 0)
-    assert figures["abd"][10] == (33.7, 1.2, "ABD") and "lwf_synthetic" not in figures
-    for row, by_tasks in figures.items():
+    assert figures["abd"][10] == (33.7, 1.2, "ABD", "A_N") and "lwf_synthetic" not in figures
+    warm, _ = methods.published("cifar100", 50)
+    assert "abd" not in warm and warm["fecam"][6][3] == "A_inc"  # ABD's figures: cold start
+    for row, by_tasks in [*figures.items(), *warm.items()]:
         assert row in module.ROWS
-        assert all(source in sources for _, _, source in by_tasks.values())
-    assert methods.published("cifar100", 50)[0] == {}  # ABD's figures are cold start
+        assert all(source in sources and metric in ("A_N", "A_inc")
+                   for _, _, source, metric in by_tasks.values())
 
 
 def test_comparison_plot_has_a_panel_per_task_count_and_a_line_per_row(tmp_path):

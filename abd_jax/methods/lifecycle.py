@@ -32,7 +32,7 @@ from abd_jax.plan import RunPlan, Schedule, Task, run_schedule
 
 
 class Services(Protocol):
-    """The run's services a method's hooks may call (implemented by the task loop)."""
+    """The run's services a method's hooks may call (implemented by `services.RepeatServices`)."""
 
     def fresh_learner(self, t: int) -> train.TrainState:
         """A newly initialised, placed learner for task t (its own key)."""
