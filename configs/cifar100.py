@@ -135,6 +135,14 @@ def get_config() -> ml_collections.ConfigDict:
         #                          LinearSVC (scikit-learn, on the host)
         epochs=50, lr=0.05, weight_decay=5e-4,  # the linear head (cosine schedule)
         svm_c=1.0, svm_tol=1e-4))
+    # ACIL and DS-AL (docs/algorithm.md §12): analytic learning on the frozen backbone.
+    c.analytic = ml_collections.ConfigDict(dict(
+        expansion=8192,          # E, the random expansion's width: R is E x E float64
+        #                          (8192: 512 MB per stream; DS-AL has two)
+        gamma=0.1, gamma_comp=0.1,  # the ridges (the official scripts'; DS-AL's second stream)
+        batch_size=4096,         # images per recursive update (the code's IL batch size)
+        compensation=0.6,        # DS-AL's C (the README's CIFAR-100 value; 1.5 on ImageNet)
+        compute="host"))         # "host": NumPy float64; "device": jitted under x64
     # Model inversion (docs/algorithm.md §3), shared by abd, deepinversion, lwf_synthetic and
     # rdfcil (which inverts a new generator after every task).
     c.synthesis = ml_collections.ConfigDict(dict(

@@ -8,6 +8,7 @@ available backend, and locate where a step's time goes.
         [--config=configs/cifar100.py] [--config.epochs=25 --config.synthesis.iterations=1000]
     python experiments/benchmark.py --mode=stream --config=configs/cifar10.py \
         --config.data_dir=<prepared> [--stream_workers=0,2] [--fake_imagenet=1500]
+    python experiments/benchmark.py --mode=analytic [--expansion=8192] [--analytic_batch=4096]
 
 `--mode=steps` (the default) uses random CIFAR-shaped data (`--image_size` for other sizes; no
 dataset needed) and the real step functions of `abd_jax.train` / `abd_jax.synthesis`:
@@ -44,6 +45,11 @@ transform, stacking and placing each batch on the mesh, `--config.stream_prefetc
 ahead) for every `--stream_workers` count, min / median / max over `--repeats` of `--steps`
 batches of `--batch_size`. `--fake_imagenet=N` first writes ILSVRC2012 tars of N photo-sized
 JPEGs and prepares imagenet2012 from them (ImageNet-shaped data, random-resized crop to 224).
+
+`--mode=analytic` times one batch of ACIL's and DS-AL's recursive update (`analytic.fit_batch`:
+`--analytic_batch` random 512-d features, expansion `--expansion`, `--num_classes` targets) in
+float64 on the host (NumPy) and on device (jitted under `jax.enable_x64`): the choice
+`--config.analytic.compute` makes.
 """
 from __future__ import annotations
 
@@ -70,14 +76,16 @@ from PIL import Image
 from abd_jax import data as data_lib
 from abd_jax import (augment, experiment, input_pipeline, logs, methods, models, sampling,
                      synthesis, train)
+from abd_jax.methods import analytic
 from abd_jax.methods.teacher import FrozenModel
 from abd_jax.session import Session
 from configs import cifar100
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "steps", ["steps", "run", "stream"], "steps: the step table, ladder "
-                  "and profile; run: the whole task loop of --config on random data; stream: "
-                  "the streaming input path on --config's prepared dataset.")
+flags.DEFINE_enum("mode", "steps", ["steps", "run", "stream", "analytic"], "steps: the step "
+                  "table, ladder and profile; run: the whole task loop of --config on random "
+                  "data; stream: the streaming input path on --config's prepared dataset; "
+                  "analytic: ACIL's and DS-AL's float64 update, host against device.")
 config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "configs" / "cifar100.py"),
     "--mode=run and stream: the config file (with --config.* overrides).", lock_config=True)
@@ -116,6 +124,8 @@ flags.DEFINE_integer("fake_imagenet", 0, "--mode=stream: if > 0, write ILSVRC201
                      "this many training JPEGs (10 classes, 500x375) into "
                      "<data_dir>/fake_ilsvrc, prepare imagenet2012 from them in "
                      "<data_dir>/fake_imagenet and stream that.")
+flags.DEFINE_integer("expansion", 8192, "--mode=analytic: the random expansion's width E.")
+flags.DEFINE_integer("analytic_batch", 4096, "--mode=analytic: features per recursive update.")
 flags.DEFINE_bool("put_state", True, "Place the initial state on the mesh (replicated) as "
                   "training does. False leaves it uncommitted: the first call's state then "
                   "differs from the committed state it returns, so the second call compiles "
@@ -559,7 +569,41 @@ HEADER = f"{'':52s} {'compile':>8s} {'min':>8s} {'median':>8s} {'max':>8s} {'ima
 def main(argv):
     del argv
     with Session() as session:
-        {"steps": report, "run": full_run, "stream": stream_report}[FLAGS.mode](session)
+        {"steps": report, "run": full_run, "stream": stream_report,
+         "analytic": analytic_report}[FLAGS.mode](session)
+
+
+def analytic_report(session: Session) -> None:
+    """Seconds per recursive update (min / median / max over --repeats), host and device."""
+    e, b, c = FLAGS.expansion, FLAGS.analytic_batch, FLAGS.num_classes
+    rng = np.random.default_rng(0)
+    features = rng.random((b, 512))
+    targets = np.eye(c)[rng.integers(0, c, b)]
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), float64, E {e}, "
+          f"batch {b}, {c} classes: seconds per update (min / median / max of "
+          f"{FLAGS.repeats})", flush=True)
+    for dual, label in ((False, "ACIL"), (True, "DS-AL")):
+        arrays = {"projection": analytic.random_projection(np.array([0, 1], np.uint32), 512, e),
+                  "r": np.eye(e) * 10.0, "w": np.zeros((e, c))}
+        if dual:
+            arrays.update(r_comp=np.eye(e) * 10.0, w_comp=np.zeros((e, c)))
+        update = session.jitted(analytic._jitted_fit, dual)
+        runs = {
+            "host (NumPy)": lambda: analytic.fit_batch(arrays, features, targets, 0, dual),
+            "device (XLA, x64)": lambda: jax.block_until_ready(update(
+                placed, jax.device_put(features), jax.device_put(targets), 0)),
+        }
+        with jax.enable_x64(True):
+            placed = jax.device_put(arrays)
+            runs["device (XLA, x64)"]()  # compile
+            for name, run in runs.items():
+                times = []
+                for _ in range(FLAGS.repeats):
+                    tic = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - tic)
+                print(f"  {label:6s} {name:18s} {min(times):8.2f} {np.median(times):8.2f} "
+                      f"{max(times):8.2f}", flush=True)
 
 
 def report(session: Session) -> None:

@@ -70,6 +70,15 @@ def test_benchmark_stream_mode_times_each_worker_count(digits_data_dir):
     assert out.splitlines()[-1].split()[0] == "0", out  # the row of 0 workers
 
 
+def test_benchmark_analytic_mode_times_host_and_device():
+    out = _run(["experiments/benchmark.py", "--mode=analytic", "--expansion=16",
+                "--analytic_batch=8", "--num_classes=4", "--repeats=2"], BENCHMARK_ENV)
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert [(r[0], r[1]) for r in rows] == [("ACIL", "host"), ("ACIL", "device"),
+                                            ("DS-AL", "host"), ("DS-AL", "device")], out
+    assert all(float(r[-3]) <= float(r[-2]) <= float(r[-1]) for r in rows), out
+
+
 def test_gpu_session_tried_on_the_cpu_times_a_full_run_and_goes_on_where_it_stopped(tmp_path):
     """`TINY=1`: the full-run part on a digits-shaped random run; the release part skipped
     (no release); the next call skips the finished part."""

@@ -1,6 +1,6 @@
 """Every loss of docs/algorithm.md, once, as pure jnp functions (no Flax, no state, no data),
 in one module per family: `core` (masks, CE, KD, ABD's terms), `baselines`, `rdfcil`,
-`synthesis`, `statistics` (NCM, FeCAM, FeTrIL); all of them are read as `losses.<name>`.
+`synthesis`, `statistics` (NCM, FeCAM, FeTrIL), `analytic` (ACIL, DS-AL); all of them are read as `losses.<name>`.
 
 Conventions: `B` batch, `K` logit columns. Each function returns a 0-d array, the mean over
 the batch unless stated. Functions that take "already sliced" logits (e.g. `[B, K_new]`) also
@@ -11,6 +11,7 @@ keyword gives the column count instead, so one compiled step serves every task.
 from abd_jax.losses.core import (
     column_mask, feature_kd_loss, head_finetune_ce, kd_loss, local_ce_loss, mask_logits, NEG_INF,
     padded_soft_kd_loss, soft_kd_loss, task_balancing_weights, valid_ce_loss, weighted_ce_loss)
+from abd_jax.losses.analytic import cleansed_residual, expand, recursive_ridge, ridge
 from abd_jax.losses.baselines import (
     bias_correction, bic_stage1_loss, bic_stage2_loss, dgr_solver_loss, e2e_balanced_loss,
     e2e_loss, e2e_new_class_targets, e2e_task_weights, lwf_mc_loss, taskwise_kd_loss, vae_loss)
@@ -31,5 +32,6 @@ __all__ = [
     "logit_l1_loss", "rkd_angle_loss", "class_balance_weights", "class_weighted_ce_loss",
     "bn_stat_kl", "bn_alignment_loss", "smoothness_loss", "diversity_loss", "content_loss",
     "unit_rows", "tukey", "class_covariance", "shrink_covariance", "correlation",
-    "fecam_precision", "ncm_scores", "fecam_scores", "fetril_pseudo_features",
+    "fecam_precision", "ncm_scores", "fecam_scores", "fetril_pseudo_features", "expand",
+    "recursive_ridge", "ridge", "cleansed_residual",
 ]

@@ -1,6 +1,6 @@
-"""End-to-End Incremental Learning (Castro et al. 2018) as the release runs it (SPEC section
-6b): CE plus a KD term per past task, the whole memory appended to each task, and after every
-task but the first a class-balanced fine-tuning stage on the memory."""
+"""End-to-End Incremental Learning (Castro et al. 2018) as the release runs it
+(docs/algorithm.md §6b): CE plus a KD term per past task, the whole memory appended to each
+task, and after every task but the first a class-balanced fine-tuning stage on the memory."""
 from __future__ import annotations
 
 import jax
