@@ -42,12 +42,14 @@ class Task:
 class Schedule:
     """A training stage's SGD schedule: `epochs` at `lr`, times `lr_decay` after each epoch
     of `milestones`; or, `cosine`, annealed per epoch to 0 over the `epochs` (PyTorch's
-    CosineAnnealingLR with T_max = epochs, stepped after each epoch)."""
+    CosineAnnealingLR with T_max = epochs, stepped after each epoch); `weight_decay` for this
+    stage alone (a method whose later tasks decay otherwise than its first)."""
 
     epochs: int
     lr: float
     milestones: tuple = ()
     cosine: bool = False
+    weight_decay: float | None = None  # None: the optimiser's (the method's `weight_decay`)
 
 
 def run_schedule(config) -> Schedule:
@@ -152,7 +154,9 @@ class RunPlan:
             total_steps=np.int32(steps_per_epoch * schedule.epochs),
             key=np.asarray(key, np.uint32), base_lr=np.float32(schedule.lr),
             lr_milestones=lr_milestones(schedule.milestones, self.num_milestones),
-            cosine_epochs=np.int32(schedule.epochs if schedule.cosine else 0))
+            cosine_epochs=np.int32(schedule.epochs if schedule.cosine else 0),
+            weight_decay=np.float32(-1.0 if schedule.weight_decay is None
+                                    else schedule.weight_decay))
 
 
 def validate_task_sizes(config, plan: RunPlan) -> None:

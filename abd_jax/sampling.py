@@ -29,6 +29,7 @@ class TaskInfo:
     base_lr: float32 `[]`; lr_milestones: int32 `[K]` epochs after which lr *= lr_decay
     (`NO_MILESTONE` pads: a stage without decay keeps the run's K, so its shapes);
     cosine_epochs: int32 `[]`, > 0 for a cosine schedule over that many epochs.
+    weight_decay: float32 `[]`, the stage's weight decay; negative: the optimiser's own.
     """
 
     index: jax.Array
@@ -41,6 +42,7 @@ class TaskInfo:
     base_lr: jax.Array
     lr_milestones: jax.Array
     cosine_epochs: jax.Array
+    weight_decay: jax.Array = -1.0
 
 
 def lr_milestones(milestones, length: int) -> np.ndarray:

@@ -80,6 +80,9 @@ class RepeatServices:
     def fresh_learner(self, t: int) -> train.TrainState:
         return self.learner(rng.fold_in(self.plan.init_key, t))
 
+    def train_images(self, index: np.ndarray) -> np.ndarray:
+        return np.asarray(self.splits.train_images[index])
+
     def predict_train(self, learner, index: np.ndarray):
         return evaluation.predict_all(self.predict, learner, self.splits.train_images[index],
                                       self.config.eval_batch_size, self.mesh,

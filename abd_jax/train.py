@@ -185,10 +185,14 @@ def loss_and_grads(model: nn.Module, loss_fn: LossFn, state: TrainState, inputs,
     return jax.value_and_grad(loss_of, has_aux=True)(state.params)
 
 
-def sgd_update(state: TrainState, grads, new_batch_stats, lr) -> TrainState:
-    """One optimiser step at learning rate `lr` (written into the injected hyper-params)."""
-    opt_state = state.opt_state._replace(
-        hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+def sgd_update(state: TrainState, grads, new_batch_stats, lr, weight_decay=None) -> TrainState:
+    """One optimiser step at learning rate `lr` (written into the injected hyper-params), and
+    at `weight_decay` where it is given and not negative (else the optimiser's own)."""
+    hyper = {**state.opt_state.hyperparams, "learning_rate": lr}
+    if weight_decay is not None:
+        own = hyper["weight_decay"]
+        hyper["weight_decay"] = jnp.where(weight_decay >= 0, weight_decay, own).astype(own.dtype)
+    opt_state = state.opt_state._replace(hyperparams=hyper)
     return state.replace(opt_state=opt_state).apply_gradients(grads=grads,
                                                               batch_stats=new_batch_stats)
 
@@ -209,8 +213,8 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, cfg: StepConfig, mesh: Me
         (loss, (new_bs, metrics)), grads = loss_and_grads(model, loss_fn, state, inputs, x, y,
                                                           task, loss_rng)
         lr = learning_rate(step, task, cfg.lr_decay)
-        state = jax.lax.with_sharding_constraint(sgd_update(state, grads, new_bs, lr),
-                                                 replicated)
+        state = jax.lax.with_sharding_constraint(
+            sgd_update(state, grads, new_bs, lr, task.weight_decay), replicated)
         return state, {"loss": loss, "lr": lr, **metrics}
 
     return one_step

@@ -135,6 +135,15 @@ def get_config() -> ml_collections.ConfigDict:
         #                          LinearSVC (scikit-learn, on the host)
         epochs=50, lr=0.05, weight_decay=5e-4,  # the linear head (cosine schedule)
         svm_c=1.0, svm_tol=1e-4))
+    # LwF + NCM and its drift corrections (docs/algorithm.md §13; ADC's and LDC's code): the
+    # later tasks' SGD (the first task's: `first_task`), the KD, the drift of the old means.
+    c.lwf_ncm = ml_collections.ConfigDict(dict(
+        lam=10.0, temperature=2.0,     # lambda KD(T) beside the new classes' local CE
+        epochs=100, lr=0.05, milestones=(45, 90), weight_decay=2e-4,
+        drift="none",                  # "none", "sdc", "adc" or "ldc"
+        sigma=0.3,                     # SDC's kernel width
+        adc_alpha=25.0, adc_steps=3, adc_samples=100,  # ADC's step, steps, images per class
+        ldc_epochs=20, ldc_lr=1e-3, ldc_batch_size=128))  # LDC's Adam fit of the linear map
     # ACIL and DS-AL (docs/algorithm.md §12): analytic learning on the frozen backbone.
     c.analytic = ml_collections.ConfigDict(dict(
         expansion=8192,          # E, the random expansion's width: R is E x E float64

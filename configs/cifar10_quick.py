@@ -20,6 +20,7 @@ def get_config():
     c.first_task.epochs = 15            # the exemplar-free methods' first task, on this scale
     c.first_task.lr = 0.05
     c.fetril.epochs = 10
+    c.lwf_ncm.epochs, c.lwf_ncm.milestones = 15, (7, 13)  # 100 and (45, 90), scaled
     c.analytic.expansion = 1024         # R: 8 MB (the official 8192: 512 MB)
     c.synthesis.iterations = 500
     c.synthesis.log_every = 100

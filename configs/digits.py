@@ -20,6 +20,7 @@ def get_config():
     c.first_task.epochs = 30            # the exemplar-free methods' first task, on this scale
     c.first_task.lr = 0.05
     c.fetril.epochs = 10
+    c.lwf_ncm.epochs, c.lwf_ncm.milestones = 30, (13, 27)  # 100 and (45, 90), scaled
     c.analytic.expansion = 1024         # R: 8 MB (the official 8192: 512 MB)
     c.synthesis.iterations = 300
     c.synthesis.z_dim = 100

@@ -1,6 +1,6 @@
 """Every loss of docs/algorithm.md, once, as pure jnp functions (no Flax, no state, no data),
 in one module per family: `core` (masks, CE, KD, ABD's terms), `baselines`, `rdfcil`,
-`synthesis`, `statistics` (NCM, FeCAM, FeTrIL), `analytic` (ACIL, DS-AL); all of them are read as `losses.<name>`.
+`synthesis`, `statistics` (NCM, FeCAM, FeTrIL, the drift of class means), `analytic` (ACIL, DS-AL); all of them are read as `losses.<name>`.
 
 Conventions: `B` batch, `K` logit columns. Each function returns a 0-d array, the mean over
 the batch unless stated. Functions that take "already sliced" logits (e.g. `[B, K_new]`) also
@@ -18,8 +18,9 @@ from abd_jax.losses.baselines import (
 from abd_jax.losses.rdfcil import (
     class_balance_weights, class_weighted_ce_loss, logit_l1_loss, rdfcil_weights, rkd_angle_loss)
 from abd_jax.losses.statistics import (
-    class_covariance, correlation, fecam_precision, fecam_scores, fetril_pseudo_features,
-    ncm_scores, shrink_covariance, tukey, unit_rows)
+    adversarial_step, class_covariance, correlation, fecam_precision, fecam_scores,
+    feature_mse, fetril_pseudo_features, linear_map_loss, ncm_scores, sdc_drift,
+    shrink_covariance, tukey, unit_rows)
 from abd_jax.losses.synthesis import (
     bn_alignment_loss, bn_stat_kl, content_loss, diversity_loss, smoothness_loss)
 
@@ -33,5 +34,6 @@ __all__ = [
     "bn_stat_kl", "bn_alignment_loss", "smoothness_loss", "diversity_loss", "content_loss",
     "unit_rows", "tukey", "class_covariance", "shrink_covariance", "correlation",
     "fecam_precision", "ncm_scores", "fecam_scores", "fetril_pseudo_features", "expand",
-    "recursive_ridge", "ridge", "cleansed_residual",
+    "recursive_ridge", "ridge", "cleansed_residual", "sdc_drift", "feature_mse",
+    "adversarial_step", "linear_map_loss",
 ]

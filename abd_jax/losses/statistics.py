@@ -1,6 +1,8 @@
 """Class statistics of frozen features and the heads that score with them (docs/algorithm.md
 §11): nearest class mean, FeCAM's Tukey transform, covariance shrinkage, correlation
-normalisation and Mahalanobis distance, FeTrIL's pseudo-features.
+normalisation and Mahalanobis distance, FeTrIL's pseudo-features; and the drift of old class
+means under a backbone that keeps training (§13: SDC's kernel, ADC's adversarial step, LDC's
+linear map).
 
 The covariance side runs on the host in float64 (NumPy), as the official code computes it
 (`np.cov`, a float64 `torch.linalg.pinv`); the scores run on device in float32. Functions
@@ -117,5 +119,38 @@ def fetril_pseudo_features(features: np.ndarray, labels: np.ndarray, means: np.n
     return np.concatenate(out_x), np.concatenate(out_y), nearest
 
 
+def sdc_drift(old_features, new_features, means, sigma: float):
+    """SDC's estimate of each class mean's drift `[C, D]` from the current images' features
+    under the old and the new model (`[n, D]` each, paired): with
+    w_ic = exp(-|f_old_i - mu_c|^2 / (2 sigma^2)) + 1e-5 normalised over i,
+    drift_c = sum_i w_ic (f_new_i - f_old_i)."""
+    xp = _xp(old_features)
+    distance = xp.sum((old_features[None, :, :] - means[:, None, :]) ** 2, axis=-1)
+    w = xp.exp(-distance / (2 * sigma ** 2)) + 1e-5
+    w = w / xp.sum(w, axis=1, keepdims=True)
+    return w @ (new_features - old_features)
+
+
+def feature_mse(features, targets):
+    """PyTorch's `MSELoss()`: the mean over every element of (features - targets)^2."""
+    return jnp.mean((features - targets) ** 2)
+
+
+def adversarial_step(images, grads, alpha: float, low, high):
+    """ADC's step: x - alpha g / |g|, |g| the norm of the whole batch's gradient, clipped to
+    `[low, high]` (the loader's extreme normalised values)."""
+    return jnp.clip(images - alpha * grads / jnp.linalg.norm(grads), low, high)
+
+
+def linear_map_loss(kernel, old_features, new_features, weights):
+    """LDC's fit: the mean over every element of (f_old P^T - f_new)^2, `kernel` P `[D, D]`
+    (PyTorch's `Linear` weight, no bias), over the rows of `weights` 1 (a batch's valid
+    rows)."""
+    error = (old_features @ kernel.T - new_features) ** 2
+    rows = jnp.sum(weights)
+    return jnp.sum(error * weights[:, None]) / (rows * old_features.shape[1])
+
+
 __all__ = ["unit_rows", "tukey", "class_covariance", "shrink_covariance", "correlation",
-           "fecam_precision", "ncm_scores", "fecam_scores", "fetril_pseudo_features"]
+           "fecam_precision", "ncm_scores", "fecam_scores", "fetril_pseudo_features",
+           "sdc_drift", "feature_mse", "adversarial_step", "linear_map_loss"]

@@ -49,6 +49,16 @@ def chunked_scores(rt: Runtime, build, features: np.ndarray, *args) -> np.ndarra
                            for i in range(0, len(features), size)])
 
 
+def first_task_schedule(config) -> Schedule:
+    """The first task's schedule from the `first_task` subtree (its weight decay is the
+    method's `weight_decay`)."""
+    ft = config.first_task
+    if ft.schedule not in ("cosine", "steps"):
+        raise ValueError(f"first_task.schedule={ft.schedule!r}: use 'cosine' or 'steps' "
+                         "(--config.first_task.schedule)")
+    return Schedule(ft.epochs, ft.lr, tuple(ft.milestones), cosine=ft.schedule == "cosine")
+
+
 class FrozenBackbone(Method):
     """Trains the first task only, with `first_task`'s recipe (plain CE), then keeps the
     backbone; `update_statistics` after every task. Subclasses give the state, the other
@@ -63,11 +73,7 @@ class FrozenBackbone(Method):
 
     def schedule(self, config, task: Task) -> Schedule:
         del task
-        ft = config.first_task
-        if ft.schedule not in ("cosine", "steps"):
-            raise ValueError(f"first_task.schedule={ft.schedule!r}: use 'cosine' or 'steps' "
-                             "(--config.first_task.schedule)")
-        return Schedule(ft.epochs, ft.lr, tuple(ft.milestones), cosine=ft.schedule == "cosine")
+        return first_task_schedule(config)
 
     def weight_decay(self, config) -> float:
         return config.first_task.weight_decay

@@ -37,6 +37,9 @@ class Services(Protocol):
     def fresh_learner(self, t: int) -> train.TrainState:
         """A newly initialised, placed learner for task t (its own key)."""
 
+    def train_images(self, index: np.ndarray) -> np.ndarray:
+        """The training images `index`, uint8 `[n, H, W, C]` on the host (unaugmented)."""
+
     def predict_train(self, learner, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits `[n, C]`, features `[n, D]`), host numpy: the eval-mode model on the
         (normalised, not augmented) training images `index`."""
