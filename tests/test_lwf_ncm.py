@@ -177,8 +177,8 @@ def test_an_interrupted_drift_stage_resumes_to_the_same_numbers(drift, digits_da
     assert straight["repeats"][0]["A_global"][-1] > 100 / 6  # above chance on 6 classes
     logged = (tmp_path / "straight" / "metrics.jsonl").read_text()
     assert ("adc_fallbacks" if drift == "adc" else "ldc_mse") in logged
-    none = experiment.run(experiment.config_with(config, {"lwf_ncm.drift": "none"}),
-                          tmp_path / "none", session=session)
-    # The drift moves the old means only: the first task's accuracy is the same.
-    assert none["repeats"][0]["R_global"][0] == straight["repeats"][0]["R_global"][0]
-    assert none["repeats"][0]["R_global"][1:] != straight["repeats"][0]["R_global"][1:]
+    if drift == "ldc":  # (once) the drift moves the old means only: task 1 is the same
+        none = experiment.run(experiment.config_with(config, {"lwf_ncm.drift": "none"}),
+                              tmp_path / "none", session=session)
+        assert none["repeats"][0]["R_global"][0] == straight["repeats"][0]["R_global"][0]
+        assert none["repeats"][0]["R_global"][1:] != straight["repeats"][0]["R_global"][1:]
