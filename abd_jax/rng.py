@@ -64,3 +64,10 @@ def randint(key_: jax.Array, count: int, high: int) -> np.ndarray:
     """`jax.random.randint(key, (count,), 0, high)` on the host."""
     return np.asarray(jax.device_get(_randint(jax.device_put(key_), (count,),
                                               jax.device_put(np.int32(high)))))
+
+
+def linear_init(key_, fan_in: int, shape: tuple) -> np.ndarray:
+    """float64 `shape` from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default `Linear`
+    initialisation, drawn on the host by NumPy seeded with `key_`."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return np.random.default_rng(np.asarray(key_).tolist()).uniform(-bound, bound, shape)

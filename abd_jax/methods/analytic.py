@@ -20,7 +20,8 @@ import numpy as np
 from flax import struct
 
 from abd_jax import hosts, losses, rng
-from abd_jax.methods.frozen_backbone import PYCIL_RECIPE, FrozenBackbone, class_features
+from abd_jax.methods.frozen_backbone import (PYCIL_RECIPE, FrozenBackbone, class_features,
+                                             head_shape)
 from abd_jax.methods.lifecycle import Update
 from abd_jax.methods.published import Published
 from abd_jax.plan import Task
@@ -72,10 +73,9 @@ def from_bits(bits) -> np.ndarray:
 
 
 def random_projection(key, dim: int, width: int) -> np.ndarray:
-    """A `[D, E]` float64: PyTorch's default `Linear` initialisation of the code's
-    `RandomBuffer`, U(-1/sqrt(D), 1/sqrt(D)), drawn from `key`."""
-    bound = 1.0 / np.sqrt(dim)
-    return np.random.default_rng(np.asarray(key).tolist()).uniform(-bound, bound, (dim, width))
+    """A `[D, E]` float64: the code's `RandomBuffer`, PyTorch's default `Linear`
+    initialisation (`rng.linear_init`), drawn from `key`."""
+    return rng.linear_init(key, dim, (dim, width))
 
 
 def fit_batch(arrays: dict, features, targets, cleansed, dual: bool) -> dict:
@@ -131,8 +131,7 @@ class ACIL(FrozenBackbone):
                              f"{COMPUTE} (--config.analytic.compute)")
 
     def init_state(self, rt, learner):
-        dim = int(learner.params["head"]["kernel"].shape[0])
-        e, classes = self.options.expansion, int(learner.params["head"]["kernel"].shape[1])
+        (dim, classes), e = head_shape(learner), self.options.expansion
         stream = lambda gamma: (as_bits(np.eye(e) / gamma), as_bits(np.zeros((e, classes))))
         r, w = stream(self.options.gamma)
         r_comp, w_comp = (stream(self.options.gamma_comp) if self.dual
@@ -144,9 +143,10 @@ class ACIL(FrozenBackbone):
     def end_task(self, task: Task) -> list:
         return [Update("analytic fit", self.fit)]
 
-    def _arrays(self, state) -> dict:
-        names = ("projection", "r", "w") + (("r_comp", "w_comp") if self.dual else ())
-        return {n: from_bits(getattr(state, n)) for n in names}
+    def _arrays(self, state, names=("projection", "r", "w", "r_comp", "w_comp")) -> dict:
+        """The state's float64 arrays `names` (DS-AL's streams only for DS-AL)."""
+        return {n: from_bits(getattr(state, n)) for n in names
+                if self.dual or not n.endswith("_comp")}
 
     def fit(self, rt, learner, state, task: Task):
         """The task's training images (eval mode, unaugmented), in random batches of
@@ -184,8 +184,7 @@ class ACIL(FrozenBackbone):
 
     def eval_logits(self, rt, state, logits, features, task):
         o = self.options
-        arrays = self._arrays(state)
-        arrays.pop("r"), arrays.pop("r_comp", None)
+        arrays = self._arrays(state, ("projection", "w", "w_comp"))  # (not the E x E R's)
         features = np.asarray(features, np.float64)
         if o.compute == "host":
             out = scores(arrays, features, o.compensation, self.dual)

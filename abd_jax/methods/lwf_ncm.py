@@ -207,9 +207,8 @@ class LwFNCM(TeacherMethod):
     def _ldc(self, rt, learner, state, task, index, old, new, means):
         o = self.options
         dim = old.shape[1]
-        bound = 1.0 / np.sqrt(dim)
-        kernel = np.random.default_rng(rng.fold_in(rt.method_key, 96_000 + task.index)
-                                       .tolist()).uniform(-bound, bound, (dim, dim))
+        kernel = rng.linear_init(rng.fold_in(rt.method_key, 96_000 + task.index), dim,
+                                 (dim, dim))
         batches = epoch_batches(rng.fold_in(rt.method_key, 96_500 + task.index), len(old),
                                 o.ldc_epochs, o.ldc_batch_size)
         kernel, fit_losses = rt.session.jitted(_ldc_fit, o.ldc_lr)(
@@ -225,8 +224,8 @@ class LwFNCM(TeacherMethod):
         """Class by class, as the code: the NCM check uses the old means as moved so far."""
         o = self.options
         images = rt.services.train_images(index)
-        normalised = (images.astype(np.float32) / 255.0 - np.float32(self.mean)) / np.float32(
-            self.std)
+        normalised = hosts.fetch(augment.normalize(jax.device_put(images), self.mean,
+                                                   self.std))
         low, high = normalised.min(), normalised.max()
         attack = rt.session.jitted(_attack, rt.model, tuple(self.mean), tuple(self.std),
                                    o.adc_steps, o.adc_alpha)
